@@ -1,0 +1,162 @@
+"""The decoding core: loop state, prefill, and the `lax.while_loop` token loop.
+
+Every token-by-token strategy is a `select(logits, ctx, keys) -> tokens` function
+plugged into `decode`; the model is any callable with the `TransformerLM` boundary
+(`lm(params, tokens, positions, cache, attn_mask, embeds, logits_at)`), the logits
+processors come from `decoding.processors`. Batches are ragged: row b's prompt is
+`prompts[b, :prompt_len[b]]` (right-padded), its KV cache grows from its own length
+and its RoPE positions count from 0, so a row computes exactly what it would alone.
+Randomness is keyed per row (`row_keys[b]`, folded with the step), so a row's
+samples do not depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from decoding.processors import LogitsProcessor, ProcessorContext
+from models.kv_cache import KVCache
+
+Array = jax.Array
+# select(processed_logits [B, V], step_keys [B, 2]) -> tokens [B]
+Selector = Callable[[Array, Array], Array]
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Loop state of token-by-token decoding (an explicit pytree)."""
+  step: Array  # [] int32: tokens generated so far
+  sequences: Array  # [B, S] int32: prompt then generated tokens, right-padded with pad_id
+  seq_len: Array  # [B] int32
+  prompt_len: Array  # [B] int32
+  done: Array  # [B] bool: row has emitted EOS
+  num_generated: Array  # [B] int32: generated tokens, EOS included
+  logits: Array  # [B, V] float32: next-token logits of the model
+  token_logprobs: Array  # [B, N] float32: log p_model(token) (raw model distribution)
+  processed_logprobs: Array  # [B, N] float32: log-prob under the processed distribution
+  cache: KVCache
+  row_keys: Array  # [B, 2] uint32 per-row PRNG keys
+
+  @property
+  def processor_context(self) -> ProcessorContext:
+    return ProcessorContext(sequences=self.sequences, seq_len=self.seq_len,
+                            prompt_len=self.prompt_len, step=self.step)
+
+
+@flax.struct.dataclass
+class DecodeResult:
+  tokens: Array  # [B, N] int32 generated tokens, pad_id after EOS / beyond length
+  lengths: Array  # [B] int32 number of generated tokens (EOS included)
+  token_logprobs: Array  # [B, N] float32, 0 beyond length
+  processed_logprobs: Array  # [B, N] float32, 0 beyond length
+  scores: Array  # [B] float32 sum of token_logprobs
+  finished: Array  # [B] bool: ended with EOS
+
+
+def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache):
+  """Runs the padded prompts through the model; returns (last-token logits [B, V], cache).
+
+  The cache rows are then set to each prompt's true length, so padding slots are
+  invisible and are overwritten by the first generated tokens.
+  """
+  B, P = prompts.shape
+  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
+  out = lm(params, prompts, positions, cache, logits_at=(prompt_len - 1)[:, None])
+  return out.logits[:, 0], out.cache.with_lengths(cache.lengths + prompt_len)
+
+
+def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: int,
+               cache_len: int, row_keys: Array, pad_id: int) -> DecodeState:
+  B, P = prompts.shape
+  cache = lm.init_cache(B, cache_len)
+  logits, cache = prefill(lm, params, prompts, prompt_len, cache)
+  S = P + max_new_tokens
+  sequences = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(prompts)
+  valid = jnp.arange(S)[None] < prompt_len[:, None]
+  sequences = jnp.where(valid, sequences, pad_id)
+  zeros = jnp.zeros((B, max_new_tokens), jnp.float32)
+  return DecodeState(step=jnp.zeros((), jnp.int32), sequences=sequences, seq_len=prompt_len,
+                     prompt_len=prompt_len, done=jnp.zeros((B,), bool),
+                     num_generated=jnp.zeros((B,), jnp.int32), logits=logits,
+                     token_logprobs=zeros, processed_logprobs=zeros, cache=cache,
+                     row_keys=row_keys)
+
+
+def step_keys(row_keys: Array, step: Array) -> Array:
+  """Per-row keys for this step: fold the step into each row's own key."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+
+
+def decode_step(lm, params, state: DecodeState, processor: LogitsProcessor, select: Selector,
+                eos_ids: Array, pad_id: int, max_new_tokens: int) -> DecodeState:
+  """Chooses one token per row from `state.logits`, records it and runs the model on it."""
+  B = state.logits.shape[0]
+  raw_logp = jax.nn.log_softmax(state.logits, axis=-1)
+  processed = processor(state.logits, state.processor_context)
+  proc_logp = jax.nn.log_softmax(processed, axis=-1)
+  tokens = select(processed, step_keys(state.row_keys, state.step)).astype(jnp.int32)
+  active = ~state.done
+  tokens = jnp.where(active, tokens, pad_id)
+  rows = jnp.arange(B)
+  pick = lambda lp: jnp.where(active, lp[rows, tokens], 0.0)
+  token_logprobs = state.token_logprobs.at[:, state.step].set(pick(raw_logp))
+  processed_logprobs = state.processed_logprobs.at[:, state.step].set(pick(proc_logp))
+  sequences = state.sequences.at[rows, state.seq_len].set(tokens)
+  is_eos = jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1) & active
+  state = state.replace(
+      step=state.step + 1, sequences=sequences, seq_len=state.seq_len + active,
+      done=state.done | is_eos, num_generated=state.num_generated + active,
+      token_logprobs=token_logprobs, processed_logprobs=processed_logprobs)
+
+  def advance(s: DecodeState) -> DecodeState:
+    # Finished rows feed a pad token at a frozen position; their cache row is not advanced.
+    positions = (s.seq_len - 1)[:, None]
+    out = lm(params, tokens[:, None], positions, s.cache)
+    cache = out.cache.with_lengths(s.cache.lengths + active)
+    return s.replace(logits=out.logits[:, 0], cache=cache)
+
+  more = (state.step < max_new_tokens) & ~jnp.all(state.done)
+  return jax.lax.cond(more, advance, lambda s: s, state)
+
+
+def decode_loop(lm, params, state: DecodeState, processor: LogitsProcessor, select: Selector,
+                eos_ids: Array, pad_id: int, max_new_tokens: int) -> DecodeState:
+  def cond(s):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s):
+    return decode_step(lm, params, s, processor, select, eos_ids, pad_id, max_new_tokens)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def finalize(state: DecodeState, pad_id: int, max_new_tokens: int) -> DecodeResult:
+  B = state.sequences.shape[0]
+  idx = state.prompt_len[:, None] + jnp.arange(max_new_tokens)[None]
+  tokens = jnp.take_along_axis(state.sequences, jnp.clip(idx, 0, state.sequences.shape[1] - 1),
+                               axis=1)
+  valid = jnp.arange(max_new_tokens)[None] < state.num_generated[:, None]
+  tokens = jnp.where(valid, tokens, pad_id)
+  tlp = jnp.where(valid, state.token_logprobs, 0.0)
+  plp = jnp.where(valid, state.processed_logprobs, 0.0)
+  return DecodeResult(tokens=tokens, lengths=state.num_generated, token_logprobs=tlp,
+                      processed_logprobs=plp, scores=tlp.sum(-1), finished=state.done)
+
+
+@functools.partial(jax.jit, static_argnames=("lm", "processor", "select", "pad_id",
+                                             "max_new_tokens", "cache_len"))
+def decode(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_ids: Array, *,
+           processor: LogitsProcessor, select: Selector, pad_id: int, max_new_tokens: int,
+           cache_len: int) -> DecodeResult:
+  """Prefill + token loop, jitted. Shapes (B, P, N, cache_len) are static: bucket them.
+
+  prompts: [B, P] int32 right-padded; prompt_len: [B] int32 (>= 1);
+  row_keys: [B, 2] uint32; eos_ids: [E] int32.
+  """
+  state = init_state(lm, params, prompts, prompt_len, max_new_tokens, cache_len, row_keys, pad_id)
+  state = decode_loop(lm, params, state, processor, select, eos_ids, pad_id, max_new_tokens)
+  return finalize(state, pad_id, max_new_tokens)

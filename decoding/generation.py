@@ -1,0 +1,222 @@
+"""User-facing generation: validation, bucketing, batching, strategy registry.
+
+`generate(lm, params, prompts, cfg)` takes token-id prompts and a generation config
+(an ml_collections ConfigDict or any mapping using Hugging Face GenerationConfig field
+names), checks everything before compiling, pads prompt lengths and batch sizes to a
+few buckets (so new prompts do not recompile), runs the chosen strategy and returns
+numpy results per prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding import core, processors, sampling
+
+Array = jax.Array
+
+
+class GenerationError(ValueError):
+  """Invalid generation request (raised before anything is compiled)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A named decoding strategy.
+
+  run(lm, params, prompts [B, P], prompt_len [B], row_keys [B, 2], eos_ids [E], cfg,
+      pad_id, max_new_tokens, cache_len) -> core.DecodeResult
+  """
+  name: str
+  run: Callable[..., core.DecodeResult]
+  sampling: bool
+  validate: Optional[Callable[[Any], None]] = None
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+  STRATEGIES[strategy.name] = strategy
+  return strategy
+
+
+def _token_loop(select, is_sampling):
+  def run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_new_tokens,
+          cache_len):
+    proc = processors.build(cfg, [int(e) for e in np.asarray(eos_ids)], sampling=is_sampling)
+    return core.decode(lm, params, prompts, prompt_len, row_keys, eos_ids, processor=proc,
+                       select=select, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                       cache_len=cache_len)
+  return run
+
+
+register_strategy(Strategy("greedy", _token_loop(sampling.greedy_select, False), sampling=False))
+register_strategy(Strategy("sample", _token_loop(sampling.sample_select, True), sampling=True))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _get(cfg, key, default=None):
+  try:
+    v = cfg.get(key, default)
+  except AttributeError:
+    v = getattr(cfg, key, default)
+  return default if v is None else v
+
+
+def validate_config(cfg) -> None:
+  """Checks the generation config values; raises GenerationError with a clear message."""
+  strategy = _get(cfg, "strategy", "greedy")
+  if strategy not in STRATEGIES:
+    raise GenerationError(
+        f"unknown strategy {strategy!r}; available: {sorted(STRATEGIES)}")
+  n = _get(cfg, "max_new_tokens", 0)
+  if not isinstance(n, (int, np.integer)) or n < 1:
+    raise GenerationError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+  m = _get(cfg, "min_new_tokens", 0)
+  if m < 0 or m > n:
+    raise GenerationError(f"min_new_tokens must be in [0, max_new_tokens={n}], got {m}")
+  if STRATEGIES[strategy].sampling:
+    t = _get(cfg, "temperature", 1.0)
+    if not t > 0:
+      raise GenerationError(f"temperature must be > 0 for sampling, got {t}")
+  p = _get(cfg, "top_p", 1.0)
+  if not 0 < p <= 1:
+    raise GenerationError(f"top_p must be in (0, 1], got {p}")
+  k = _get(cfg, "top_k", 0)
+  if k != 0 and k < 1:
+    raise GenerationError(f"top_k must be >= 1 (or 0 to disable), got {k}")
+  mp = _get(cfg, "min_p", 0.0)
+  if not 0 <= mp <= 1:
+    raise GenerationError(f"min_p must be in [0, 1], got {mp}")
+  rp = _get(cfg, "repetition_penalty", 1.0)
+  if not rp > 0:
+    raise GenerationError(f"repetition_penalty must be > 0, got {rp}")
+  ng = _get(cfg, "no_repeat_ngram_size", 0)
+  if ng < 0:
+    raise GenerationError(f"no_repeat_ngram_size must be >= 0, got {ng}")
+  for key in ("num_beams", "num_beam_groups", "num_return_sequences", "batch_size"):
+    if _get(cfg, key, 1) < 1:
+      raise GenerationError(f"{key} must be >= 1, got {_get(cfg, key)}")
+  if STRATEGIES[strategy].validate is not None:
+    STRATEGIES[strategy].validate(cfg)
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+  if len(prompts) == 0:
+    raise GenerationError("no prompts given")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise GenerationError(f"prompt {i} is empty: give at least one token")
+    arr = np.asarray(p)
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise GenerationError(f"prompt {i} has non-integer token ids")
+    bad = arr[(arr < 0) | (arr >= vocab_size)]
+    if bad.size:
+      raise GenerationError(
+          f"prompt {i} has token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n (at least `minimum`): the few shapes we compile for."""
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def plan_lengths(cfg, longest_prompt: int, max_positions: int) -> tuple[int, int]:
+  """(padded prompt length P, cache length) for a batch; errors if the cache is too short."""
+  n = int(_get(cfg, "max_new_tokens"))
+  P = bucket(longest_prompt)
+  explicit = int(_get(cfg, "max_cache_len", 0))
+  needed = longest_prompt + n
+  if explicit:
+    if needed > explicit:
+      raise GenerationError(
+          f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the KV "
+          f"cache (max_cache_len={explicit}); shorten the prompt or raise max_cache_len")
+    cache_len = max(explicit, P + n) if P + n <= explicit else explicit
+  else:
+    cache_len = P + n
+  if needed > max_positions:
+    raise GenerationError(
+        f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the "
+        f"model's context of {max_positions} positions")
+  # The padded prefill writes P slots; make room for them plus the new tokens.
+  return P, max(cache_len, P + n)
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@dataclasses.dataclass
+class Generation:
+  prompt_ids: list[int]
+  output_ids: list[int]
+  token_logprobs: list[float]
+  processed_logprobs: list[float]
+  score: float
+  finished: bool
+
+
+def row_keys(seed: int, row_ids: Sequence[int]) -> Array:
+  """[B, 2] PRNG keys: fold each row's id into the seed's key."""
+  ids = np.asarray(list(row_ids), np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= 2**32):
+    raise GenerationError("row ids must be in [0, 2**32)")
+  return _fold(jax.random.PRNGKey(int(seed)), jnp.asarray(ids.astype(np.uint32)))
+
+
+@jax.jit
+def _fold(base, ids):
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
+
+
+def generate(lm, params, prompts: Sequence[Sequence[int]], cfg, eos_ids: Sequence[int],
+             pad_id: int, row_ids: Optional[Sequence[int]] = None,
+             shard: Optional[Callable[[Any], Any]] = None) -> list[Generation]:
+  """Runs the configured strategy on token-id prompts. Validation happens first.
+
+  row_ids: per-prompt identities for the PRNG (default: position in `prompts`); a
+  prompt with the same row id and seed gives the same output in any batch.
+  shard: optional function placing the batch arrays on a device mesh.
+  """
+  validate_config(cfg)
+  validate_prompts(prompts, lm.vocab_size)
+  strategy = STRATEGIES[_get(cfg, "strategy", "greedy")]
+  n = int(_get(cfg, "max_new_tokens"))
+  row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+  longest = max(len(p) for p in prompts)
+  P, cache_len = plan_lengths(cfg, longest, lm.max_positions)
+  batch_size = int(_get(cfg, "batch_size", 8))
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  seed = int(_get(cfg, "seed", 0))
+  out: list[Generation] = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    ids = row_ids[start:start + batch_size]
+    B = min(batch_size, bucket(len(chunk), minimum=1))
+    padded = np.full((B, P), pad_id, np.int32)
+    lens = np.ones((B,), np.int32)
+    for i, p in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
+      padded[i, :len(p)] = p
+      lens[i] = len(p)
+    keys = row_keys(seed, ids + [ids[0]] * (B - len(chunk)))
+    arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
+    if shard is not None:
+      arrays = shard(arrays)
+    res = strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len)
+    res = jax.device_get(res)
+    for i, p in enumerate(chunk):
+      L = int(res.lengths[i])
+      out.append(Generation(prompt_ids=[int(t) for t in p],
+                            output_ids=[int(t) for t in res.tokens[i, :L]],
+                            token_logprobs=[float(x) for x in res.token_logprobs[i, :L]],
+                            processed_logprobs=[float(x) for x in res.processed_logprobs[i, :L]],
+                            score=float(res.scores[i]), finished=bool(res.finished[i])))
+  return out

@@ -1,0 +1,78 @@
+"""Device meshes and partition rules for parameters, KV cache and batch.
+
+The mesh has two axes: `data` (batch rows) and `model` (weights: attention heads'
+output features, MLP hidden units, vocabulary). Rules are matched on the parameter
+path; a dimension is only split when the axis size divides it, otherwise it stays
+replicated, so any mesh shape is valid. GSPMD inserts the collectives.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# (path regex, spec for the trailing dims); the stacked-layer axis, if any, is replicated.
+PARAM_RULES: Sequence[tuple[str, tuple]] = (
+    (r"embed/table$", (None, MODEL)),  # [D, V]
+    (r"lm_head/kernel$", (None, MODEL)),  # [D, V]
+    (r"attn/(q_proj|k_proj|v_proj)/kernel$", (None, MODEL)),  # [D, H*hd]
+    (r"attn/(q_proj|k_proj|v_proj)/bias$", (MODEL,)),
+    (r"attn/o_proj/kernel$", (MODEL, None)),  # [H*hd, D]
+    (r"mlp/(gate_proj|up_proj)/kernel$", (None, MODEL)),  # [D, F]
+    (r"mlp/down_proj/kernel$", (MODEL, None)),  # [F, D]
+    (r"norm/scale$", (None,)),
+)
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  if data < 1 or model < 1:
+    raise ValueError(f"mesh axes must be >= 1, got data={data}, model={model}")
+  if data * model > len(devices):
+    raise ValueError(
+        f"mesh {data}x{model} needs {data * model} devices, only {len(devices)} available "
+        "(on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  return Mesh(np.array(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+
+
+def _fit(spec: tuple, shape: tuple, mesh: Mesh) -> P:
+  """Right-aligns `spec` on `shape` and drops axes that do not divide their dimension."""
+  spec = (None,) * (len(shape) - len(spec)) + tuple(spec)
+  out = []
+  for dim, ax in zip(shape, spec):
+    out.append(ax if ax is not None and dim % mesh.shape[ax] == 0 else None)
+  return P(*out)
+
+
+def param_specs(params: Any, mesh: Mesh) -> Any:
+  def spec(path, leaf):
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    for pattern, rule in PARAM_RULES:
+      if re.search(pattern, name):
+        return _fit(rule, leaf.shape, mesh)
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+  specs = param_specs(params, mesh)
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def cache_spec(shape: tuple, mesh: Mesh) -> P:
+  """KV cache [L, B, T, Hkv, hd]: batch over data, KV heads over model when divisible."""
+  return _fit((None, DATA, None, MODEL, None), shape, mesh)
+
+
+def batch_spec(shape: tuple, mesh: Mesh) -> P:
+  return _fit((DATA,) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def shard_batch(arrays: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(x.shape, mesh))),
+                      arrays)

@@ -1,0 +1,1 @@
+"""Transformer language models, KV caches and checkpoint loaders for decodax."""

@@ -1,0 +1,83 @@
+"""Architecture configuration for the Llama-family decoder (Llama, SmolLM2, Qwen2)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_PRECISIONS = {
+    "default": jax.lax.Precision.DEFAULT,
+    "high": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static hyperparameters of a Llama-family decoder.
+
+  `param_dtype` is the storage dtype of the weights; `dtype` is the compute dtype.
+  Storing bf16 weights and computing in fp32 is LayerCast ("Give Me FP32 or Give
+  Me Death? Challenges and Solutions for Reproducible Reasoning"): every matmul
+  upcasts its weight just in time. `matmul_precision="highest"` forces full fp32
+  products on accelerators whose default fp32 matmul is TF32/bf16-pass.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = True
+  qkv_bias: bool = False
+  architecture: str = "llama"
+  max_position_embeddings: int = 8192
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  matmul_precision: str = "default"
+  split_k: int = 1  # blocked accumulation of matmuls (see transformer.matmul)
+
+  def __post_init__(self):
+    if self.architecture not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(
+          f"unsupported architecture {self.architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "intermediate_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.matmul_precision not in _PRECISIONS:
+      raise ValueError(
+          f"matmul_precision must be one of {sorted(_PRECISIONS)}, got {self.matmul_precision!r}")
+
+  @property
+  def precision(self) -> jax.lax.Precision:
+    return _PRECISIONS[self.matmul_precision]
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  """A few-hundred-parameter config for fast, model-free tests."""
+  base = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
+              head_dim=4, intermediate_size=24, rope_theta=10000.0, rms_norm_eps=1e-6,
+              tie_word_embeddings=True, max_position_embeddings=128)
+  base.update(overrides)
+  return ModelConfig(**base)

@@ -1,0 +1,110 @@
+"""The model boundary every decoding strategy talks to, and one-call model loading."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from models import checkpoint, registry, transformer
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerLM:
+  """Hides the network behind one function (in the style of T5X's `tokens_to_logits`).
+
+  `lm(params, tokens | embeds, positions, cache, attn_mask) -> ForwardOutput(logits,
+  hidden, penultimate, cache)`. Instances are hashable, so they are static arguments
+  of jitted loops, while the parameters stay ordinary traced arrays. Any object with
+  the same call signature, `init_cache` and `vocab_size` (e.g. a fake model in tests)
+  works with every strategy.
+  """
+  config: ModelConfig
+  mesh: Any = None  # optional jax.sharding.Mesh: the cache is created sharded on it
+
+  def __call__(self, params, tokens: Optional[Array], positions: Array, cache: KVCache,
+               attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
+               logits_at: Optional[Array] = None) -> transformer.ForwardOutput:
+    return transformer.forward(params, self.config, tokens, positions, cache, attn_mask, embeds,
+                               logits_at)
+
+  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    cache = KVCache.init(self.config, batch_size, max_len)
+    if self.mesh is None:
+      return cache
+    from decoding import sharding
+    ns = lambda spec: jax.sharding.NamedSharding(self.mesh, spec)
+    kv = ns(sharding.cache_spec(cache.k.shape, self.mesh))
+    return KVCache(k=jax.lax.with_sharding_constraint(cache.k, kv),
+                   v=jax.lax.with_sharding_constraint(cache.v, kv),
+                   lengths=jax.lax.with_sharding_constraint(
+                       cache.lengths, ns(sharding.batch_spec(cache.lengths.shape, self.mesh))))
+
+  def embed(self, params, tokens: Array) -> Array:
+    return transformer.embed(params, self.config, tokens)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_positions(self) -> int:
+    return self.config.max_position_embeddings
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  name: str
+  lm: TransformerLM
+  params: Any
+  tokenizer: Any  # models.tokenizer.Tokenizer or None
+  instruct: bool
+
+  @property
+  def config(self) -> ModelConfig:
+    return self.lm.config
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> Any:
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in _DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[name_or_dtype]
+  return name_or_dtype
+
+
+def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
+               param_dtype="float32", matmul_precision: str = "default",
+               split_k: Optional[int] = None) -> LoadedModel:
+  """Loads a registered model name, a .gguf file, or a Hugging Face safetensors folder.
+
+  `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
+  compute is LayerCast). `split_k` defaults to 4-block accumulation in fp32 compute on
+  CPU (closer to fp64 results; see `transformer.matmul`) and 1 elsewhere.
+  """
+  from models.tokenizer import Tokenizer
+  path, sha, instruct = registry.resolve(name_or_path)
+  dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+  if split_k is None:
+    split_k = 4 if (jax.default_backend() == "cpu" and dtype == jnp.float32) else 1
+  overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k)
+  if os.path.isdir(path):
+    config, params = checkpoint.load_safetensors(path, param_dtype=param_dtype, **overrides)
+    tok = None
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      tok = Tokenizer.from_hf_json(os.path.join(path, "tokenizer.json")) if hasattr(
+          Tokenizer, "from_hf_json") else None
+  else:
+    config, params, reader = checkpoint.load_gguf(path, sha, param_dtype=param_dtype, **overrides)
+    tok = Tokenizer.from_gguf(path)
+  return LoadedModel(name=name_or_path, lm=TransformerLM(config), params=params, tokenizer=tok,
+                     instruct=instruct)

@@ -1,0 +1,274 @@
+"""One Flax decoder for the Llama family: Llama, SmolLM2 and Qwen2.
+
+Grouped-query attention, rotary position embeddings (rotate-half layout, as in
+Hugging Face checkpoints), RMSNorm, SwiGLU MLP, tied or separate output head and
+optional q/k/v biases (Qwen2). Layers are stacked and run under `nn.scan`, so
+compile time does not grow with depth.
+
+The forward pass is a single function used for prefill, one-token steps and
+multi-token verification: new tokens (or input embeddings) are written into the
+preallocated `KVCache` at each row's current length and attend to everything
+before them, plus, among themselves, to what `attn_mask` allows (causal by
+default; token trees pass their own mask).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache, write_rows
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+  logits: Array  # [B, S, V] float32 ([B, K, V] when `logits_at` is given)
+  hidden: Array  # [B, S, D] final hidden state (after the final norm, input of the LM head)
+  penultimate: Array  # [B, S, D] input of the last decoder layer (HF `hidden_states[-2]`)
+  cache: KVCache
+
+
+def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(dtype) * y.astype(dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding, rotate-half layout. x: [B, S, H, hd]; positions: [B, S]."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
+  cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def matmul(x: Array, w: Array, cfg: ModelConfig) -> Array:
+  """x @ w in the compute dtype, w upcast just in time (LayerCast).
+
+  With `cfg.split_k = c > 1`, the contraction is cut into c blocks whose partial
+  products are summed afterwards. This is a two-level (blocked) summation: XLA:CPU's
+  single-pass fp32 dot accumulates sequentially and loses about 2-4x more precision
+  than the blocked sums of BLAS libraries on activations as large as SmolLM2's
+  (hundreds in some channels). Same FLOPs and weight traffic.
+  """
+  x = x.astype(cfg.dtype)
+  w = w.astype(cfg.dtype)
+  k = w.shape[0]
+  c = cfg.split_k
+  if c <= 1 or k % c:
+    return jnp.dot(x, w, precision=cfg.precision)
+  xb = x.reshape(*x.shape[:-1], c, k // c)
+  wb = w.reshape(c, k // c, w.shape[1])
+  partial = jnp.einsum("...ck,ckn->...cn", xb, wb, precision=cfg.precision)
+  return partial.sum(axis=-2)
+
+
+class Dense(nn.Module):
+  """y = x @ W (+ b); W stored in `param_dtype`, upcast to `dtype` just in time."""
+  features: int
+  config: ModelConfig
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                        cfg.param_dtype)
+    y = matmul(x, kernel, cfg)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+      y = y + bias.astype(cfg.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.config.param_dtype)
+    return rms_norm(x, scale, self.config.rms_norm_eps, self.config.dtype)
+
+
+def attention_mask(lengths: Array, num_new: int, max_len: int,
+                   new_mask: Optional[Array]) -> Array:
+  """Boolean [B, S, T]: may new token i (at slot lengths[b] + i) attend to cache slot j?
+
+  Slots before `lengths[b]` are the committed context and always visible. Among the
+  new tokens, `new_mask[b, i, j']` decides (causal lower-triangular by default).
+  """
+  rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [B, T], key index within the new block
+  if new_mask is None:
+    i = jnp.arange(num_new)
+    return rel[:, None, :] <= i[None, :, None]
+  new_mask = jnp.broadcast_to(new_mask, (lengths.shape[0], num_new, num_new))
+  inside = (rel >= 0) & (rel < num_new)
+  picked = jnp.take_along_axis(
+      new_mask, jnp.broadcast_to(jnp.clip(rel, 0, num_new - 1)[:, None, :],
+                                 (lengths.shape[0], num_new, max_len)), axis=2)
+  return (rel[:, None, :] < 0) | (inside[:, None, :] & picked)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, k_cache, v_cache, lengths, mask):
+    cfg = self.config
+    B, S, _ = x.shape
+    H, Hkv, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+    q = Dense(H * hd, cfg, cfg.qkv_bias, name="q_proj")(x).reshape(B, S, H, hd)
+    k = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="k_proj")(x).reshape(B, S, Hkv, hd)
+    v = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="v_proj")(x).reshape(B, S, Hkv, hd)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    k_cache = write_rows(k_cache, k, lengths)
+    v_cache = write_rows(v_cache, v, lengths)
+    q = q.reshape(B, S, Hkv, G, hd)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q.astype(jnp.float32),
+                        k_cache.astype(jnp.float32), precision=cfg.precision)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(cfg.dtype),
+                     v_cache.astype(cfg.dtype), precision=cfg.precision)
+    out = out.reshape(B, S, H * hd)
+    return Dense(cfg.hidden_size, cfg, False, name="o_proj")(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    gate = Dense(cfg.intermediate_size, cfg, name="gate_proj")(x)
+    up = Dense(cfg.intermediate_size, cfg, name="up_proj")(x)
+    return Dense(cfg.hidden_size, cfg, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class Embedder(nn.Module):
+  """Token embedding table stored as [D, V] (the LM-head layout).
+
+  The tied output projection is then a plain `hidden @ table` matmul. On XLA:CPU a
+  matmul whose right operand is transposed runs a less accurate kernel (about 2x the
+  fp32 error of the plain one on SmolLM2's head), so we store the table the way the
+  head reads it and gather columns for the (cheap) input lookup.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.table = self.param("table", nn.initializers.normal(0.02),
+                            (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.moveaxis(jnp.take(self.table, tokens, axis=1), 0, -1).astype(self.config.dtype)
+
+  def attend(self, hidden: Array) -> Array:
+    return matmul(hidden, self.table, self.config)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, layer_cache, positions, lengths, mask):
+    x, _ = carry
+    k_cache, v_cache = layer_cache
+    h, k_cache, v_cache = Attention(self.config, name="attn")(
+        RMSNorm(self.config, name="attn_norm")(x), positions, k_cache, v_cache, lengths, mask)
+    y = x + h
+    y = y + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(y))
+    return (y, x), (k_cache, v_cache)
+
+
+class Transformer(nn.Module):
+  """Llama-family decoder. Call with token ids or input embeddings, never both."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = Embedder(cfg)
+    self.layers = nn.scan(
+        DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+    )(cfg)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Dense(cfg.vocab_size, cfg)
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    return self.embed(tokens)
+
+  def __call__(self, tokens: Optional[Array], positions: Array, cache: KVCache,
+               attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
+               logits_at: Optional[Array] = None) -> ForwardOutput:
+    cfg = self.config
+    if (tokens is None) == (embeds is None):
+      raise ValueError("pass exactly one of tokens or embeds")
+    x = self.embed_tokens(tokens) if tokens is not None else embeds.astype(cfg.dtype)
+    B, S, _ = x.shape
+    mask = attention_mask(cache.lengths, S, cache.max_len, attn_mask)
+    (x, penultimate), (k, v) = self.layers((x, x), (cache.k, cache.v), positions, cache.lengths,
+                                           mask)
+    hidden = self.final_norm(x)
+    head_in = hidden
+    if logits_at is not None:  # only the positions whose logits are needed (e.g. prefill)
+      head_in = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
+    if cfg.tie_word_embeddings:
+      logits = self.embed.attend(head_in)
+    else:
+      logits = self.lm_head(head_in)
+    new_cache = KVCache(k=k, v=v, lengths=cache.lengths + S)
+    return ForwardOutput(logits=logits.astype(jnp.float32), hidden=hidden,
+                         penultimate=penultimate, cache=new_cache)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, key: Array) -> Any:
+  """Random parameters (for tests and draft models)."""
+  model = Transformer(config)
+  cache = KVCache.init(config, 1, 4)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return model.init(key, tokens, jnp.zeros((1, 1), jnp.int32), cache)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions: Array,
+            cache: KVCache, attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
+            logits_at: Optional[Array] = None) -> ForwardOutput:
+  """The model boundary: (tokens | embeds, positions, cache, mask) -> logits, hidden, cache.
+
+  tokens: [B, S] int32 or None; embeds: [B, S, D] or None (exactly one of them).
+  positions: [B, S] RoPE positions. cache: the KV cache; the new entries go to slots
+  `cache.lengths[b] + i` and the returned cache has lengths increased by S.
+  attn_mask: optional [B, S, S] (or broadcastable) bool mask among the new tokens.
+  logits_at: optional [B, K] indices into S; then logits are [B, K, V].
+  Jitted (a no-op inside an outer jit), so eager calls do not re-trace the layer scan.
+  """
+  return Transformer(config).apply({"params": params}, tokens, positions, cache, attn_mask,
+                                   embeds, logits_at)
+
+
+def embed(params: Any, config: ModelConfig, tokens: Array) -> Array:
+  """Input embeddings of token ids ([B, S] -> [B, S, D]) in the compute dtype."""
+  return jnp.moveaxis(jnp.take(params["embed"]["table"], tokens, axis=1), 0, -1).astype(config.dtype)
+
+
+def embed_mixture(params: Any, config: ModelConfig, weights: Array) -> Array:
+  """Expected input embedding under token weights ([B, S, V] -> [B, S, D]), for soft tokens."""
+  table = params["embed"]["table"].astype(config.dtype)
+  return jnp.einsum("bsv,dv->bsd", weights.astype(config.dtype), table, precision=config.precision)

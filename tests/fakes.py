@@ -1,0 +1,33 @@
+"""Model-free fakes for decoding tests (in the spirit of T5X's decoding tests)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from models.kv_cache import KVCache
+from models.transformer import ForwardOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class BigramLM:
+  """Next-token logits depend only on the last token: `params[token]` ([V, V] table).
+
+  Has the `TransformerLM` boundary, so every strategy runs on it; exact answers can be
+  computed by hand or by brute force over the tiny vocabulary.
+  """
+  vocab_size: int
+  max_positions: int = 1024
+
+  def init_cache(self, batch_size, max_len):
+    z = jnp.zeros((1, batch_size, max_len, 1, 1), jnp.float32)
+    return KVCache(k=z, v=z, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  def __call__(self, params, tokens, positions, cache, attn_mask=None, embeds=None,
+               logits_at=None):
+    logits = params[tokens]  # [B, S, V]
+    if logits_at is not None:
+      logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
+    h = jnp.zeros(tokens.shape + (1,), jnp.float32)
+    return ForwardOutput(logits=logits, hidden=h, penultimate=h,
+                         cache=cache.replace(lengths=cache.lengths + tokens.shape[1]))
