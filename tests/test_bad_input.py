@@ -1,0 +1,78 @@
+"""Bad input gets a clear error before anything is compiled."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import generate as generate_config
+from decoding import core, generation
+from decoding import generate as cli
+from tests.fakes import BigramLM
+
+
+def cfg(**kw):
+  c = generate_config.get_config()
+  c.update(kw)
+  return c
+
+
+@pytest.fixture()
+def no_compile(monkeypatch):
+  """Fails the test if the decode loop is traced."""
+  def boom(*a, **k):
+    raise AssertionError("compiled before validating")
+  monkeypatch.setattr(core, "decode", boom)
+
+
+LM = BigramLM(vocab_size=10, max_positions=64)
+TABLE = np.zeros((10, 10), np.float32)
+
+
+@pytest.mark.parametrize("kw,prompts,match", [
+    (dict(max_cache_len=16, max_new_tokens=8), [[1] * 12], "exceeds the KV cache"),
+    (dict(max_new_tokens=60), [[1] * 10], "exceeds the model's context"),
+    (dict(), [[]], "empty"),
+    (dict(), [], "no prompts"),
+    (dict(), [[1, 2, 10]], "outside the vocabulary"),
+    (dict(), [[1, -1]], "outside the vocabulary"),
+    (dict(strategy="sample", temperature=0.0), [[1]], "temperature"),
+    (dict(strategy="sample", temperature=-1.0), [[1]], "temperature"),
+    (dict(top_p=0.0), [[1]], "top_p"),
+    (dict(top_p=1.5), [[1]], "top_p"),
+    (dict(top_k=-3), [[1]], "top_k"),
+    (dict(strategy="nucleus_magic"), [[1]], "unknown strategy"),
+    (dict(max_new_tokens=0), [[1]], "max_new_tokens"),
+    (dict(min_new_tokens=100, max_new_tokens=10), [[1]], "min_new_tokens"),
+    (dict(repetition_penalty=0.0), [[1]], "repetition_penalty"),
+    (dict(min_p=2.0), [[1]], "min_p"),
+])
+def test_generate_rejects(no_compile, kw, prompts, match):
+  with pytest.raises(generation.GenerationError, match=match):
+    generation.generate(LM, TABLE, prompts, cfg(**kw), [1], 0)
+
+
+def test_unknown_model_rejected_before_loading(monkeypatch):
+  monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
+  with pytest.raises(generation.GenerationError, match="unknown model"):
+    cli.run(cfg(model="no-such-model-7b"), "hi", None, None)
+
+
+def test_unknown_strategy_rejected_before_loading(monkeypatch):
+  monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
+  with pytest.raises(generation.GenerationError, match="unknown strategy"):
+    cli.run(cfg(strategy="beam_me_up"), "hi", None, None)
+
+
+def test_bad_jsonl_lines(tmp_path):
+  f = tmp_path / "in.jsonl"
+  for text, match in [('{"prompt": 3}', "must be a string"),
+                      ('{"prompt_ids": [1, "a"]}', "list of integers"),
+                      ('{"foo": 1}', "exactly one of"),
+                      ("not json", "not valid JSON")]:
+    f.write_text(text + "\n")
+    with pytest.raises(ValueError, match=match):
+      cli.read_requests(str(f))
+  with pytest.raises(FileNotFoundError):
+    cli.read_requests(str(tmp_path / "missing.jsonl"))

@@ -1,0 +1,69 @@
+"""Greedy decoding on a simulated 8-device CPU mesh gives the single-device tokens."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from decoding import sharding
+from models.config import tiny_config
+from models.transformer import init_params
+
+SCRIPT = textwrap.dedent("""
+    import dataclasses, json, sys
+    import jax, ml_collections
+    from decoding import generation, sharding
+    from models.lm import load_model
+    assert len(jax.devices()) == 8, jax.devices()
+    m = load_model()
+    tok = m.tokenizer
+    texts = ["The capital of France is", "def add(a, b):", "Once upon a time",
+             "Water boils at", "1, 2, 3, 4,", "The sun is a", "My favourite food is",
+             "In 1969, humans"]
+    prompts = [tok.encode(t) for t in texts]
+    cfg = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=12,
+                                         min_new_tokens=12, batch_size=8, seed=0))
+    single = generation.generate(m.lm, m.params, prompts, cfg, [2], 2)
+    mesh = sharding.make_mesh(data=4, model=2)
+    params = sharding.shard_params(m.params, mesh)
+    lm = dataclasses.replace(m.lm, mesh=mesh)
+    specs = {k: str(v.sharding.spec) for k, v in
+             [("q", params["layers"]["attn"]["q_proj"]["kernel"]),
+              ("embed", params["embed"]["table"])]}
+    sharded = generation.generate(lm, params, prompts, cfg, [2], 2,
+                                  shard=lambda a: sharding.shard_batch(a, mesh))
+    print(json.dumps(dict(single=[g.output_ids for g in single],
+                          sharded=[g.output_ids for g in sharded], specs=specs)))
+""")
+
+
+def test_sharded_greedy_equals_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert res["specs"]["q"] == str(P(None, None, "model"))
+  assert res["specs"]["embed"] == str(P(None, "model"))
+  assert res["sharded"] == res["single"]
+
+
+def test_partition_rules_fall_back_when_not_divisible():
+  devs = jax.devices()[:1]
+  mesh = sharding.make_mesh(1, 1, devs)
+  c = tiny_config()
+  specs = sharding.param_specs(init_params(c, jax.random.PRNGKey(0)), mesh)
+  assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "model", None)
+  # KV heads (2) split over a model axis of 1, a batch of 3 over data of 1: always divisible.
+  assert sharding.cache_spec((2, 3, 16, 2, 4), mesh) == P(None, "data", None, "model", None)
+  with pytest.raises(ValueError, match="needs 4 devices"):
+    sharding.make_mesh(2, 2, devs)
