@@ -99,10 +99,8 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k)
   if os.path.isdir(path):
     config, params = checkpoint.load_safetensors(path, param_dtype=param_dtype, **overrides)
-    tok = None
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-      tok = Tokenizer.from_hf_json(os.path.join(path, "tokenizer.json")) if hasattr(
-          Tokenizer, "from_hf_json") else None
+    tok = (Tokenizer.from_hf_dir(path)
+           if os.path.exists(os.path.join(path, "tokenizer.json")) else None)
   else:
     config, params, reader = checkpoint.load_gguf(path, sha, param_dtype=param_dtype, **overrides)
     tok = Tokenizer.from_gguf(path)

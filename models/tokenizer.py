@@ -432,6 +432,51 @@ class Tokenizer:
                 f"expected a path or a gguf.GGUFReader, got {type(path_or_reader).__name__}")
         return cls(meta)
 
+    @classmethod
+    def from_hf_dir(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Build from a Hugging Face model folder (``tokenizer.json`` plus, if present,
+        ``tokenizer_config.json`` for the chat template, special tokens and ``add_bos_token``),
+        for checkpoints loaded from safetensors."""
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        backend = _HFTokenizer.from_file(path)
+        backend.no_padding()
+        backend.no_truncation()
+        conf: dict[str, Any] = {}
+        conf_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(conf_path):
+            with open(conf_path, encoding="utf-8") as f:
+                conf = json.load(f)
+
+        def tok_id(key: str) -> int | None:
+            v = conf.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return backend.token_to_id(v) if isinstance(v, str) else None
+
+        self = cls.__new__(cls)
+        self.pre = "hf-json"
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.tokens = [""] * self.vocab_size
+        for t, i in vocab.items():
+            if 0 <= i < self.vocab_size:
+                self.tokens[i] = t
+        self.bos_id, self.eos_id = tok_id("bos_token"), tok_id("eos_token")
+        self.pad_id, self.unk_id = tok_id("pad_token"), tok_id("unk_token")
+        self.add_bos = bool(conf.get("add_bos_token", False)) and self.bos_id is not None
+        self.add_eos = bool(conf.get("add_eos_token", False))
+        self.chat_template = conf.get("chat_template")
+        self.clean_up_tokenization_spaces = False
+        special = {int(k) for k, v in (conf.get("added_tokens_decoder") or {}).items()
+                   if v.get("special")}
+        special.update(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
+        self.special_ids = special
+        self.backend = backend
+        return self
+
     # ---- encoding / decoding -----------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

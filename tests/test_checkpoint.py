@@ -155,3 +155,21 @@ def test_layercast_equals_fp32_on_bf16_rounded_weights(smollm, prompt_ids):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-5)
   nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
   assert nbytes(p16) * 2 == nbytes(smollm.params)
+
+
+def test_load_model_from_safetensors_folder_with_tokenizer(tmp_path, smollm):
+  """A user's own HF folder: weights + tokenizer.json + tokenizer_config.json."""
+  model = _tiny_hf("llama", True)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  smollm.tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+  import json
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "add_bos_token": False,
+       "chat_template": smollm.tokenizer.chat_template}))
+  m = load_model(str(tmp_path))
+  assert m.tokenizer.eos_id == 2 and m.tokenizer.bos_id == 1
+  text = "Hello world, 123 tokens!"
+  assert m.tokenizer.encode(text) == smollm.tokenizer.encode(text)
+  msgs = [{"role": "user", "content": "hi"}]
+  assert m.tokenizer.encode_chat(msgs) == smollm.tokenizer.encode_chat(msgs)
+  assert m.config.num_layers == 2
