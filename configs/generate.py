@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype
   c.param_dtype = "float32"  # storage dtype ("bfloat16" with dtype float32 = LayerCast)
   c.matmul_precision = "default"  # "highest" forces full-fp32 matmuls on accelerators
+  c.scan_layers = True  # False: per-layer weights, faster decode steps, longer compile
 
   # Strategy, chosen by name (decoding.generation.STRATEGIES).
   c.strategy = "greedy"

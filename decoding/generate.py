@@ -89,7 +89,7 @@ def load(cfg):
   from decoding import sharding
   import dataclasses
   model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     matmul_precision=cfg.matmul_precision)
+                     matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers)
   shard = None
   if cfg.mesh.data * cfg.mesh.model > 1:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)

@@ -65,8 +65,8 @@ def shard_params(params: Any, mesh: Mesh) -> Any:
 
 
 def cache_spec(shape: tuple, mesh: Mesh) -> P:
-  """KV cache [L, B, T, Hkv, hd]: batch over data, KV heads over model when divisible."""
-  return _fit((None, DATA, None, MODEL, None), shape, mesh)
+  """KV cache [(L,) B, Hkv, T, hd]: batch over data, KV heads over model when divisible."""
+  return _fit((DATA, MODEL, None, None), shape, mesh)
 
 
 def batch_spec(shape: tuple, mesh: Mesh) -> P:

@@ -132,9 +132,13 @@ def _params_from_hf_like(get, config: ModelConfig, dtype) -> dict:
     })
   params = {
       "embed": {"table": get("model.embed_tokens.weight").T},
-      "layers": _stack_layers(layers),
       "final_norm": {"scale": get("model.norm.weight")},
   }
+  if config.scan_layers:
+    params["layers"] = _stack_layers(layers)
+  else:
+    for i, layer in enumerate(layers):
+      params[f"layers_{i}"] = layer
   if not config.tie_word_embeddings:
     params["lm_head"] = {"kernel": get("lm_head.weight").T}
   return _to_jax(params, dtype)

@@ -44,6 +44,7 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   matmul_precision: str = "default"
   split_k: int = 1  # blocked accumulation of matmuls (see transformer.matmul)
+  scan_layers: bool = True  # stacked layers under nn.scan (False: per-layer params, unrolled)
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -7,6 +7,8 @@ at or beyond `lengths[b]` are masked out of attention and overwritten later.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -16,24 +18,37 @@ from models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [L, B, T, Hkv, hd]
-  v: jax.Array  # [L, B, T, Hkv, hd]
+  """Keys and values per layer, layout [B, Hkv, T, hd] (attention reads it without a transpose).
+
+  With stacked layers (`scan_layers=True`) `k`/`v` are arrays [L, B, Hkv, T, hd]; with
+  per-layer parameters they are tuples of L arrays [B, Hkv, T, hd], so each layer's
+  cache is its own buffer, updated in place.
+  """
+  k: Any  # [L, B, Hkv, T, hd] or tuple of L x [B, Hkv, T, hd]
+  v: Any
   lengths: jax.Array  # [B] int32, valid slots per row
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
     dtype = dtype or config.dtype
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch_size,), jnp.int32))
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    if config.scan_layers:
+      z = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
+    else:
+      z = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(k=z(), v=z(), lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  @property
+  def _first(self) -> jax.Array:
+    return self.k[0] if isinstance(self.k, (tuple, list)) else self.k[0]
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self._first.shape[2]
 
   @property
   def batch_size(self) -> int:
-    return self.k.shape[1]
+    return self._first.shape[0]
 
   def with_lengths(self, lengths: jax.Array) -> "KVCache":
     """Sets each row's valid length (e.g. to the true prompt length after a padded prefill)."""
@@ -45,7 +60,14 @@ class KVCache:
 
 
 def write_rows(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-  """Writes `new[b]` ([S, ...]) into `cache_layer[b]` ([T, ...]) at slot `starts[b]`."""
-  def one(c, n, s):
-    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s,) + (jnp.zeros((), s.dtype),) * (c.ndim - 1))
-  return jax.vmap(one)(cache_layer, new, starts)
+  """Writes `new[b]` ([Hkv, S, hd]) into `cache_layer[b]` ([Hkv, T, hd]) at slots starts[b]+s.
+
+  One scatter with unique, in-bounds indices (callers validate lengths before
+  compiling), which XLA performs in place.
+  """
+  B, Hkv, S, _ = new.shape
+  b = jnp.arange(B)[:, None, None]
+  h = jnp.arange(Hkv)[None, :, None]
+  t = (starts[:, None] + jnp.arange(S)[None, :])[:, None, :]
+  return cache_layer.at[b, h, t].set(new.astype(cache_layer.dtype), mode="promise_in_bounds",
+                                     unique_indices=True)

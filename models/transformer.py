@@ -2,8 +2,17 @@
 
 Grouped-query attention, rotary position embeddings (rotate-half layout, as in
 Hugging Face checkpoints), RMSNorm, SwiGLU MLP, tied or separate output head and
-optional q/k/v biases (Qwen2). Layers are stacked and run under `nn.scan`, so
-compile time does not grow with depth.
+optional q/k/v biases (Qwen2).
+
+Two layer layouts, chosen by `ModelConfig.scan_layers`:
+* `True`: weights stacked on a leading layer axis and run under `nn.scan`; compile time
+  does not grow with depth. On XLA:CPU each step then copies every layer's weight
+  slice out of the stack (the dynamic slice is not fused into the dot), which costs
+  about 2x the weight traffic.
+* `False`: one parameter subtree per layer (`layers_0`, `layers_1`, ...) and a Python
+  loop at trace time: the fastest decode step on CPU; compile time grows linearly
+  with depth (about 5 s for SmolLM2's 30 layers).
+`stack_layers` / `unstack_layers` convert parameters between the two.
 
 The forward pass is a single function used for prefill, one-token steps and
 multi-token verification: new tokens (or input embeddings) are written into the
@@ -69,10 +78,11 @@ def matmul(x: Array, w: Array, cfg: ModelConfig) -> Array:
   c = cfg.split_k
   if c <= 1 or k % c:
     return jnp.dot(x, w, precision=cfg.precision)
-  xb = x.reshape(*x.shape[:-1], c, k // c)
+  lead = x.shape[:-1]
+  xb = x.reshape(-1, c, k // c).transpose(1, 0, 2)  # [c, M, K/c]: blocks lead, weight untouched
   wb = w.reshape(c, k // c, w.shape[1])
-  partial = jnp.einsum("...ck,ckn->...cn", xb, wb, precision=cfg.precision)
-  return partial.sum(axis=-2)
+  partial = jnp.einsum("cmk,ckn->cmn", xb, wb, precision=cfg.precision)
+  return partial.sum(axis=0).reshape(*lead, w.shape[1])
 
 
 class Dense(nn.Module):
@@ -102,49 +112,55 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.config.rms_norm_eps, self.config.dtype)
 
 
-def attention_mask(lengths: Array, num_new: int, max_len: int,
-                   new_mask: Optional[Array]) -> Array:
-  """Boolean [B, S, T]: may new token i (at slot lengths[b] + i) attend to cache slot j?
-
-  Slots before `lengths[b]` are the committed context and always visible. Among the
-  new tokens, `new_mask[b, i, j']` decides (causal lower-triangular by default).
-  """
-  rel = jnp.arange(max_len)[None, :] - lengths[:, None]  # [B, T], key index within the new block
+def new_token_mask(batch: int, num_new: int, new_mask: Optional[Array]) -> Array:
+  """[B, S, S] visibility among the new tokens: causal by default, else the caller's (trees)."""
   if new_mask is None:
-    i = jnp.arange(num_new)
-    return rel[:, None, :] <= i[None, :, None]
-  new_mask = jnp.broadcast_to(new_mask, (lengths.shape[0], num_new, num_new))
-  inside = (rel >= 0) & (rel < num_new)
-  picked = jnp.take_along_axis(
-      new_mask, jnp.broadcast_to(jnp.clip(rel, 0, num_new - 1)[:, None, :],
-                                 (lengths.shape[0], num_new, max_len)), axis=2)
-  return (rel[:, None, :] < 0) | (inside[:, None, :] & picked)
+    return jnp.broadcast_to(jnp.tril(jnp.ones((num_new, num_new), bool)), (batch, num_new, num_new))
+  return jnp.broadcast_to(new_mask.astype(bool), (batch, num_new, num_new))
 
 
 class Attention(nn.Module):
+  """Grouped-query attention over the cached context plus the new block.
+
+  Scores are computed against the cache as it was *before* this call (slots
+  `< lengths[b]` are visible) and, separately, among the new tokens under `new_mask`;
+  one softmax covers both. The new keys/values are written into the cache only after
+  it has been read. Reading first and writing last lets XLA update the cache in place
+  (no copy of the whole cache per layer per step), and rows never see stale slots.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, k_cache, v_cache, lengths, mask):
+  def __call__(self, x, positions, k_cache, v_cache, lengths, new_mask):
+    # x: [B, S, D]; k_cache, v_cache: [B, Hkv, T, hd]; new_mask: [B, S, S] bool.
     cfg = self.config
     B, S, _ = x.shape
     H, Hkv, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+    T = k_cache.shape[2]
     q = Dense(H * hd, cfg, cfg.qkv_bias, name="q_proj")(x).reshape(B, S, H, hd)
     k = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="k_proj")(x).reshape(B, S, Hkv, hd)
     v = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="v_proj")(x).reshape(B, S, Hkv, hd)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
-    k_cache = write_rows(k_cache, k, lengths)
-    v_cache = write_rows(v_cache, v, lengths)
-    q = q.reshape(B, S, Hkv, G, hd)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q.astype(jnp.float32),
-                        k_cache.astype(jnp.float32), precision=cfg.precision)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(cfg.dtype),
-                     v_cache.astype(cfg.dtype), precision=cfg.precision)
-    out = out.reshape(B, S, H * hd)
+    q = q.reshape(B, S, Hkv, G, hd).transpose(0, 2, 3, 1, 4).astype(jnp.float32)  # [B,Hkv,G,S,hd]
+    k_new = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
+    v_new = v.transpose(0, 2, 1, 3)
+    scale = hd ** -0.5
+    s_old = jnp.einsum("bkgsd,bktd->bkgst", q, k_cache.astype(jnp.float32),
+                       precision=cfg.precision) * scale
+    s_new = jnp.einsum("bkgsd,bkud->bkgsu", q, k_new.astype(jnp.float32),
+                       precision=cfg.precision) * scale
+    old_ok = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, None, :]
+    s_old = jnp.where(old_ok, s_old, -jnp.inf)
+    s_new = jnp.where(new_mask[:, None, None, :, :], s_new, -jnp.inf)
+    probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(cfg.dtype)
+    out = (jnp.einsum("bkgst,bktd->bkgsd", probs[..., :T], v_cache.astype(cfg.dtype),
+                      precision=cfg.precision)
+           + jnp.einsum("bkgsu,bkud->bkgsd", probs[..., T:], v_new.astype(cfg.dtype),
+                        precision=cfg.precision))
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, S, H * hd)
+    k_cache = write_rows(k_cache, k_new, lengths)
+    v_cache = write_rows(v_cache, v_new, lengths)
     return Dense(cfg.hidden_size, cfg, False, name="o_proj")(out), k_cache, v_cache
 
 
@@ -186,7 +202,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_cache, positions, lengths, mask):
-    x, _ = carry
+    x, _ = carry  # (hidden, input of the previous layer)
     k_cache, v_cache = layer_cache
     h, k_cache, v_cache = Attention(self.config, name="attn")(
         RMSNorm(self.config, name="attn_norm")(x), positions, k_cache, v_cache, lengths, mask)
@@ -202,10 +218,13 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed = Embedder(cfg)
-    self.layers = nn.scan(
-        DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-    )(cfg)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+      )(cfg)
+    else:
+      self.blocks = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = Dense(cfg.vocab_size, cfg)
@@ -221,9 +240,17 @@ class Transformer(nn.Module):
       raise ValueError("pass exactly one of tokens or embeds")
     x = self.embed_tokens(tokens) if tokens is not None else embeds.astype(cfg.dtype)
     B, S, _ = x.shape
-    mask = attention_mask(cache.lengths, S, cache.max_len, attn_mask)
-    (x, penultimate), (k, v) = self.layers((x, x), (cache.k, cache.v), positions, cache.lengths,
-                                           mask)
+    mask = new_token_mask(B, S, attn_mask)
+    if cfg.scan_layers:
+      (x, penultimate), (k, v) = self.layers((x, x), (cache.k, cache.v), positions,
+                                             cache.lengths, mask)
+    else:
+      carry, ks, vs = (x, x), [], []
+      for block, kl, vl in zip(self.blocks, cache.k, cache.v):
+        carry, (kl, vl) = block(carry, (kl, vl), positions, cache.lengths, mask)
+        ks.append(kl)
+        vs.append(vl)
+      (x, penultimate), k, v = carry, tuple(ks), tuple(vs)
     hidden = self.final_norm(x)
     head_in = hidden
     if logits_at is not None:  # only the positions whose logits are needed (e.g. prefill)
@@ -272,3 +299,20 @@ def embed_mixture(params: Any, config: ModelConfig, weights: Array) -> Array:
   """Expected input embedding under token weights ([B, S, V] -> [B, S, D]), for soft tokens."""
   table = params["embed"]["table"].astype(config.dtype)
   return jnp.einsum("bsv,dv->bsd", weights.astype(config.dtype), table, precision=config.precision)
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+  """Stacked `layers` subtree ([L, ...] leaves) -> `layers_0` ... `layers_{L-1}` subtrees."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return params
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """Inverse of `unstack_layers`."""
+  params = dict(params)
+  per = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+  return params

@@ -61,3 +61,15 @@ def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
   together = generation.generate(smollm.lm, smollm.params, prompt_ids[:3], cfg, [2], 2)
   alone = generation.generate(smollm.lm, smollm.params, [prompt_ids[2]], cfg, [2], 2, row_ids=[2])
   assert alone[0].output_ids == together[2].output_ids
+
+
+def test_unrolled_layout_greedy_equals_scanned(smollm, prompt_ids, ours_batched):
+  import dataclasses
+  from models import transformer
+  from models.lm import TransformerLM
+  cfg = smollm.config.replace(scan_layers=False)
+  params = transformer.unstack_layers(smollm.params, cfg.num_layers)
+  out = generation.generate(TransformerLM(cfg), params, prompt_ids[:2],
+                            _cfg(max_new_tokens=16, min_new_tokens=16), [2], 2)
+  for o, ref in zip(out, ours_batched[:2]):
+    assert o.output_ids == ref.output_ids[:16]

@@ -125,3 +125,21 @@ def test_cache_rollback_is_lowering_length(smollm, prompt_ids, fwd):
   right = fwd(params, jnp.asarray([[8]]), jnp.asarray([[n]]), rolled)
   direct = fwd(params, jnp.asarray([[8]]), jnp.asarray([[n]]), pre.cache)
   np.testing.assert_array_equal(np.asarray(right.logits), np.asarray(direct.logits))
+
+
+def test_unrolled_layers_equal_scanned_layers(smollm, prompt_ids):
+  """Per-layer parameters (unrolled, the fast CPU decode path) compute the scanned model."""
+  from models.lm import TransformerLM
+  cfg = smollm.config.replace(scan_layers=False)
+  lm = TransformerLM(cfg)
+  params = transformer.unstack_layers(smollm.params, cfg.num_layers)
+  ids = prompt_ids[3]
+  n = len(ids)
+  a = smollm.lm(smollm.params, jnp.asarray([ids]), jnp.arange(n)[None], smollm.lm.init_cache(1, 32))
+  b = lm(params, jnp.asarray([ids]), jnp.arange(n)[None], lm.init_cache(1, 32))
+  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=2e-5)
+  assert isinstance(b.cache.k, tuple) and len(b.cache.k) == cfg.num_layers
+  for i in (0, cfg.num_layers - 1):
+    np.testing.assert_allclose(np.asarray(b.cache.k[i]), np.asarray(a.cache.k[i]), atol=1e-5)
+  back = transformer.stack_layers(params, cfg.num_layers)
+  assert jax.tree.structure(back) == jax.tree.structure(smollm.params)

@@ -63,7 +63,7 @@ def test_partition_rules_fall_back_when_not_divisible():
   c = tiny_config()
   specs = sharding.param_specs(init_params(c, jax.random.PRNGKey(0)), mesh)
   assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "model", None)
-  # KV heads (2) split over a model axis of 1, a batch of 3 over data of 1: always divisible.
-  assert sharding.cache_spec((2, 3, 16, 2, 4), mesh) == P(None, "data", None, "model", None)
+  # Cache [L, B, Hkv, T, hd]: batch over data, KV heads over model (sizes 1 always divide).
+  assert sharding.cache_spec((2, 3, 2, 16, 4), mesh) == P(None, "data", "model", None, None)
   with pytest.raises(ValueError, match="needs 4 devices"):
     sharding.make_mesh(2, 2, devs)
