@@ -130,25 +130,24 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def plan_lengths(cfg, longest_prompt: int, max_positions: int) -> tuple[int, int]:
-  """(padded prompt length P, cache length) for a batch; errors if the cache is too short."""
+  """(padded prompt length P, cache length) for a batch; errors if the request cannot fit.
+
+  The padded prefill writes P slots per row before they are trimmed to the true
+  lengths, so the cache holds at least P + max_new_tokens slots.
+  """
   n = int(_get(cfg, "max_new_tokens"))
   P = bucket(longest_prompt)
   explicit = int(_get(cfg, "max_cache_len", 0))
   needed = longest_prompt + n
-  if explicit:
-    if needed > explicit:
-      raise GenerationError(
-          f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the KV "
-          f"cache (max_cache_len={explicit}); shorten the prompt or raise max_cache_len")
-    cache_len = max(explicit, P + n) if P + n <= explicit else explicit
-  else:
-    cache_len = P + n
+  if explicit and needed > explicit:
+    raise GenerationError(
+        f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the KV "
+        f"cache (max_cache_len={explicit}); shorten the prompt or raise max_cache_len")
   if needed > max_positions:
     raise GenerationError(
         f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the "
         f"model's context of {max_positions} positions")
-  # The padded prefill writes P slots; make room for them plus the new tokens.
-  return P, max(cache_len, P + n)
+  return P, max(explicit, P + n)
 
 
 # ------------------------------------------------------------------------------ running

@@ -90,14 +90,15 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
   compute is LayerCast). `scan_layers=True` stacks the layers under a scan (compile time
   independent of depth); False keeps one parameter subtree per layer, which decodes about
-  1.6x faster on CPU but compiles about 4x longer (see BENCHMARKS.md). `split_k` defaults to 16-block accumulation in fp32 compute on
-  CPU (closer to fp64 results; see `transformer.matmul`) and 1 elsewhere.
+  1.6x faster on CPU but compiles about 4x longer (see BENCHMARKS.md). `split_k > 1` turns on blocked accumulation in every matmul
+  (closer to fp64 and to PyTorch on CPU, but XLA:CPU runs the blocked form as a batched
+  dot that is several times slower; see `transformer.matmul`).
   """
   from models.tokenizer import Tokenizer
   path, sha, instruct = registry.resolve(name_or_path)
   dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
   if split_k is None:
-    split_k = 16 if (jax.default_backend() == "cpu" and dtype == jnp.float32) else 1
+    split_k = 1
   overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k,
                    scan_layers=scan_layers)
   if os.path.isdir(path):
