@@ -15,14 +15,11 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from decoding import generation
 from models.lm import load_model

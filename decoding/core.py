@@ -12,7 +12,7 @@ samples do not depend on the rest of the batch.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import flax.struct
 import jax
@@ -137,7 +137,6 @@ def decode_loop(lm, params, state: DecodeState, processor: LogitsProcessor, sele
 
 
 def finalize(state: DecodeState, pad_id: int, max_new_tokens: int) -> DecodeResult:
-  B = state.sequences.shape[0]
   idx = state.prompt_len[:, None] + jnp.arange(max_new_tokens)[None]
   tokens = jnp.take_along_axis(state.sequences, jnp.clip(idx, 0, state.sequences.shape[1] - 1),
                                axis=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -137,6 +137,8 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
   from decoding.generation import GenerationError
   try:
     run(_CONFIG.value, _PROMPT.value, _INPUT.value, _OUTPUT.value)

@@ -40,7 +40,7 @@ class KVCache:
 
   @property
   def _first(self) -> jax.Array:
-    return self.k[0] if isinstance(self.k, (tuple, list)) else self.k[0]
+    return self.k[0]  # layer 0 in both layouts: [B, Hkv, T, hd]
 
   @property
   def max_len(self) -> int:

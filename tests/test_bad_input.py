@@ -1,8 +1,6 @@
 """Bad input gets a clear error before anything is compiled."""
 from __future__ import annotations
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """Checkpoint loading: GGUF (Q/K un-permutation), safetensors, checksums, clear errors, LayerCast."""
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 
 from models import checkpoint, registry
-from models.kv_cache import KVCache
 from models.lm import TransformerLM, load_model
 
 torch = pytest.importorskip("torch")

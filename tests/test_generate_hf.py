@@ -64,7 +64,6 @@ def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
 
 
 def test_unrolled_layout_greedy_equals_scanned(smollm, prompt_ids, ours_batched):
-  import dataclasses
   from models import transformer
   from models.lm import TransformerLM
   cfg = smollm.config.replace(scan_layers=False)

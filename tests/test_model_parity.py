@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from models import transformer
-from models.kv_cache import KVCache
 
 torch = pytest.importorskip("torch")
 
@@ -146,7 +145,8 @@ def test_unrolled_layers_equal_scanned_layers(smollm, prompt_ids):
   n = len(ids)
   a = smollm.lm(smollm.params, jnp.asarray([ids]), jnp.arange(n)[None], smollm.lm.init_cache(1, 32))
   b = lm(params, jnp.asarray([ids]), jnp.arange(n)[None], lm.init_cache(1, 32))
-  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=2e-5)
+  # Same math, different XLA fusion and summation order: equal to fp32 rounding.
+  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-4)
   assert isinstance(b.cache.k, tuple) and len(b.cache.k) == cfg.num_layers
   for i in (0, cfg.num_layers - 1):
     np.testing.assert_allclose(np.asarray(b.cache.k[i]), np.asarray(a.cache.k[i]), atol=1e-5)
