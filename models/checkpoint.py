@@ -158,6 +158,9 @@ _GGUF_TO_HF = {
 }
 
 
+_HF_TO_GGUF = {v: k for k, v in _GGUF_TO_HF.items()}
+
+
 def load_gguf(path: str, sha256: Optional[str] = None, param_dtype=jnp.float32,
               **config_overrides) -> tuple[ModelConfig, dict, Any]:
   """Loads a GGUF checkpoint. Returns (config, params, reader).
@@ -182,8 +185,7 @@ def load_gguf(path: str, sha256: Optional[str] = None, param_dtype=jnp.float32,
     else:
       _, _, i, rest = hf_name.split(".", 3)
       module, kind = rest.rsplit(".", 1)
-      inv = {v: k for k, v in _GGUF_TO_HF.items()}
-      name = f"blk.{i}.{inv[module]}.{kind}"
+      name = f"blk.{i}.{_HF_TO_GGUF[module]}.{kind}"
     if name not in tensors:
       raise ValueError(f"GGUF file {path} lacks tensor {name!r}")
     w = _dequant(tensors[name])

@@ -292,7 +292,7 @@ def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions
 
 def embed(params: Any, config: ModelConfig, tokens: Array) -> Array:
   """Input embeddings of token ids ([B, S] -> [B, S, D]) in the compute dtype."""
-  return jnp.moveaxis(jnp.take(params["embed"]["table"], tokens, axis=1), 0, -1).astype(config.dtype)
+  return Transformer(config).apply({"params": params}, tokens, method=Transformer.embed_tokens)
 
 
 def embed_mixture(params: Any, config: ModelConfig, weights: Array) -> Array:
