@@ -8,6 +8,7 @@ permuted.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -246,3 +247,103 @@ def load_safetensors(directory: str, param_dtype=jnp.float32,
     return np.asarray(tensors[name], dtype=np.float32)
 
   return config, _params_from_hf_like(get, config, param_dtype)
+
+
+# ------------------------------------------------------------- decodax checkpoints
+
+DECODAX_MANIFEST = "decodax_model.json"
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+  d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  d["dtype"], d["param_dtype"] = _dtype_name(config.dtype), _dtype_name(config.param_dtype)
+  return d
+
+
+def config_from_dict(d: dict, **overrides) -> ModelConfig:
+  d = dict(d)
+  d.update(overrides)
+  for k in ("dtype", "param_dtype"):
+    if isinstance(d.get(k), str):
+      d[k] = _DTYPE_NAMES[d[k]]
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def is_decodax_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, DECODAX_MANIFEST))
+
+
+def save_decodax(directory: str, config: ModelConfig, params: Any,
+                 tokenizer_metadata: Optional[dict] = None, instruct: bool = False,
+                 info: Optional[dict] = None) -> str:
+  """Writes a self-contained checkpoint folder that `load_model(directory)` reads back.
+
+  Layout: `decodax_model.json` (format, model config, instruct flag, free-form `info`
+  such as the training run, and the sha256 of the parameter file), `params.safetensors`
+  (the parameters, flattened with '/'-joined paths, stacked-layer layout) and, when
+  given, `tokenizer.json` holding the tokenizer's GGUF-style metadata.
+  """
+  from safetensors.numpy import save_file
+  import jax
+  from flax.traverse_util import flatten_dict
+  from models import transformer
+  os.makedirs(directory, exist_ok=True)
+  if not config.scan_layers:
+    params = transformer.stack_layers(params, config.num_layers)
+  flat = {"/".join(k): np.asarray(jax.device_get(v))
+          for k, v in flatten_dict(params).items()}
+  dtype_name = _dtype_name(config.param_dtype)
+  if dtype_name == "bfloat16":  # safetensors.numpy has no bf16: store the raw bits
+    flat = {k: v.view(np.uint16) for k, v in flat.items()}
+  params_path = os.path.join(directory, "params.safetensors")
+  save_file(flat, params_path)
+  manifest = {"format": "decodax", "version": 1, "config": config_to_dict(config),
+              "instruct": bool(instruct), "params_sha256": sha256_file(params_path),
+              "param_storage": dtype_name, "tokenizer": None, "info": info or {}}
+  if tokenizer_metadata is not None:
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+      json.dump(tokenizer_metadata, f)
+    manifest["tokenizer"] = "tokenizer.json"
+  with open(os.path.join(directory, DECODAX_MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  return directory
+
+
+def load_decodax(directory: str, param_dtype=None,
+                 **config_overrides) -> tuple[ModelConfig, dict, Optional[dict], bool]:
+  """Reads a `save_decodax` folder: (config, params, tokenizer metadata or None, instruct).
+
+  The parameter file's sha256 is checked against the manifest (`ChecksumError`).
+  """
+  from safetensors.numpy import load_file
+  from flax.traverse_util import unflatten_dict
+  from models import transformer
+  with open(os.path.join(directory, DECODAX_MANIFEST)) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != "decodax":
+    raise ValueError(f"{directory}: not a decodax checkpoint manifest")
+  params_path = os.path.join(directory, "params.safetensors")
+  _require_file(params_path)
+  verify_checksum(params_path, manifest["params_sha256"])
+  stored = manifest["config"]
+  if param_dtype is not None:
+    config_overrides["param_dtype"] = param_dtype
+  config = config_from_dict(stored, **config_overrides)
+  flat = load_file(params_path)
+  if manifest.get("param_storage") == "bfloat16":
+    flat = {k: np.asarray(v.view(jnp.bfloat16)) for k, v in flat.items()}
+  params = unflatten_dict({tuple(k.split("/")): jnp.asarray(v, config.param_dtype)
+                           for k, v in flat.items()})
+  if not config.scan_layers:
+    params = transformer.unstack_layers(params, config.num_layers)
+  tok = None
+  if manifest.get("tokenizer"):
+    with open(os.path.join(directory, manifest["tokenizer"])) as f:
+      tok = json.load(f)
+  return config, params, tok, bool(manifest.get("instruct", False))

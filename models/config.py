@@ -45,6 +45,7 @@ class ModelConfig:
   matmul_precision: str = "default"
   split_k: int = 1  # blocked accumulation of matmuls (see transformer.matmul)
   scan_layers: bool = True  # stacked layers under nn.scan (False: per-layer params, unrolled)
+  remat: bool = False  # rematerialize each layer's activations in the backward pass (training)
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -85,7 +85,8 @@ def as_dtype(name_or_dtype) -> Any:
 def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
                param_dtype="float32", matmul_precision: str = "default",
                split_k: Optional[int] = None, scan_layers: bool = True) -> LoadedModel:
-  """Loads a registered model name, a .gguf file, or a Hugging Face safetensors folder.
+  """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or a
+  decodax checkpoint folder (written by training, `checkpoint.save_decodax`).
 
   `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
   compute is LayerCast). `scan_layers=True` stacks the layers under a scan (compile time
@@ -101,7 +102,11 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
     split_k = 1
   overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k,
                    scan_layers=scan_layers)
-  if os.path.isdir(path):
+  if os.path.isdir(path) and checkpoint.is_decodax_checkpoint(path):
+    config, params, tok_meta, instruct = checkpoint.load_decodax(
+        path, param_dtype=param_dtype, **overrides)
+    tok = Tokenizer(tok_meta) if tok_meta is not None else None
+  elif os.path.isdir(path):
     config, params = checkpoint.load_safetensors(path, param_dtype=param_dtype, **overrides)
     tok = (Tokenizer.from_hf_dir(path)
            if os.path.exists(os.path.join(path, "tokenizer.json")) else None)

@@ -360,6 +360,8 @@ class Tokenizer:
                 f"unsupported tokenizer.ggml.pre {pre!r}; supported: {sorted(_PRE_SPECS)}")
         spec = _PRE_SPECS[pre]
         self.pre: str = pre
+        # the GGUF metadata it was built from (saved with trained checkpoints); None for HF dirs
+        self.metadata: dict[str, Any] | None = dict(metadata)
 
         tokens = list(metadata["tokenizer.ggml.tokens"])
         n = len(tokens)
@@ -458,6 +460,7 @@ class Tokenizer:
 
         self = cls.__new__(cls)
         self.pre = "hf-json"
+        self.metadata = None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         vocab = backend.get_vocab(with_added_tokens=True)
         self.tokens = [""] * self.vocab_size

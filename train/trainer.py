@@ -1,0 +1,284 @@
+"""A small, general optax trainer: jitted train step, micro-batch gradient accumulation,
+periodic evaluation, console + JSONL metrics, orbax checkpoints and exact resumption,
+and data/model-parallel sharding on the same `data` x `model` mesh as decoding.
+
+    trainer = Trainer(loss_fn, optimizer, assemble=..., grad_accum=2, mesh=mesh)
+    state = trainer.init_state(trainable_params, key)
+    state = trainer.fit(state, frozen, data, num_steps, workdir=...)
+
+* `loss_fn(params, batch, key) -> (loss, metrics)` (see `train.losses`).
+* `trainable` is what the optimizer updates; `frozen` is passed through untouched
+  (the base model under LoRA) and `assemble(trainable, frozen)` builds the model
+  parameters the loss sees (identity for full fine-tuning, `lora.merge` for LoRA).
+* `data.batch(step)` returns the global batch of a step (`train.data`); the step's
+  PRNG key is `fold_in(state.key, step)`. Both are pure functions of the step, so a run
+  restored from its last checkpoint reproduces the uninterrupted run bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from decoding import sharding as shd
+from train.checkpointing import Checkpointer
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # [] int32: optimizer updates done
+  params: Any  # trainable parameters
+  opt_state: Any
+  key: Array  # [2] uint32 raw PRNG key; step t uses fold_in(key, t)
+
+
+def _identity(trainable, frozen):
+  del frozen
+  return trainable
+
+
+class MetricWriter:
+  """Appends one JSON object per record to `path` (and nothing when `path` is None)."""
+
+  def __init__(self, path: Optional[str]):
+    self.path = path
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps > `step` (left by a killed run that is now resuming)."""
+    if not self.path or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      f.writelines(keep)
+
+  def write(self, record: dict) -> None:
+    if not self.path:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _to_float(tree: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+class Trainer:
+
+  def __init__(self, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+               assemble: Callable = _identity, grad_accum: int = 1, mesh=None,
+               schedule: Optional[optax.Schedule] = None):
+    if grad_accum < 1:
+      raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    self.loss_fn = loss_fn
+    self.optimizer = optimizer
+    self.assemble = assemble
+    self.grad_accum = grad_accum
+    self.mesh = mesh
+    self.schedule = schedule
+    self._train_step = None
+    self._eval_step = None
+
+  # ---- placement ------------------------------------------------------------------------------
+
+  def shard_params(self, tree: Any) -> Any:
+    """Places a parameter-shaped tree on the mesh (partition rules of `decoding.sharding`)."""
+    if self.mesh is None or tree is None:
+      return tree
+    return shd.shard_params(tree, self.mesh)
+
+  def shard_batch(self, batch: Any) -> Any:
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, batch)
+    return shd.shard_batch(batch, self.mesh)
+
+  # ---- state ----------------------------------------------------------------------------------
+
+  def init_state(self, params: Any, key: Array) -> TrainState:
+    """Optimizer state for the trainable `params` (placed on the mesh first)."""
+    # a private copy: train steps donate the state's buffers, the caller keeps its arrays
+    params = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(self.shard_params(params))
+    opt_state = jax.jit(self.optimizer.init)(params)
+    raw = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    key = jnp.asarray(raw, jnp.uint32)
+    if self.mesh is not None:
+      rep = NamedSharding(self.mesh, P())
+      key = jax.device_put(key, rep)
+      step = jax.device_put(jnp.zeros((), jnp.int32), rep)
+      specs = shd.param_specs(params, self.mesh)
+      opt_state = optax.tree_map_params(  # moments are sharded like their parameters
+          self.optimizer, lambda x, spec: jax.device_put(x, NamedSharding(self.mesh, spec)),
+          opt_state, specs, transform_non_params=lambda x: jax.device_put(x, rep))
+    else:
+      step = jnp.zeros((), jnp.int32)
+    return TrainState(step=step, params=params, opt_state=opt_state, key=key)
+
+  # ---- steps ----------------------------------------------------------------------------------
+
+  def _loss_and_grads(self, trainable, frozen, batch, key):
+    def objective(tp, mb, k):
+      loss, metrics = self.loss_fn(self.assemble(tp, frozen), mb, k)
+      return loss, metrics
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    a = self.grad_accum
+    if a == 1:
+      (loss, metrics), grads = grad_fn(trainable, batch, key)
+      return loss, metrics, grads
+
+    def split(x):
+      if x.shape[0] % a:
+        raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={a}")
+      return x.reshape(a, x.shape[0] // a, *x.shape[1:])
+
+    micro = jax.tree.map(split, batch)
+    keys = jax.random.split(key, a)
+
+    def body(acc, xs):
+      mb, k = xs
+      (loss, metrics), grads = grad_fn(trainable, mb, k)
+      acc = jax.tree.map(jnp.add, acc, (loss, metrics, grads))
+      return acc, None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, trainable, first, keys[0])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1],
+                                                                 shapes[1]))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+    mean = lambda x: x / a
+    return mean(loss), jax.tree.map(mean, metrics), jax.tree.map(mean, grads)
+
+  def _step_impl(self, state: TrainState, frozen: Any, batch: Any):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    loss, metrics, grads = self._loss_and_grads(state.params, frozen, batch, key)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    if self.schedule is not None:
+      metrics["learning_rate"] = self.schedule(state.step)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
+    return new, metrics
+
+  def train_step(self, state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict]:
+    """One optimizer update on the global batch (jitted; the old state's buffers are donated)."""
+    if self._train_step is None:
+      out_shardings = None
+      if self.mesh is not None:
+        out_shardings = (jax.tree.map(lambda x: x.sharding, state), None)
+      self._train_step = jax.jit(self._step_impl, donate_argnums=0,
+                                 out_shardings=out_shardings)
+    return self._train_step(state, frozen, self.shard_batch(batch))
+
+  def eval_step(self, state: TrainState, frozen: Any, batch: Any) -> dict:
+    """Loss metrics on a batch without updating (key fixed, so evaluation is deterministic)."""
+    if self._eval_step is None:
+      def impl(params, frozen, batch):
+        loss, metrics = self.loss_fn(self.assemble(params, frozen), batch,
+                                     jax.random.key(0))
+        return dict(metrics, loss=loss)
+      self._eval_step = jax.jit(impl)
+    return self._eval_step(state.params, frozen, self.shard_batch(batch))
+
+  def evaluate(self, state: TrainState, frozen: Any, batches: Iterable[Any]) -> dict:
+    """Metrics averaged over batches, weighted by each batch's `tokens` metric if present."""
+    totals, weight = {}, 0.0
+    for b in batches:
+      m = _to_float(self.eval_step(state, frozen, b))
+      w = m.get("tokens", 1.0)
+      for k, v in m.items():
+        totals[k] = totals.get(k, 0.0) + (v if k == "tokens" else v * w)
+      weight += w
+    out = {k: (v if k == "tokens" else v / max(weight, 1e-12)) for k, v in totals.items()}
+    if "nll" in out:
+      out["perplexity"] = float(np.exp(out["nll"]))
+    return out
+
+  # ---- the loop -------------------------------------------------------------------------------
+
+  def fit(self, state: TrainState, frozen: Any, data: Any, num_steps: int, *,
+          workdir: Optional[str] = None, eval_batches: Optional[Sequence[Any]] = None,
+          eval_every: int = 0, checkpoint_every: int = 0, log_every: int = 10, keep: int = 2,
+          meta: Optional[dict] = None, hooks: Sequence[Callable] = (),
+          progress: bool = True) -> TrainState:
+    """Trains until `num_steps` updates, resuming from `workdir/checkpoints` if present.
+
+    Writes `workdir/metrics.jsonl` (records {"split": "train"|"eval", "step", ...}) and a
+    checkpoint every `checkpoint_every` steps and at the end. `hooks` are called as
+    `hook(step, state, metrics_or_None)` after every step.
+    """
+    ckpt = writer = None
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+      writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"))
+      if ckpt.latest_step() is not None:
+        state, saved = ckpt.restore(state)
+        logging.info("resumed from step %d (data position %s)", int(state.step),
+                     saved.get("data_position"))
+        writer.truncate_after(int(state.step))
+      elif not os.path.exists(writer.path):
+        open(writer.path, "w").close()
+    writer = writer or MetricWriter(None)
+    start = int(state.step)
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    window: list[dict] = []
+    t0, tokens_seen = time.perf_counter(), 0.0
+
+    def save(step):
+      if ckpt is not None:
+        ckpt.save(step, state, {"step": step, "data_position": step, "extra": meta or {}})
+
+    if eval_batches and eval_every and start == 0:
+      rec = {"split": "eval", "step": 0, **self.evaluate(state, frozen, eval_batches)}
+      writer.write(rec)
+      logging.info("eval %s", rec)
+    for step in range(start, num_steps):
+      state, metrics = self.train_step(state, frozen, data.batch(step))
+      window.append(metrics)
+      done = step + 1
+      record = None
+      if done % max(log_every, 1) == 0 or done == num_steps:
+        vals = [_to_float(m) for m in window]
+        record = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+        elapsed = time.perf_counter() - t0
+        tokens_seen += sum(v.get("tokens", v.get("mle/tokens", 0.0)) for v in vals)
+        record.update(split="train", step=done, steps_per_s=len(vals) / max(elapsed, 1e-9))
+        if tokens_seen:
+          record["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+        t0, tokens_seen, window = time.perf_counter(), 0.0, []
+        writer.write(record)
+        if bar is not None:
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+        logging.info("step %d %s", done, {k: round(v, 5) for k, v in record.items()
+                                          if isinstance(v, float)})
+      if bar is not None:
+        bar.update(1)
+      if eval_batches and eval_every and (done % eval_every == 0 or done == num_steps):
+        rec = {"split": "eval", "step": done, **self.evaluate(state, frozen, eval_batches)}
+        writer.write(rec)
+        logging.info("eval %s", rec)
+      if checkpoint_every and done % checkpoint_every == 0 and done != num_steps:
+        save(done)
+      for hook in hooks:
+        hook(done, state, record)
+    if bar is not None:
+      bar.close()
+    if ckpt is not None:
+      if ckpt.latest_step() != num_steps and int(state.step) == num_steps:
+        save(num_steps)
+      ckpt.close()
+    return state
