@@ -89,14 +89,16 @@ def time_hf(prompt, n_new: int, runs: int) -> float:
   return n_new / statistics.median(times)
 
 
-def write_table(path: str, table: str) -> None:
-  start, end = "<!-- bench_decode:start -->", "<!-- bench_decode:end -->"
+def write_table(path: str, table: str, marker: str = "bench_decode", heading: str = "") -> None:
+  """Replaces the text between `<!-- {marker}:start/end -->` in `path` (appends the block,
+  under `heading` if given, when the markers are absent)."""
+  start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
   text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
   block = f"{start}\n{table}\n{end}"
   if start in text:
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
   else:
-    text = text.rstrip() + "\n\n" + block + "\n"
+    text = text.rstrip() + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
   with open(path, "w") as f:
     f.write(text)
 

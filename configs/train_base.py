@@ -68,6 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.evaluate.num_generations = 16
   c.evaluate.batch_size = 8
 
+  c.ditto = ml_collections.ConfigDict()  # task "ditto" (train/ditto.py)
+  c.ditto.gamma = 0.5  # lambda: each repeat's probability is pushed to gamma x the previous
+  c.ditto.variant = "nl"  # nl | mse | nl_clip
+  c.ditto.rate = 0.5  # probability that an update is a DITTO batch (else MLE)
+  c.ditto.num_copies = 10  # self-reinforcement curve: copies 1..num_copies
+  c.ditto.probe_sentences = 32  # held-out sentences in the curve
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.model = 1

@@ -11,7 +11,7 @@ from models import transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
 from tests.fakes import BigramLM
-from train import ditto, losses
+from train import ditto, evaluation, losses
 
 V = 32
 END = np.zeros((V,), bool)
@@ -307,11 +307,11 @@ def test_greedy_continuations_and_their_repetition_rate():
   for a, b in ((3, 4), (4, 5), (5, 1), (1, 3), (7, 3), (9, 2)):
     table[a, b] = 5.0
   lm, params = BigramLM(V), jnp.asarray(table)
-  outs = ditto.greedy_continuations(lm, params, [[7, 3], [8, 9]], max_new_tokens=12,
-                                    eos_ids=[2], pad_id=0)
-  assert outs == [[4, 5, 1, 3, 4, 5, 1, 3, 4, 5, 1, 3], [2]]  # the EOS ends row 2
-  # sentences "4 5 .", "3 4 5 .", "3 4 5 ." (a repeat; the unfinished "3" is not counted), "!"
-  assert ditto.sentence_repetition_rate(outs, END) == pytest.approx(1 / 4)
+  outs = evaluation.greedy_continuations(lm, params, np.array([[7, 3], [7, 3]]),
+                                         max_new_tokens=12, batch_size=2)
+  assert outs.tolist() == [[4, 5, 1, 3, 4, 5, 1, 3, 4, 5, 1, 3]] * 2
+  # sentences "4 5 .", "3 4 5 .", "3 4 5 ." (one repeat; the unfinished "3" is not counted)
+  assert ditto.sentence_repetition_rate(outs, END) == pytest.approx(1 / 3)
 
 
 def _held_out(n=8):

@@ -20,9 +20,9 @@ Pieces:
   * `sentence_end_ids`: boolean [V] table of the tokens that end a sentence.
   * `repetition_example` / `build_repetition_batch`: the pseudo-repetition data (numpy).
   * `ditto_loss`, `ditto_mle_mixture`: `LossFn`s in the conventions of `train/losses.py`.
-  * `self_reinforcement_curve`, `sentence_repetition_rate`, `greedy_continuations`: the
-    paper's measurements (mean token probability per copy, the "TP" curve; fraction of
-    repeated sentences in greedy continuations).
+  * `self_reinforcement_curve`, `sentence_repetition_rate`: the paper's measurements (mean
+    token probability per copy, the "TP" curve; fraction of repeated sentences in greedy
+    continuations, which `train.evaluation.greedy_continuations` produces).
 
 Choices that differ from the authors' fairseq code (github.com/Jxu-Thu/DITTO,
 `fairseq/custom/repetetion_penalty_accum_loss.py`) are listed where they are made.
@@ -380,16 +380,3 @@ def sentence_repetition_rate(token_rows: Sequence[Sequence[int]], sentence_end_t
       total += 1
       seen.add(key)
   return repeated / total if total else 0.0
-
-
-def greedy_continuations(lm: Any, params: Any, prompts: Sequence[Sequence[int]],
-                         max_new_tokens: int, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                         batch_size: int = 8) -> list[list[int]]:
-  """Greedy continuations (new tokens only, up to EOS) with `decoding.generation.generate`."""
-  import ml_collections
-  from decoding import generation
-  cfg = ml_collections.ConfigDict({"strategy": "greedy", "max_new_tokens": int(max_new_tokens),
-                                   "batch_size": int(batch_size)})
-  res = generation.generate(lm, params, [list(map(int, p)) for p in prompts], cfg, list(eos_ids),
-                            pad_id)
-  return [g.output_ids for g in res]

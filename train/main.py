@@ -76,7 +76,8 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   else:
     trainable, frozen, assemble = model.params, None, trainer_lib._identity
   trainer = trainer_lib.Trainer(task.loss_fn, optimizer, assemble=assemble,
-                                grad_accum=config.grad_accum, mesh=mesh, schedule=schedule)
+                                grad_accum=config.grad_accum, mesh=mesh, schedule=schedule,
+                                eval_loss_fn=task.eval_loss_fn)
   if frozen is not None:
     frozen = trainer.shard_params(frozen)
   logging.info("task %s: %d steps (%d per epoch), %d trainable parameters", config.task,

@@ -6,7 +6,8 @@ and data/model-parallel sharding on the same `data` x `model` mesh as decoding.
     state = trainer.init_state(trainable_params, key)
     state = trainer.fit(state, frozen, data, num_steps, workdir=...)
 
-* `loss_fn(params, batch, key) -> (loss, metrics)` (see `train.losses`).
+* `loss_fn(params, batch, key) -> (loss, metrics)` (see `train.losses`); evaluation uses
+  `eval_loss_fn` (default: the same loss).
 * `trainable` is what the optimizer updates; `frozen` is passed through untouched
   (the base model under LoRA) and `assemble(trainable, frozen)` builds the model
   parameters the loss sees (identity for full fine-tuning, `lora.merge` for LoRA).
@@ -78,10 +79,12 @@ class Trainer:
 
   def __init__(self, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                assemble: Callable = _identity, grad_accum: int = 1, mesh=None,
-               schedule: Optional[optax.Schedule] = None):
+               schedule: Optional[optax.Schedule] = None,
+               eval_loss_fn: Optional[Callable] = None):
     if grad_accum < 1:
       raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     self.loss_fn = loss_fn
+    self.eval_loss_fn = eval_loss_fn or loss_fn  # e.g. plain NLL when training on a mixture
     self.optimizer = optimizer
     self.assemble = assemble
     self.grad_accum = grad_accum
@@ -184,8 +187,8 @@ class Trainer:
     """Loss metrics on a batch without updating (key fixed, so evaluation is deterministic)."""
     if self._eval_step is None:
       def impl(params, frozen, batch):
-        loss, metrics = self.loss_fn(self.assemble(params, frozen), batch,
-                                     jax.random.key(0))
+        loss, metrics = self.eval_loss_fn(self.assemble(params, frozen), batch,
+                                          jax.random.key(0))
         return dict(metrics, loss=loss)
       self._eval_step = jax.jit(impl)
     return self._eval_step(state.params, frozen, self.shard_batch(batch))
