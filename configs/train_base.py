@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_steps = 0  # 0: num_epochs * steps per epoch
   c.num_epochs = 1
   c.log_every = 10
-  c.eval_every = 0  # 0: only at the end
+  c.eval_every = 0  # held-out loss every N steps in metrics.jsonl (0: only results.json's final_eval)
   c.checkpoint_every = 50
   c.keep_checkpoints = 2
   c.export = True

@@ -300,7 +300,7 @@ def save_decodax(directory: str, config: ModelConfig, params: Any,
           for k, v in flatten_dict(params).items()}
   dtype_name = _dtype_name(config.param_dtype)
   if dtype_name == "bfloat16":  # safetensors.numpy has no bf16: store the raw bits
-    flat = {k: v.view(np.uint16) for k, v in flat.items()}
+    flat = {k: np.asarray(v.astype(jnp.bfloat16)).view(np.uint16) for k, v in flat.items()}
   params_path = os.path.join(directory, "params.safetensors")
   save_file(flat, params_path)
   manifest = {"format": "decodax", "version": 1, "config": config_to_dict(config),

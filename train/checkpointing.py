@@ -35,6 +35,12 @@ class Checkpointer:
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON record of a checkpoint (latest by default), without reading the arrays."""
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
   def restore(self, like: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores onto the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs)."""
     step = self.latest_step() if step is None else step

@@ -79,6 +79,9 @@ def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dict
   """
   arrays = dict(arrays)
   n = len(next(iter(arrays.values())))
+  if n % batch_size and "tokens" not in arrays and "loss_mask" not in arrays:
+    raise ValueError(f"{n} examples do not fill batches of {batch_size}, and without "
+                     "`tokens`/`loss_mask` the padding rows cannot be given zero weight")
   if "loss_mask" not in arrays and "tokens" in arrays:
     mask = np.ones(arrays["tokens"].shape, np.float32)
     mask[:, 0] = 0.0

@@ -190,6 +190,47 @@ def build_repetition_batch(docs: Sequence[Sequence[int]], end_table: np.ndarray,
   return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
+class RepetitionSampler:
+  """Pseudo-repetition rows drawn from a whole tokenized corpus.
+
+  Sentence spans and usable (prefix, sentence) pairs are computed once; each row then
+  picks one usable sentence uniformly at random over the corpus, so every training
+  sentence can appear (`build_repetition_batch` instead ties row r to `docs[r]`, the
+  authors' one-row-per-MLE-row scheme). Deterministic given the rng.
+  """
+
+  def __init__(self, docs: Sequence[Sequence[int]], end_table: np.ndarray, seq_len: int, *,
+               min_sentence_len: int = 4, max_sentence_len: Optional[int] = None):
+    if seq_len < 3:
+      raise ValueError(f"seq_len must be >= 3, got {seq_len}")
+    max_len = seq_len if max_sentence_len is None else int(max_sentence_len)
+    self.seq_len = seq_len
+    self.docs = [np.asarray(d, np.int64).reshape(-1) for d in docs]
+    self.spans = [split_sentences(d, end_table) for d in self.docs]
+    pairs = [(j, int(i)) for j, sp in enumerate(self.spans)
+             for i in _candidates(sp, seq_len, int(min_sentence_len), max_len)]
+    if not pairs:
+      raise ValueError(
+          f"no document has a sentence of {min_sentence_len}..{max_len} tokens after another "
+          f"sentence that fits twice (with its prefix) in seq_len={seq_len}")
+    self.pairs = np.asarray(pairs, np.int64)  # [P, 2] (document, sentence index)
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def batch(self, rng: Union[np.random.Generator, int, None], batch_size: int
+            ) -> dict[str, np.ndarray]:
+    """`tokens`, `prev_index`, `copy_index`, each [batch_size, seq_len] int32."""
+    rng = np.random.default_rng(rng)
+    rows = []
+    for k in rng.integers(len(self.pairs), size=int(batch_size)):
+      j, i = self.pairs[k]
+      sp, doc = self.spans[j], self.docs[j]
+      rows.append(_repeat_row(doc[sp[i - 1, 0]:sp[i - 1, 1]], doc[sp[i, 0]:sp[i, 1]],
+                              self.seq_len))
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
 # ------------------------------------------------------------------------------------- loss
 
 
@@ -198,6 +239,13 @@ def _check(gamma: float, variant: str) -> None:
     raise ValueError(f"unknown DITTO variant {variant!r}; choose from {VARIANTS}")
   if not 0.0 < float(gamma) <= 1.0:
     raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+
+
+def validate(gamma: float, variant: str, ditto_rate: float) -> None:
+  """ValueError for invalid DITTO settings (checked before any model is loaded)."""
+  _check(gamma, variant)
+  if not 0.0 <= float(ditto_rate) <= 1.0:
+    raise ValueError(f"ditto_rate must be in [0, 1], got {ditto_rate}")
 
 
 def repetition_probs(logits: Array, tokens: Array, prev_index: Array
@@ -283,8 +331,7 @@ def ditto_mle_mixture(config: ModelConfig, gamma: float = 0.5, variant: str = "n
   `lax.switch`); only the chosen branch runs. Metrics are prefixed `ditto/` and `mle/`,
   plus `branch` (0 = ditto, 1 = mle).
   """
-  if not 0.0 <= float(ditto_rate) <= 1.0:
-    raise ValueError(f"ditto_rate must be in [0, 1], got {ditto_rate}")
+  validate(gamma, variant, ditto_rate)
   return losses.mixture({"mle": losses.next_token_loss(config),
                          "ditto": ditto_loss(config, gamma, variant)},
                         {"ditto": float(ditto_rate), "mle": 1.0 - float(ditto_rate)})

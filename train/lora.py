@@ -61,14 +61,16 @@ def init(params: Any, key: Array, rank: int = 8, targets: Sequence[str] = DEFAUL
 
 
 def merge(params: Any, adapters: Any, alpha: float, rank: int) -> Any:
-  """Base parameters with `alpha / rank * A @ B` added to each adapted kernel."""
+  """Base parameters with `alpha / rank * A @ B` added to each adapted kernel (merged
+  kernels are float32; `Dense` casts to the compute dtype)."""
   scale = alpha / rank
 
   def walk(p, a):
     if isinstance(a, dict) and "lora_a" in a:
       w = p["kernel"]
       delta = jnp.matmul(a["lora_a"].astype(jnp.float32), a["lora_b"].astype(jnp.float32))
-      return {**p, "kernel": (w.astype(jnp.float32) + scale * delta).astype(w.dtype)}
+      # kept in float32: rounding to a bf16 base would swallow small adapter updates
+      return {**p, "kernel": w.astype(jnp.float32) + scale * delta}
     out = dict(p)
     for k, sub in a.items():
       out[k] = walk(p[k], sub)

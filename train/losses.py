@@ -81,8 +81,9 @@ def mixture(losses: Mapping[str, LossFn], rates: Mapping[str, float]) -> LossFn:
 
   `batch[name]` is the sub-batch of loss `name`; the choice is drawn from `key`, so it is
   reproducible and resumes exactly. Only the chosen branch runs (`lax.switch`). Metrics
-  of every branch are reported, zero-filled for the branches not taken, plus
-  `branch` (the index taken, in sorted name order).
+  of every branch are reported under `name/metric`, NaN for the branches not taken (the
+  trainer's logs average each over the steps that computed it), plus `branch` (the index
+  taken, in sorted name order) and `tokens`, the chosen branch's count if it reports one.
   """
   names = sorted(losses)
   probs = jnp.asarray([float(rates[n]) for n in names])
@@ -100,12 +101,14 @@ def mixture(losses: Mapping[str, LossFn], rates: Mapping[str, float]) -> LossFn:
       return run
 
     shapes = [jax.eval_shape(branch(i), params, batch, key)[1] for i in range(len(names))]
-    template = {k: jnp.zeros(v.shape, v.dtype) for s in shapes for k, v in s.items()}
+    template = {k: jnp.full(v.shape, jnp.nan, jnp.float32) for s in shapes for k, v in s.items()}
 
     def padded(i):
       def run(params, batch, key):
         loss, metrics = branch(i)(params, batch, key)
-        return loss, {**template, **metrics}
+        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        tokens = metrics.get(f"{names[i]}/tokens", jnp.ones((), jnp.float32))
+        return loss, {**template, **metrics, "tokens": tokens}
       return run
 
     loss, metrics = jax.lax.switch(idx, [padded(i) for i in range(len(names))], params, batch,

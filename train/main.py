@@ -37,6 +37,20 @@ def validate(config: Any) -> None:
     raise ValueError("set num_steps > 0 or num_epochs > 0")
   if config.lora.rank < 0:
     raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {config.lora.rank}")
+  if config.lora.rank and config.lora.alpha <= 0:
+    raise ValueError(f"lora.alpha must be > 0, got {config.lora.alpha}")
+  for name in ("log_every", "eval_every", "checkpoint_every"):
+    if int(config[name]) < 0:
+      raise ValueError(f"{name} must be >= 0, got {config[name]}")
+  if config.task == "ditto":
+    from train import ditto
+    ditto.validate(config.ditto.gamma, config.ditto.variant, config.ditto.rate)
+    if config.data.source != "text_corpus":
+      raise ValueError("task 'ditto' needs data.source='text_corpus' (sentences of real text)")
+  if config.evaluate.enabled and config.evaluate.context_len >= config.data.seq_len:
+    raise ValueError(f"evaluate.context_len ({config.evaluate.context_len}) must be shorter "
+                     f"than data.seq_len ({config.data.seq_len}): contexts are cut from "
+                     "held-out rows")
   data = config.mesh.data
   if data < 1 or config.mesh.model < 1:
     raise ValueError("mesh.data and mesh.model must be >= 1")
@@ -66,11 +80,14 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   num_steps = config.num_steps or config.num_epochs * task.steps_per_epoch
   schedule = optim.make_schedule(config.optimizer, num_steps)
   optimizer = optim.make_optimizer(config.optimizer, num_steps)
-  key = jax.random.key(config.seed)
+  init_key, key = jax.random.split(jax.random.key(config.seed))
+  if config.data.seq_len > model.config.max_position_embeddings:
+    raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the model's "
+                     f"{model.config.max_position_embeddings} positions")
   if config.lora.rank:
     rank, alpha = config.lora.rank, config.lora.alpha
     targets = tuple(config.lora.targets)
-    trainable = lora.init(model.params, jax.random.fold_in(key, 1), rank, targets)
+    trainable = lora.init(model.params, init_key, rank, targets)
     assemble = lambda adapters, base: lora.merge(base, adapters, alpha, rank)
     frozen = model.params
   else:
@@ -100,7 +117,8 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
                       eval_batches=task.eval_batches, eval_every=config.eval_every,
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every,
                       keep=config.keep_checkpoints, progress=progress,
-                      meta={"task": config.task, "num_steps": num_steps})
+                      meta={"task": config.task, "num_steps": num_steps,
+                            "fingerprint": fingerprint(config)})
   final = assemble(state.params, frozen)
   results["steps"] = num_steps
   results["final_eval"] = trainer.evaluate(state, frozen, task.eval_batches)
@@ -118,6 +136,18 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
         info={"source": model.source, "task": config.task, "steps": num_steps,
               "lora": dict(config.lora) if config.lora.rank else None})
   return results
+
+
+VOLATILE = ("num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every",
+            "keep_checkpoints", "export", "evaluate", "mesh", "eval_batch_size")
+
+
+def fingerprint(config: Any) -> str:
+  """sha256 (16 hex digits) of the settings that determine the trained parameters: all of
+  the config except run length, logging/checkpoint cadence, evaluation and the mesh."""
+  import hashlib
+  d = {k: v for k, v in config.to_dict().items() if k not in VOLATILE}
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def main(argv):

@@ -40,6 +40,8 @@ def validate(cfg: Any) -> None:
     raise ValueError("grad_clip must be >= 0 (0 disables clipping)")
   if float(_get(cfg, "weight_decay", 0.0)) < 0:
     raise ValueError("weight_decay must be >= 0")
+  if float(_get(cfg, "weight_decay", 0.0)) > 0 and name in ("adam", "sgd"):
+    raise ValueError(f"weight_decay is not applied by {name!r}; use 'adamw' or 'lion'")
   frac = float(_get(cfg, "end_lr_fraction", 0.0))
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f"end_lr_fraction must be in [0, 1], got {frac}")
@@ -66,7 +68,8 @@ def make_optimizer(cfg: Any, num_steps: int) -> optax.GradientTransformation:
   validate(cfg)
   lr = make_schedule(cfg, num_steps)
   name = _get(cfg, "name", "adamw")
-  b1, b2 = float(_get(cfg, "b1", 0.9)), float(_get(cfg, "b2", 0.999))
+  b1 = float(_get(cfg, "b1", 0.9))
+  b2 = float(_get(cfg, "b2", 0.99 if name == "lion" else 0.999))
   eps, wd = float(_get(cfg, "eps", 1e-8)), float(_get(cfg, "weight_decay", 0.0))
   if name == "adamw":
     opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)

@@ -45,6 +45,17 @@ def synthetic_sequences(num: int, seq_len: int, vocab: int, seed: int,
   return rows
 
 
+def document_separator(tokenizer) -> int:
+  """The id packed between documents: the pretraining end-of-text token when the vocabulary
+  has one (`<|endoftext|>`, `</s>`), else the tokenizer's EOS. Instruct models' EOS is the
+  end-of-turn token (`<|im_end|>` for SmolLM2), which should not be taught inside prose."""
+  for text in ("<|endoftext|>", "</s>"):
+    tid = tokenizer.token_to_id(text) if hasattr(tokenizer, "token_to_id") else None
+    if tid is not None:
+      return int(tid)
+  return int(tokenizer.eos_id)
+
+
 def text_sequences(dcfg: Any, tokenizer, split: str, num: int, seed: int) -> np.ndarray:
   """`num` fixed-length rows (seq_len tokens) of the text corpus split, tokenized and packed."""
   if dcfg.source == "synthetic":
@@ -58,7 +69,8 @@ def text_sequences(dcfg: Any, tokenizer, split: str, num: int, seed: int) -> np.
   from train import text_data
   rows = text_data.load_text_sequences(split, tokenizer, dcfg.seq_len,
                                        max_sequences=int(dcfg.get("skip", 0)) + num,
-                                       data_dir=dcfg.get("data_dir") or None)
+                                       data_dir=dcfg.get("data_dir") or None,
+                                       eos_id=document_separator(tokenizer))
   rows = rows[int(dcfg.get("skip", 0)):]
   if len(rows) < num:
     raise ValueError(f"the {split!r} split yields only {len(rows)} sequences of "
@@ -66,12 +78,20 @@ def text_sequences(dcfg: Any, tokenizer, split: str, num: int, seed: int) -> np.
   return np.asarray(rows[:num], np.int32)
 
 
+def _eos(model):
+  """EOS id banned in evaluation continuations (every one has exactly gen_len tokens)."""
+  return None if model.tokenizer is None else model.tokenizer.eos_id
+
+
 def lm_task(config: Any, model) -> Task:
   """Next-token (maximum likelihood) fine-tuning on fixed-length sequences; with
   `config.evaluate.enabled` it reports hyperfitting's before/after metrics."""
   dcfg = config.data
-  if dcfg.source == "synthetic":
+  if dcfg.source == "synthetic" and not dcfg.get("vocab_size", 0):
     dcfg.vocab_size = model.config.vocab_size
+  if dcfg.get("vocab_size", 0) > model.config.vocab_size:
+    raise ValueError(f"data.vocab_size={dcfg.vocab_size} exceeds the model's vocabulary "
+                     f"({model.config.vocab_size})")
   train = text_sequences(dcfg, model.tokenizer, dcfg.split, dcfg.num_train, config.seed)
   heldout = text_sequences(dcfg, model.tokenizer, dcfg.eval_split, dcfg.num_eval, config.seed)
   source = data_lib.ArrayData({"tokens": train}, config.batch_size, seed=config.seed)
@@ -82,7 +102,7 @@ def lm_task(config: Any, model) -> Task:
     return evaluation.evaluate_lm(
         model.lm, params, heldout, train, context_len=ecfg.context_len,
         gen_len=ecfg.gen_len, num_generations=ecfg.num_generations,
-        batch_size=ecfg.get("batch_size", 8))
+        batch_size=ecfg.get("batch_size", 8), eos_id=_eos(model))
 
   return Task(loss_fn=losses.next_token_loss(model.config), train_data=source,
               eval_batches=data_lib.eval_batches({"tokens": heldout}, config.eval_batch_size),
@@ -144,10 +164,9 @@ def ditto_task(config: Any, model) -> Task:
   mle_rows = text_sequences(dcfg, tok, dcfg.split, dcfg.num_train, config.seed)
   heldout = text_sequences(dcfg, tok, dcfg.eval_split, dcfg.num_eval, config.seed)
   mle = data_lib.ArrayData({"tokens": mle_rows}, config.batch_size, seed=config.seed)
-  rep = data_lib.FunctionData(
-      lambda step, rng: ditto.build_repetition_batch(train_docs, end_table, dcfg.seq_len, rng,
-                                                     config.batch_size),
-      seed=config.seed)
+  sampler = ditto.RepetitionSampler(train_docs, end_table, dcfg.seq_len)
+  rep = data_lib.FunctionData(lambda step, rng: sampler.batch(rng, config.batch_size),
+                              seed=config.seed)
   loss_fn = ditto.ditto_mle_mixture(model.config, tcfg.gamma, tcfg.variant, tcfg.rate)
   sentences, prefixes = repetition_probe(heldout_docs, end_table, tcfg.probe_sentences,
                                          config.seed)
@@ -158,7 +177,8 @@ def ditto_task(config: Any, model) -> Task:
     curve = ditto.self_reinforcement_curve(model.lm, params, sentences, prefixes,
                                            num_copies=tcfg.num_copies)
     gens = evaluation.greedy_continuations(model.lm, params, contexts, ecfg.gen_len,
-                                           batch_size=ecfg.get("batch_size", 8))
+                                           batch_size=ecfg.get("batch_size", 8),
+                                           eos_id=_eos(model))
     ppl = evaluation.perplexity_and_entropy(model.lm, params, heldout,
                                             batch_size=config.eval_batch_size)
     return {"self_reinforcement": [float(x) for x in curve],

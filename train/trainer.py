@@ -59,8 +59,15 @@ class MetricWriter:
     """Drops records of steps > `step` (left by a killed run that is now resuming)."""
     if not self.path or not os.path.exists(self.path):
       return
+    keep = []
     with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+          continue
+        if record.get("step", 0) <= step:
+          keep.append(json.dumps(record) + "\n")
     with open(self.path, "w") as f:
       f.writelines(keep)
 
@@ -73,6 +80,25 @@ class MetricWriter:
 
 def _to_float(tree: dict) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+class ResumeError(ValueError):
+  """The checkpoint in the workdir was written by a different experiment."""
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+  """Refuses to resume when the run's `fingerprint` (the settings that change what is
+  trained: model, data, loss, optimizer, batch) differs from the checkpoint's; warns when
+  only `num_steps` changed, since a decaying schedule then differs from a fresh run."""
+  if saved.get("fingerprint") != current.get("fingerprint"):
+    raise ResumeError(
+        "the workdir holds a checkpoint of a different experiment (its settings differ: "
+        f"saved {saved.get('fingerprint')!r}, now {current.get('fingerprint')!r}); use a new "
+        "--workdir or delete the old checkpoints")
+  if saved.get("num_steps") != current.get("num_steps"):
+    logging.warning("resuming a run planned for %s steps with num_steps=%s: the learning-rate "
+                    "schedule, if it decays, differs from an uninterrupted run",
+                    saved.get("num_steps"), current.get("num_steps"))
 
 
 class Trainer:
@@ -130,6 +156,11 @@ class Trainer:
   # ---- steps ----------------------------------------------------------------------------------
 
   def _loss_and_grads(self, trainable, frozen, batch, key):
+    """Loss, metrics and gradients of one update. With `grad_accum = a > 1` the batch is cut
+    into `a` strided micro-batches whose results are averaged weighted by each one's
+    `tokens` metric (uniformly when a loss reports none), which equals the full-batch mean
+    of a token-averaged loss; every micro-batch gets the step's key, so a random choice
+    made by the loss (e.g. `losses.mixture`) is the same for the whole update."""
     def objective(tp, mb, k):
       loss, metrics = self.loss_fn(self.assemble(tp, frozen), mb, k)
       return loss, metrics
@@ -140,27 +171,32 @@ class Trainer:
       (loss, metrics), grads = grad_fn(trainable, batch, key)
       return loss, metrics, grads
 
-    def split(x):
+    def split(x):  # strided micro-batches: each keeps rows from every data shard
       if x.shape[0] % a:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum={a}")
-      return x.reshape(a, x.shape[0] // a, *x.shape[1:])
+      return x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)
 
     micro = jax.tree.map(split, batch)
-    keys = jax.random.split(key, a)
 
-    def body(acc, xs):
-      mb, k = xs
-      (loss, metrics), grads = grad_fn(trainable, mb, k)
-      acc = jax.tree.map(jnp.add, acc, (loss, metrics, grads))
-      return acc, None
+    def run(mb):
+      (loss, metrics), grads = grad_fn(trainable, mb, key)
+      w = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+      return loss, metrics, grads, w
+
+    def body(acc, mb):
+      loss, metrics, grads, w = run(mb)
+      metrics = {k: (v if k == "tokens" else v * w) for k, v in metrics.items()}  # counts add
+      new = (loss * w, metrics, jax.tree.map(lambda g: g * w, grads), w)
+      return jax.tree.map(jnp.add, acc, new), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, trainable, first, keys[0])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1],
-                                                                 shapes[1]))
-    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
-    mean = lambda x: x / a
-    return mean(loss), jax.tree.map(mean, metrics), jax.tree.map(mean, grads)
+    shapes = jax.eval_shape(run, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss, metrics, grads, total), _ = jax.lax.scan(body, zeros, micro)
+    total = jnp.maximum(total, 1e-12)
+    mean = lambda x: x / total
+    metrics = {k: (v if k == "tokens" else mean(v)) for k, v in metrics.items()}
+    return mean(loss), metrics, jax.tree.map(mean, grads)
 
   def _step_impl(self, state: TrainState, frozen: Any, batch: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -226,12 +262,14 @@ class Trainer:
       ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
       writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"))
       if ckpt.latest_step() is not None:
+        saved = ckpt.restore_meta()
+        check_resumable(saved.get("extra", {}), meta or {})
         state, saved = ckpt.restore(state)
         logging.info("resumed from step %d (data position %s)", int(state.step),
                      saved.get("data_position"))
         writer.truncate_after(int(state.step))
-      elif not os.path.exists(writer.path):
-        open(writer.path, "w").close()
+      else:
+        open(writer.path, "w").close()  # a fresh run (or one killed before its first save)
     writer = writer or MetricWriter(None)
     start = int(state.step)
     bar = None
@@ -256,9 +294,13 @@ class Trainer:
       record = None
       if done % max(log_every, 1) == 0 or done == num_steps:
         vals = [_to_float(m) for m in window]
-        record = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+        record = {}
+        for k in vals[0]:  # NaN marks a metric not computed this step (untaken mixture branch)
+          xs = [v[k] for v in vals if not np.isnan(v[k])]
+          if xs:
+            record[k] = float(np.mean(xs))
         elapsed = time.perf_counter() - t0
-        tokens_seen += sum(v.get("tokens", v.get("mle/tokens", 0.0)) for v in vals)
+        tokens_seen += sum(v.get("tokens", 0.0) for v in vals)
         record.update(split="train", step=done, steps_per_s=len(vals) / max(elapsed, 1e-9))
         if tokens_seen:
           record["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
