@@ -247,3 +247,35 @@ def test_cli_rejects_bad_config_before_loading(tmp_path):
   assert proc.returncode == 2 and "unknown optimizer" in proc.stderr
   proc = _main(tmp_path, "--config.batch_size=6", "--config.grad_accum=4")
   assert proc.returncode == 2 and "divisible" in proc.stderr
+
+
+def test_resume_refuses_a_different_experiment():
+  trainer.check_resumable({"fingerprint": "a", "num_steps": 4}, {"fingerprint": "a",
+                                                                 "num_steps": 8})  # only longer
+  with pytest.raises(trainer.ResumeError, match="different experiment"):
+    trainer.check_resumable({"fingerprint": "a"}, {"fingerprint": "b"})
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("task", "rl", "unknown task"),
+    ("lora.alpha", -1.0, "lora.alpha"),
+    ("checkpoint_every", -1, "checkpoint_every"),
+    ("ditto.gamma", 1.5, "gamma"),
+    ("ditto.variant", "l2", "variant"),
+    ("data.seq_len", 1, "seq_len must be >= 2"),
+    ("evaluate.context_len", 64, "context_len"),
+])
+def test_config_errors_before_loading(field, value, msg):
+  from configs import ditto_smollm2
+  from train import main
+  c = ditto_smollm2.get_config()
+  c.data.seq_len = 32 if field == "evaluate.context_len" else c.data.seq_len
+  if field != "ditto.gamma" and field != "ditto.variant":
+    c.lora.rank = 4
+  node, name = c, field
+  if "." in field:
+    head, name = field.split(".")
+    node = c[head]
+  node[name] = value
+  with pytest.raises(ValueError, match=msg):
+    main.validate(c)

@@ -37,6 +37,8 @@ def validate(config: Any) -> None:
     raise ValueError("set num_steps > 0 or num_epochs > 0")
   if config.lora.rank < 0:
     raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {config.lora.rank}")
+  if config.data.seq_len < 2:
+    raise ValueError(f"data.seq_len must be >= 2, got {config.data.seq_len}")
   if config.lora.rank and config.lora.alpha <= 0:
     raise ValueError(f"lora.alpha must be > 0, got {config.lora.alpha}")
   for name in ("log_every", "eval_every", "checkpoint_every"):
@@ -57,8 +59,6 @@ def validate(config: Any) -> None:
   if (config.batch_size // config.grad_accum) % data:
     raise ValueError(f"the micro-batch ({config.batch_size // config.grad_accum}) must be "
                      f"divisible by mesh.data ({data})")
-  if config.data.seq_len < 2:
-    raise ValueError(f"data.seq_len must be >= 2, got {config.data.seq_len}")
 
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
