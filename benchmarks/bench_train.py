@@ -7,8 +7,8 @@ compute roofline.
 Measured in one run, on the same weights (SmolLM2-135M-Instruct GGUF, dequantized, fp32):
   * our jitted train step (next-token loss, AdamW, grad clipping), tokens/s = batch x
     seq_len / step time, median of --runs warm steps, for full fine-tuning and for LoRA
-    (rank 8 on every attention and MLP projection, base frozen); the first step (trace +
-    compile + run) is reported separately;
+    (rank 8 on every attention and MLP projection, base frozen), with layers scanned (the
+    default) and unrolled; the first step (trace + compile + run) is reported separately;
   * Hugging Face transformers (PyTorch CPU) forward + backward + AdamW step on the same
     weights and batch, full fine-tuning;
   * the compute roofline: a training step costs about 6 x params x tokens FLOPs (plus
@@ -118,8 +118,13 @@ def main():
   flops = step_flops(model.config, n_params, tokens, args.seq_len)
   peak = measure_matmul_flops()
   rows = []
-  for name, use_lora in (("decodax full fine-tuning", False), ("decodax LoRA r=8 (all proj.)", True)):
-    step, first, n_train = time_ours(model, args.batch, args.seq_len, args.runs, use_lora)
+  unrolled = load_model(scan_layers=False)
+  for name, m, use_lora in (
+      ("decodax full fine-tuning (scanned layers, default)", model, False),
+      ("decodax full fine-tuning (`scan_layers=False`)", unrolled, False),
+      ("decodax LoRA r=8, all projections (scanned)", model, True),
+      ("decodax LoRA r=8, all projections (`scan_layers=False`)", unrolled, True)):
+    step, first, n_train = time_ours(m, args.batch, args.seq_len, args.runs, use_lora)
     rows.append((name, tokens / step, step, first, n_train))
     print(name, f"{tokens / step:.1f} tok/s, step {step:.2f} s, first {first:.1f} s", flush=True)
   if not args.skip_hf:
@@ -127,6 +132,7 @@ def main():
     rows.append(("HF transformers (PyTorch) full fine-tuning", tokens / step, step, None, n_params))
     print("hf", f"{tokens / step:.1f} tok/s", flush=True)
   roof = peak / flops * tokens
+  del unrolled
   lines = [
       f"Machine: {cpu_name()}, {os.cpu_count()} cores, backend {jax.default_backend()}. "
       f"jax {jax.__version__}. SmolLM2-135M-Instruct, fp32 weights and compute, batch "
