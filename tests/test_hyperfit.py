@@ -50,7 +50,7 @@ def test_ditto_task_runs_end_to_end(tmp_path, smollm):
   loss, curve and repetition report, export) on a tiny model with SmolLM2's tokenizer."""
   del smollm  # only ensures the tokenizer's package is installed
   from configs import ditto_smollm2
-  from train import main
+  from train import experiment
   c = ditto_smollm2.get_config()
   c.model.name, c.model.init, c.model.tokenizer = "tiny", "random", "smollm2-135m-instruct"
   c.model.overrides = ml_collections.ConfigDict(dict(hidden_size=32, intermediate_size=64,
@@ -59,7 +59,7 @@ def test_ditto_task_runs_end_to_end(tmp_path, smollm):
   c.ditto.probe_sentences, c.evaluate.gen_len, c.evaluate.num_generations = 4, 16, 4
   c.num_steps, c.checkpoint_every, c.log_every = 6, 0, 1
   c.optimizer.learning_rate = 1e-2
-  results = main.run(c, str(tmp_path), progress=False)
+  results = experiment.run(c, str(tmp_path), progress=False)
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
   assert {int(r["branch"]) for r in train} == {0, 1}  # both DITTO (0) and MLE (1) updates ran

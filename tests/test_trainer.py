@@ -267,7 +267,7 @@ def test_resume_refuses_a_different_experiment():
 ])
 def test_config_errors_before_loading(field, value, msg):
   from configs import ditto_smollm2
-  from train import main
+  from train import experiment
   c = ditto_smollm2.get_config()
   c.data.seq_len = 32 if field == "evaluate.context_len" else c.data.seq_len
   if field != "ditto.gamma" and field != "ditto.variant":
@@ -278,4 +278,4 @@ def test_config_errors_before_loading(field, value, msg):
     node = c[head]
   node[name] = value
   with pytest.raises(ValueError, match=msg):
-    main.validate(c)
+    experiment.validate(c)
