@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig, SUPPORTED_ARCHITECTURES
+from models.config import DTYPES, ModelConfig, SUPPORTED_ARCHITECTURES
 
 
 class ChecksumError(ValueError):
@@ -252,7 +252,6 @@ def load_safetensors(directory: str, param_dtype=jnp.float32,
 # ------------------------------------------------------------- decodax checkpoints
 
 DECODAX_MANIFEST = "decodax_model.json"
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _dtype_name(dtype) -> str:
@@ -270,7 +269,7 @@ def config_from_dict(d: dict, **overrides) -> ModelConfig:
   d.update(overrides)
   for k in ("dtype", "param_dtype"):
     if isinstance(d.get(k), str):
-      d[k] = _DTYPE_NAMES[d[k]]
+      d[k] = DTYPES[d[k]]
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: v for k, v in d.items() if k in known})
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _PRECISIONS = {
     "default": jax.lax.Precision.DEFAULT,

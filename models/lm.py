@@ -6,10 +6,9 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from models import checkpoint, registry, transformer
-from models.config import ModelConfig
+from models.config import DTYPES, ModelConfig
 from models.kv_cache import KVCache
 
 Array = jax.Array
@@ -71,14 +70,13 @@ class LoadedModel:
     return self.lm.config
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def as_dtype(name_or_dtype) -> Any:
   if isinstance(name_or_dtype, str):
-    if name_or_dtype not in _DTYPES:
-      raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[name_or_dtype]
+    if name_or_dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name_or_dtype]
   return name_or_dtype
 
 
