@@ -12,7 +12,7 @@ samples do not depend on the rest of the batch.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.struct
 import jax
@@ -38,6 +38,8 @@ class DecodeState:
   logits: Array  # [B, V] float32: next-token logits of the model
   token_logprobs: Array  # [B, N] float32: log p_model(token) (raw model distribution)
   processed_logprobs: Array  # [B, N] float32: log-prob under the processed distribution
+  token_entropy: Array  # [B, N] float32: entropy of the raw model distribution at each step
+  token_mean_logp: Array  # [B, N] float32: (1/V) sum_v log p_model(v) at each step
   cache: KVCache
   row_keys: Array  # [B, 2] uint32 per-row PRNG keys
 
@@ -53,8 +55,16 @@ class DecodeResult:
   lengths: Array  # [B] int32 number of generated tokens (EOS included)
   token_logprobs: Array  # [B, N] float32, 0 beyond length
   processed_logprobs: Array  # [B, N] float32, 0 beyond length
-  scores: Array  # [B] float32 sum of token_logprobs
+  scores: Array  # [B] float32 sum of token_logprobs (beam strategies: the ranking score)
   finished: Array  # [B] bool: ended with EOS
+  # Full-vocabulary statistics of the raw model distribution at each generated position
+  # (fp32, 0 beyond length); None when a strategy does not record them.
+  token_entropy: Optional[Array] = None  # [B, N]
+  token_mean_logp: Optional[Array] = None  # [B, N]
+
+# Strategies that return several sequences per prompt (beam search, superposed drafts)
+# return the same fields with an extra axis after the batch: tokens [B, R, N], lengths
+# [B, R], ... ordered best first.
 
 
 def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache):
@@ -84,13 +94,26 @@ def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: in
   return DecodeState(step=jnp.zeros((), jnp.int32), sequences=sequences, seq_len=prompt_len,
                      prompt_len=prompt_len, done=jnp.zeros((B,), bool),
                      num_generated=jnp.zeros((B,), jnp.int32), logits=logits,
-                     token_logprobs=zeros, processed_logprobs=zeros, cache=cache,
+                     token_logprobs=zeros, processed_logprobs=zeros, token_entropy=zeros,
+                     token_mean_logp=zeros, cache=cache,
                      row_keys=row_keys)
 
 
 def step_keys(row_keys: Array, step: Array) -> Array:
   """Per-row keys for this step: fold the step into each row's own key."""
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+
+
+def distribution_stats(logp: Array) -> tuple[Array, Array]:
+  """(entropy, mean log-prob over the vocabulary) of fp32 log-probs [..., V] -> [...].
+
+  Tokens with probability 0 (log p = -inf) add nothing to the entropy; the mean
+  log-prob is then -inf, as it should be (self-certainty is unbounded there).
+  """
+  logp = logp.astype(jnp.float32)
+  p = jnp.exp(logp)
+  entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+  return entropy, jnp.mean(logp, axis=-1)
 
 
 def decode_step(lm, params, state: DecodeState, processor: LogitsProcessor, select: Selector,
@@ -107,12 +130,16 @@ def decode_step(lm, params, state: DecodeState, processor: LogitsProcessor, sele
   pick = lambda lp: jnp.where(active, lp[rows, tokens], 0.0)
   token_logprobs = state.token_logprobs.at[:, state.step].set(pick(raw_logp))
   processed_logprobs = state.processed_logprobs.at[:, state.step].set(pick(proc_logp))
+  entropy, mean_logp = distribution_stats(raw_logp)
+  token_entropy = state.token_entropy.at[:, state.step].set(jnp.where(active, entropy, 0.0))
+  token_mean_logp = state.token_mean_logp.at[:, state.step].set(jnp.where(active, mean_logp, 0.0))
   sequences = state.sequences.at[rows, state.seq_len].set(tokens)
   is_eos = jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1) & active
   state = state.replace(
       step=state.step + 1, sequences=sequences, seq_len=state.seq_len + active,
       done=state.done | is_eos, num_generated=state.num_generated + active,
-      token_logprobs=token_logprobs, processed_logprobs=processed_logprobs)
+      token_logprobs=token_logprobs, processed_logprobs=processed_logprobs,
+      token_entropy=token_entropy, token_mean_logp=token_mean_logp)
 
   def advance(s: DecodeState) -> DecodeState:
     # Finished rows feed a pad token at a frozen position; their cache row is not advanced.
@@ -145,7 +172,9 @@ def finalize(state: DecodeState, pad_id: int, max_new_tokens: int) -> DecodeResu
   tlp = jnp.where(valid, state.token_logprobs, 0.0)
   plp = jnp.where(valid, state.processed_logprobs, 0.0)
   return DecodeResult(tokens=tokens, lengths=state.num_generated, token_logprobs=tlp,
-                      processed_logprobs=plp, scores=tlp.sum(-1), finished=state.done)
+                      processed_logprobs=plp, scores=tlp.sum(-1), finished=state.done,
+                      token_entropy=jnp.where(valid, state.token_entropy, 0.0),
+                      token_mean_logp=jnp.where(valid, state.token_mean_logp, 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("lm", "processor", "select", "pad_id",

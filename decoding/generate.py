@@ -7,8 +7,9 @@
 Single-prompt mode prints the completion. Batch mode reads JSON lines with either
 `{"prompt": str}` (chat template applied for instruct models unless
 `--config.chat_template=False`) or `{"prompt_ids": [int]}` (used as given: no template,
-no BOS), and writes one line per input with `prompt_ids`, `output_ids`, `text`,
-`token_logprobs` and `score`. A line's output depends only on its content, its line
+no BOS), and writes one line per output sequence (num_return_sequences per input) with
+`index` (input line), `rank`, `prompt_ids`, `output_ids`, `text`, `token_logprobs`,
+`score`, and strategy-specific fields (`gnll` for greedy, `self_certainty`, ...). A line's output depends only on its content, its line
 number and the seed, not on the batch it was run in.
 """
 from __future__ import annotations
@@ -119,19 +120,38 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
     chunks = tqdm(chunks, desc="generating", unit="batch", file=sys.stderr)
   for start in chunks:
     gens = generation.generate(model.lm, model.params, prompts[start:start + bs], cfg, eos, pad,
-                               row_ids=range(start, min(start + bs, len(prompts))), shard=shard)
+                               row_ids=range(start, min(start + bs, len(prompts))), shard=shard,
+                               tokenizer=model.tokenizer)
     for g in gens:
       text = model.tokenizer.decode(g.output_ids, skip_special_tokens=True) if (
           model.tokenizer is not None) else ""
-      results.append(dict(prompt_ids=g.prompt_ids, output_ids=g.output_ids, text=text,
-                          token_logprobs=g.token_logprobs, score=g.score))
+      r = dict(index=start + g.index, rank=g.rank, prompt_ids=g.prompt_ids,
+               output_ids=g.output_ids, text=text, token_logprobs=g.token_logprobs,
+               score=g.score)
+      for key in ("self_certainty", "gnll"):
+        if getattr(g, key) is not None:
+          r[key] = getattr(g, key)
+      r.update({k: v for k, v in g.extras.items() if _jsonable(v)})
+      results.append(r)
   if output_path is not None:
     with open(output_path, "w") as f:
       for r in results:
         f.write(json.dumps(r) + "\n")
-  else:
+  elif len(results) == 1:
     print(results[0]["text"], file=out)
+  else:
+    for r in results:
+      print(f"--- sequence {r['rank']} (score {r['score']:.3f})", file=out)
+      print(r["text"], file=out)
   return results
+
+
+def _jsonable(v) -> bool:
+  try:
+    json.dumps(v)
+    return True
+  except (TypeError, ValueError):
+    return False
 
 
 def main(argv: Sequence[str]) -> None:

@@ -29,13 +29,27 @@ class GenerationError(ValueError):
 class Strategy:
   """A named decoding strategy.
 
-  run(lm, params, prompts [B, P], prompt_len [B], row_keys [B, 2], eos_ids [E], cfg,
-      pad_id, max_new_tokens, cache_len) -> core.DecodeResult
+  Array strategies give `run(lm, params, prompts [B, P], prompt_len [B], row_keys [B, 2],
+  eos_ids [E], cfg, pad_id, max_new_tokens, cache_len) -> core.DecodeResult`, a jitted
+  computation; with `multiple=True` the result has a sequence axis ([B, R, N], best
+  first, R = `num_return_sequences`), otherwise [B, N].
+
+  Pipeline strategies (several stages with host work between them, such as best-of-N
+  with answer extraction or self-agreement) give instead
+  `pipeline(lm, params, prompts, cfg, eos_ids, pad_id, row_ids, shard, tokenizer)
+  -> list[Generation]`, built from the array strategies.
+
+  `sampling=True` strategies draw random numbers (temperature must be > 0) and, when not
+  `multiple`, return `num_return_sequences` samples per prompt by repeating the prompt
+  with independent per-sample keys.
   """
   name: str
-  run: Callable[..., core.DecodeResult]
-  sampling: bool
+  run: Optional[Callable[..., core.DecodeResult]] = None
+  sampling: bool = False
   validate: Optional[Callable[[Any], None]] = None
+  multiple: bool = False
+  pipeline: Optional[Callable[..., list]] = None
+  needs_tokenizer: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -58,6 +72,12 @@ def _token_loop(select, is_sampling):
 
 register_strategy(Strategy("greedy", _token_loop(sampling.greedy_select, False), sampling=False))
 register_strategy(Strategy("sample", _token_loop(sampling.sample_select, True), sampling=True))
+
+
+def get_strategy(name: str) -> Strategy:
+  if name not in STRATEGIES:
+    raise GenerationError(f"unknown strategy {name!r}; available: {sorted(STRATEGIES)}")
+  return STRATEGIES[name]
 
 
 # --------------------------------------------------------------------------- validation
@@ -105,6 +125,12 @@ def validate_config(cfg) -> None:
   for key in ("num_beams", "num_beam_groups", "num_return_sequences", "batch_size"):
     if _get(cfg, key, 1) < 1:
       raise GenerationError(f"{key} must be >= 1, got {_get(cfg, key)}")
+  spec = STRATEGIES[strategy]
+  r = _get(cfg, "num_return_sequences", 1)
+  if r > 1 and not (spec.sampling or spec.multiple or spec.pipeline):
+    raise GenerationError(
+        f"strategy {strategy!r} is deterministic and returns one sequence per prompt: "
+        f"num_return_sequences must be 1, got {r} (use strategy='sample' or 'beam')")
   if STRATEGIES[strategy].validate is not None:
     STRATEGIES[strategy].validate(cfg)
 
@@ -155,12 +181,26 @@ def plan_lengths(cfg, longest_prompt: int, max_positions: int) -> tuple[int, int
 
 @dataclasses.dataclass
 class Generation:
+  """One generated sequence. With num_return_sequences = R > 1 a prompt has R of them,
+  consecutive and best first (as Hugging Face returns them); `index` is the prompt's
+  position in the request and `rank` the sequence's rank for that prompt."""
   prompt_ids: list[int]
   output_ids: list[int]
-  token_logprobs: list[float]
+  token_logprobs: list[float]  # log p_model(token) under the raw model, fp32
   processed_logprobs: list[float]
-  score: float
-  finished: bool
+  score: float  # sum of token_logprobs; beam strategies: the length-penalized beam score
+  finished: bool  # ended with EOS
+  index: int = 0
+  rank: int = 0
+  token_entropy: Optional[list[float]] = None  # entropy of p_model at each position
+  self_certainty: Optional[float] = None  # card 17: mean_t KL(U || p_t)
+  gnll: Optional[float] = None  # card 16: -sum log p of the greedy output (greedy only)
+  extras: dict = dataclasses.field(default_factory=dict)  # strategy-specific results
+
+  @property
+  def nll(self) -> float:
+    """Negative log-likelihood of the output under the raw model."""
+    return -float(sum(self.token_logprobs))
 
 
 def row_keys(seed: int, row_ids: Sequence[int]) -> Array:
@@ -176,46 +216,100 @@ def _fold(base, ids):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
 
 
+def self_certainty_from_mean_logp(mean_logp: np.ndarray, vocab_size: int) -> float:
+  """Self-certainty (card 17) from per-position mean log-probs (1/V) sum_v log p_t(v):
+  SC = (1/n) sum_t KL(U || p_t) = -(1/n) sum_t mean_logp_t - log V."""
+  mean_logp = np.asarray(mean_logp, np.float64)
+  if mean_logp.size == 0:
+    return float("nan")
+  return float(-mean_logp.mean() - math.log(vocab_size))
+
+
+def results_to_generations(res, prompts: Sequence[Sequence[int]], indices: Sequence[int],
+                           ranks: Sequence[int], strategy: str, vocab_size: int
+                           ) -> list[Generation]:
+  """Host-side conversion of a (device_get) DecodeResult with rows [B, ...] or [B, R, ...]."""
+  out = []
+  multi = np.ndim(res.lengths) == 2
+  for i, p in enumerate(prompts):
+    for r in (range(res.lengths.shape[1]) if multi else [None]):
+      at = (i, r) if multi else (i,)
+      L = int(res.lengths[at])
+      tlp = [float(x) for x in res.token_logprobs[at][:L]]
+      g = Generation(prompt_ids=[int(t) for t in p],
+                     output_ids=[int(t) for t in res.tokens[at][:L]], token_logprobs=tlp,
+                     processed_logprobs=[float(x) for x in res.processed_logprobs[at][:L]],
+                     score=float(res.scores[at]), finished=bool(res.finished[at]),
+                     index=int(indices[i]), rank=int(ranks[i] if r is None else r))
+      if res.token_entropy is not None:
+        g.token_entropy = [float(x) for x in res.token_entropy[at][:L]]
+      if res.token_mean_logp is not None and L:
+        g.self_certainty = self_certainty_from_mean_logp(res.token_mean_logp[at][:L], vocab_size)
+      if strategy == "greedy":
+        g.gnll = -float(np.sum(np.asarray(tlp, np.float64)))
+      out.append(g)
+  return out
+
+
 def generate(lm, params, prompts: Sequence[Sequence[int]], cfg, eos_ids: Sequence[int],
              pad_id: int, row_ids: Optional[Sequence[int]] = None,
-             shard: Optional[Callable[[Any], Any]] = None) -> list[Generation]:
+             shard: Optional[Callable[[Any], Any]] = None, tokenizer=None) -> list[Generation]:
   """Runs the configured strategy on token-id prompts. Validation happens first.
 
+  Returns one `Generation` per prompt, or `num_return_sequences` consecutive ones per
+  prompt (best first for beam-type strategies, in sample order for sampling).
   row_ids: per-prompt identities for the PRNG (default: position in `prompts`); a
-  prompt with the same row id and seed gives the same output in any batch.
+  prompt with the same row id and seed gives the same output in any batch. Sample r
+  of a row uses the row's key folded with r (r >= 1), so sample 0 is what
+  num_return_sequences=1 gives.
   shard: optional function placing the batch arrays on a device mesh.
+  tokenizer: needed by strategies that work on text (self-agreement, answer extraction).
   """
   validate_config(cfg)
   validate_prompts(prompts, lm.vocab_size)
-  strategy = STRATEGIES[_get(cfg, "strategy", "greedy")]
-  n = int(_get(cfg, "max_new_tokens"))
+  name = _get(cfg, "strategy", "greedy")
+  strategy = STRATEGIES[name]
   row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+  if len(row_ids) != len(prompts):
+    raise GenerationError(f"{len(row_ids)} row ids for {len(prompts)} prompts")
+  if strategy.needs_tokenizer and tokenizer is None:
+    raise GenerationError(f"strategy {name!r} needs a tokenizer (pass tokenizer=...)")
+  if strategy.pipeline is not None:
+    return strategy.pipeline(lm, params, prompts, cfg, eos_ids, pad_id, row_ids, shard, tokenizer)
+  n = int(_get(cfg, "max_new_tokens"))
   longest = max(len(p) for p in prompts)
   P, cache_len = plan_lengths(cfg, longest, lm.max_positions)
   batch_size = int(_get(cfg, "batch_size", 8))
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   seed = int(_get(cfg, "seed", 0))
+  R = int(_get(cfg, "num_return_sequences", 1))
+  # Rows of work: (prompt index, sample index). Sampling strategies repeat a prompt R times.
+  expand = R if (strategy.sampling and not strategy.multiple) else 1
+  work = [(i, r) for i in range(len(prompts)) for r in range(expand)]
+  base_keys = np.asarray(row_keys(seed, row_ids))
   out: list[Generation] = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = list(prompts[start:start + batch_size])
-    ids = row_ids[start:start + batch_size]
+  for start in range(0, len(work), batch_size):
+    chunk = work[start:start + batch_size]
     B = min(batch_size, bucket(len(chunk), minimum=1))
+    rows = chunk + [chunk[0]] * (B - len(chunk))
     padded = np.full((B, P), pad_id, np.int32)
     lens = np.ones((B,), np.int32)
-    for i, p in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
-      padded[i, :len(p)] = p
-      lens[i] = len(p)
-    keys = row_keys(seed, ids + [ids[0]] * (B - len(chunk)))
+    for b, (i, _) in enumerate(rows):
+      padded[b, :len(prompts[i])] = prompts[i]
+      lens[b] = len(prompts[i])
+    keys = _sample_keys(jnp.asarray(base_keys[[i for i, _ in rows]]),
+                        jnp.asarray([r for _, r in rows], jnp.uint32))
     arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
     if shard is not None:
       arrays = shard(arrays)
-    res = strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len)
-    res = jax.device_get(res)
-    for i, p in enumerate(chunk):
-      L = int(res.lengths[i])
-      out.append(Generation(prompt_ids=[int(t) for t in p],
-                            output_ids=[int(t) for t in res.tokens[i, :L]],
-                            token_logprobs=[float(x) for x in res.token_logprobs[i, :L]],
-                            processed_logprobs=[float(x) for x in res.processed_logprobs[i, :L]],
-                            score=float(res.scores[i]), finished=bool(res.finished[i])))
+    res = jax.device_get(strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len))
+    out += results_to_generations(res, [prompts[i] for i, _ in chunk], [i for i, _ in chunk],
+                                  [r for _, r in chunk], name, lm.vocab_size)
   return out
+
+
+@jax.jit
+def _sample_keys(keys, sample_idx):
+  """Row key for sample 0, the row key folded with r for sample r >= 1."""
+  folded = jax.vmap(jax.random.fold_in)(keys, sample_idx)
+  return jnp.where((sample_idx == 0)[:, None], keys, folded)
