@@ -216,19 +216,11 @@ def _fold(base, ids):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
 
 
-def self_certainty_from_mean_logp(mean_logp: np.ndarray, vocab_size: int) -> float:
-  """Self-certainty (card 17) from per-position mean log-probs (1/V) sum_v log p_t(v):
-  SC = (1/n) sum_t KL(U || p_t) = -(1/n) sum_t mean_logp_t - log V."""
-  mean_logp = np.asarray(mean_logp, np.float64)
-  if mean_logp.size == 0:
-    return float("nan")
-  return float(-mean_logp.mean() - math.log(vocab_size))
-
-
 def results_to_generations(res, prompts: Sequence[Sequence[int]], indices: Sequence[int],
                            ranks: Sequence[int], strategy: str, vocab_size: int
                            ) -> list[Generation]:
   """Host-side conversion of a (device_get) DecodeResult with rows [B, ...] or [B, R, ...]."""
+  from decoding.scoring import self_certainty
   out = []
   multi = np.ndim(res.lengths) == 2
   for i, p in enumerate(prompts):
@@ -244,7 +236,7 @@ def results_to_generations(res, prompts: Sequence[Sequence[int]], indices: Seque
       if res.token_entropy is not None:
         g.token_entropy = [float(x) for x in res.token_entropy[at][:L]]
       if res.token_mean_logp is not None and L:
-        g.self_certainty = self_certainty_from_mean_logp(res.token_mean_logp[at][:L], vocab_size)
+        g.self_certainty = self_certainty(res.token_mean_logp[at][:L], vocab_size)
       if strategy == "greedy":
         g.gnll = -float(np.sum(np.asarray(tlp, np.float64)))
       out.append(g)
@@ -313,3 +305,8 @@ def _sample_keys(keys, sample_idx):
   """Row key for sample 0, the row key folded with r for sample r >= 1."""
   folded = jax.vmap(jax.random.fold_in)(keys, sample_idx)
   return jnp.where((sample_idx == 0)[:, None], keys, folded)
+
+
+# Strategy families registered from their own modules (imported last: they use the
+# registry above).
+from decoding import selection  # noqa: E402,F401  best_of_n, self_agreement

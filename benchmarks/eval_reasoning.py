@@ -1,0 +1,136 @@
+"""Answer selection on arithmetic word problems with SmolLM2-135M-Instruct.
+
+  python -m benchmarks.eval_reasoning [--problems=64] [--max_samples=16]
+
+Greedy decoding versus best-of-N selection (majority vote, self-certainty, Borda,
+likelihood) and self-agreement at N = 1, 4, 8, 16, on problems the project generates
+(benchmarks/arithmetic.py, fixed seed), plus the AUROC of G-NLL and self-certainty as
+predictors of a greedy answer's correctness. The N samples per problem are drawn once;
+the first N of them are exactly what `strategy="best_of_n", num_samples=N` draws (a
+sample's key depends on its index only), so every N reuses them. Writes
+results/reasoning_smollm2.json and the table between the markers in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from benchmarks import arithmetic
+from benchmarks.bench_decode import cpu_name, write_table
+from decoding import generation, scoring, selection
+
+MARKER = "reasoning"
+
+
+def render(result: dict) -> str:
+  """The README table of a result dict (as written to the JSON file)."""
+  md = [f"SmolLM2-135M-Instruct (fp32), {result['problems']} generated arithmetic word problems "
+        f"(`benchmarks/arithmetic.py`, seed {result['seed']}), sampling at T = {result['temperature']}, "
+        f"up to {result['max_new_tokens']} new tokens, answers = last number in the response. "
+        f"Greedy accuracy **{result['greedy_accuracy']:.3f}**; a single sample is right "
+        f"{result['sample_accuracy']:.3f} of the time.", "",
+        "| N | majority vote | self-certainty best-of-N | Borda (p = 0.5) | likelihood best-of-N "
+        "| self-agreement |", "|---|---|---|---|---|---|"]
+  for n, row in result['by_n'].items():
+    md.append(f"| {n} | {row['majority']:.3f} | {row['self_certainty']:.3f} | "
+              f"{row['borda']:.3f} | {row['likelihood']:.3f} | {row['self_agreement']:.3f} |")
+  md += ["", "| correctness predictor | AUROC |", "|---|---|"]
+  md += [f"| {k} | {v:.3f} |" for k, v in result['auroc'].items()]
+  md += ["", f"`python -m benchmarks.eval_reasoning` ({result['seconds'] / 60:.0f} min on "
+         f"{result['machine']})."]
+  return "\n".join(md)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--problems", type=int, default=64)
+  ap.add_argument("--max_samples", type=int, default=16)
+  ap.add_argument("--sizes", default="1,4,8,16")
+  ap.add_argument("--max_new_tokens", type=int, default=96)
+  ap.add_argument("--temperature", type=float, default=0.7)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--out", default="results/reasoning_smollm2.json")
+  ap.add_argument("--readme", default="README.md")
+  ap.add_argument("--render_only", action="store_true",
+                  help="rewrite the README table from an existing --out file")
+  args = ap.parse_args(argv)
+  if args.render_only:
+    with open(args.out) as f:
+      result = json.load(f)
+    write_table(args.readme, render(result), MARKER, None)
+    return result
+  from models.lm import load_model
+  model = load_model("smollm2-135m-instruct")
+  tok = model.tokenizer
+  probs = arithmetic.problems(args.problems, seed=args.seed)
+  prompts = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
+  extract = selection.last_number
+  base = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+              temperature=args.temperature)
+  t0 = time.time()
+
+  greedy = generation.generate(model.lm, model.params, prompts,
+                               ml_collections.ConfigDict(dict(base, strategy="greedy")), [2], 2)
+  text = lambda g: tok.decode(g.output_ids, skip_special_tokens=True)
+  greedy_ok = [arithmetic.is_correct(extract(text(g)), p) for g, p in zip(greedy, probs)]
+  print(f"greedy done ({time.time() - t0:.0f}s): accuracy {np.mean(greedy_ok):.3f}", flush=True)
+
+  groups = selection.sample_candidates(
+      model.lm, model.params, prompts, ml_collections.ConfigDict(dict(base, strategy="sample")),
+      [2], 2, num_samples=args.max_samples)
+  answers = [[extract(text(c)) for c in cands] for cands in groups]
+  sample_ok = [[arithmetic.is_correct(a, p) for a in ans] for ans, p in zip(answers, probs)]
+  print(f"sampling done ({time.time() - t0:.0f}s): per-sample accuracy "
+        f"{np.mean(sample_ok):.3f}", flush=True)
+
+  sizes = [int(s) for s in args.sizes.split(",") if int(s) <= args.max_samples]
+  table = {}
+  for n in sizes:
+    row = {}
+    for rule in ("majority", "self_certainty", "borda", "likelihood"):
+      ok = []
+      for cands, ans, p in zip(groups, answers, probs):
+        idx, _ = selection.select(cands[:n], rule, ans[:n], borda_power=0.5)
+        ok.append(arithmetic.is_correct(ans[idx], p))
+      row[rule] = float(np.mean(ok))
+    cfg = ml_collections.ConfigDict(dict(base, strategy="self_agreement", num_paths=n,
+                                         agreement_max_new_tokens=64))
+    finals = selection.self_agreement(model.lm, model.params, prompts, cfg, [2], 2,
+                                      tokenizer=tok, extract=extract,
+                                      paths=[c[:n] for c in groups])
+    row["self_agreement"] = float(np.mean([arithmetic.is_correct(g.extras["answer"], p)
+                                           for g, p in zip(finals, probs)]))
+    table[n] = row
+    print(f"N={n} ({time.time() - t0:.0f}s): {row}", flush=True)
+
+  flat_ok = np.concatenate([np.asarray(s) for s in sample_ok])
+  aurocs = {
+      "greedy: -G-NLL": scoring.auroc([-g.gnll for g in greedy], greedy_ok),
+      "greedy: self-certainty": scoring.auroc([g.self_certainty for g in greedy], greedy_ok),
+      "samples: -NLL": scoring.auroc([-c.nll for cs in groups for c in cs], flat_ok),
+      "samples: self-certainty": scoring.auroc([c.self_certainty for cs in groups for c in cs],
+                                               flat_ok),
+  }
+  result = dict(model="smollm2-135m-instruct", problems=args.problems, seed=args.seed,
+                max_samples=args.max_samples, temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens, greedy_accuracy=float(np.mean(greedy_ok)),
+                sample_accuracy=float(np.mean(flat_ok)), by_n=table, auroc=aurocs,
+                seconds=time.time() - t0, machine=cpu_name())
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  md = render(result)
+  if args.readme:
+    write_table(args.readme, md, MARKER, None)
+  print(md)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,191 @@
+"""Best-of-N selection rules (card 17) and self-agreement (card 14)."""
+from __future__ import annotations
+
+import collections
+import io
+
+import ml_collections
+import numpy as np
+import pytest
+
+from decoding import generation, selection
+from decoding.generation import Generation, GenerationError
+
+
+def _cands(scs, nlls=None):
+  nlls = nlls if nlls is not None else [1.0] * len(scs)
+  return [Generation(prompt_ids=[1], output_ids=[5, 6], token_logprobs=[-n / 2, -n / 2],
+                     processed_logprobs=[0, 0], score=-n, finished=True, rank=i,
+                     self_certainty=sc) for i, (sc, n) in enumerate(zip(scs, nlls))]
+
+
+def test_borda_with_power_zero_is_majority_vote():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    n = int(rng.integers(1, 12))
+    answers = [None if rng.random() < 0.2 else str(rng.integers(0, 3)) for _ in range(n)]
+    scs = list(rng.normal(size=n))
+    votes0 = selection.borda_votes(answers, scs, power=0.0)
+    counts = collections.Counter(a for a in answers if a is not None)
+    assert votes0 == {a: float(c) for a, c in counts.items()}
+    idx, info = selection.select(_cands(scs), "majority", answers)
+    if counts:
+      assert counts[answers[idx]] == max(counts.values())
+      # Among the tied majority answers, the winner is the one whose best response ranks highest.
+      tied = {a for a, c in counts.items() if c == max(counts.values())}
+      best = max((s, i) for i, s in enumerate(scs) if answers[i] in tied)[1]
+      assert answers[idx] == answers[best] and idx == best
+
+
+def test_borda_votes_by_hand():
+  # Ranks by self-certainty: r1 = idx 2 ("7"), r2 = idx 0 ("5"), r3 = idx 3 ("5"), r4 = idx 1 (None).
+  answers, scs = ["5", None, "7", "5"], [0.5, 0.1, 0.9, 0.3]
+  votes = selection.borda_votes(answers, scs, power=1.0)
+  assert votes == {"7": 4.0, "5": 3.0 + 2.0}
+  idx, info = selection.select(_cands(scs), "borda", answers, borda_power=1.0)
+  assert answers[idx] == "5" and idx == 0  # the most certain response with the winning answer
+  idx, _ = selection.select(_cands(scs), "borda", answers, borda_power=2.0)  # 16 vs 9 + 4
+  assert answers[idx] == "7"
+
+
+def test_certainty_and_likelihood_selection():
+  c = _cands([0.2, 0.8, 0.5], nlls=[3.0, 5.0, 1.0])
+  assert selection.select(c, "self_certainty")[0] == 1
+  assert selection.select(c, "likelihood")[0] == 2
+  # All answers unparseable: fall back to the most certain response.
+  assert selection.select(c, "borda", [None, None, None])[0] == 1
+
+
+def test_answer_extractors():
+  assert selection.last_number("so 3 + 4 = 7. The answer is 1,200.0!") == "1200"
+  assert selection.last_number("no digits here") is None
+  assert selection.last_number("it is -3.50") == "-3.5"
+  assert selection.boxed(r"thus \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+  assert selection.boxed("none") is None
+  with pytest.raises(GenerationError, match="answer_extractor"):
+    selection.get_extractor("nope")
+
+
+def _best_cfg(**kw):
+  c = dict(strategy="best_of_n", max_new_tokens=10, seed=3, num_samples=4, temperature=0.8,
+           selection="self_certainty", answer_extractor="last_number", batch_size=8)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_best_of_n_on_smollm(smollm, prompt_ids):
+  """The selected response is the most self-certain of N samples; the first N samples
+  do not depend on N (so best-of-N curves can reuse one sample set)."""
+  prompts = prompt_ids[:2]
+  chosen = generation.generate(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2,
+                               tokenizer=smollm.tokenizer)
+  groups4 = selection.sample_candidates(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2)
+  groups2 = selection.sample_candidates(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2,
+                                        num_samples=2)
+  for g, c4, c2 in zip(chosen, groups4, groups2):
+    assert [c.output_ids for c in c2] == [c.output_ids for c in c4[:2]]
+    sc = [c.self_certainty for c in c4]
+    assert g.extras["selected"] == int(np.argmax(sc))
+    assert g.output_ids == c4[int(np.argmax(sc))].output_ids
+    assert len({tuple(c.output_ids) for c in c4}) > 1  # samples differ
+  # Sample 0 of N is what plain sampling gives.
+  plain = generation.generate(smollm.lm, smollm.params, prompts,
+                              _best_cfg(strategy="sample"), [2], 2)
+  assert [p.output_ids for p in plain] == [c[0].output_ids for c in groups4]
+
+
+def test_agreement_prompt_and_chat_split(smollm):
+  tok = smollm.tokenizer
+  q = "Tom has 3 apples and buys 5 more. How many?"
+  ids = tok.encode_chat([{"role": "user", "content": q}])
+  assert selection.split_chat_prompt(tok, ids) == (q, True)
+  assert selection.split_chat_prompt(tok, tok.encode("plain text")) == ("plain text", False)
+  p1 = selection.agreement_prompt(q, ["It is 8.", "I think 7."])
+  assert p1 == selection.agreement_prompt(q, ["It is 8.", "I think 7."])
+  assert "Solution 1: It is 8." in p1 and "Solution 2: I think 7." in p1 and q in p1
+  assert "2 candidate solutions" in p1
+
+
+def test_self_agreement_with_majority_stub_equals_self_consistency(smollm, monkeypatch):
+  """Card 14: if the model answers the agreement prompt with the majority answer,
+  self-agreement equals self-consistency (majority vote), unparseable paths included."""
+  tok = smollm.tokenizer
+  rng = np.random.default_rng(0)
+  real_generate = generation.generate
+
+  def stub_generate(lm, params, prompts, cfg, eos_ids, pad_id, row_ids=None, shard=None,
+                    tokenizer=None):
+    assert cfg.strategy == "greedy"
+    outs = []
+    for i, p in enumerate(prompts):
+      text = tok.decode(p, skip_special_tokens=True)
+      answers = [selection.last_number(line) for line in text.split("\n")
+                 if line.startswith("Solution ")]
+      counts = collections.Counter(a for a in answers if a is not None)
+      reply = f"The answer is {counts.most_common(1)[0][0]}." if counts else "I do not know."
+      outs.append(Generation(prompt_ids=list(p), output_ids=tok.encode(reply),
+                             token_logprobs=[], processed_logprobs=[], score=0.0,
+                             finished=True, index=i))
+    return outs
+
+  monkeypatch.setattr(generation, "generate", stub_generate)
+  prompts, paths, expected = [], [], []
+  for k in range(6):
+    prompts.append(tok.encode_chat([{"role": "user", "content": f"Question {k}?"}]))
+    texts = [rng.choice(["So it is 4.", "Maybe 5.", "The result is 4", "no idea", "6 then 5"])
+             for _ in range(5)]
+    cands = [Generation(prompt_ids=[], output_ids=tok.encode(t), token_logprobs=[],
+                        processed_logprobs=[], score=0.0, finished=True) for t in texts]
+    paths.append(cands)
+    answers = [selection.last_number(t) for t in texts]
+    counts = collections.Counter(a for a in answers if a is not None)
+    expected.append(counts.most_common(1)[0][0] if counts else None)
+  cfg = ml_collections.ConfigDict(dict(strategy="self_agreement", num_paths=5, max_new_tokens=8,
+                                       temperature=0.7))
+  finals = selection.self_agreement(None, None, prompts, cfg, [2], 2, tokenizer=tok, paths=paths)
+  assert [f.extras["answer"] for f in finals] == expected
+  monkeypatch.setattr(generation, "generate", real_generate)
+
+
+def test_self_agreement_end_to_end_cli(smollm, tmp_path):
+  """The CLI runs the two stages; the final prompt holds every sampled path."""
+  from configs import self_agreement as sa_config
+  from decoding import generate as cli
+  cfg = sa_config.get_config()
+  cfg.num_paths, cfg.max_new_tokens, cfg.agreement_max_new_tokens = 2, 6, 6
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  inp.write_text('{"prompt": "What is 2 + 3?"}\n')
+  res = cli.run(cfg, None, str(inp), str(out), out=io.StringIO())
+  assert len(res) == 1 and len(res[0]["paths"]) == 2
+  final_prompt = smollm.tokenizer.decode(res[0]["agreement_prompt_ids"])
+  for path in res[0]["paths"]:
+    assert path.strip() in final_prompt
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_samples=0), "num_samples"), (dict(selection="best"), "selection"),
+    (dict(borda_power=-1.0), "borda_power"), (dict(answer_extractor="x"), "answer_extractor"),
+    (dict(num_return_sequences=2), "num_return_sequences"), (dict(temperature=0.0), "temperature"),
+])
+def test_best_of_n_bad_config(bad, match):
+  with pytest.raises(GenerationError, match=match):
+    generation.validate_config(_best_cfg(**bad))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_paths=0), "num_paths"), (dict(agreement_template="no fields"), "agreement_template"),
+    (dict(agreement_template="{question} {paths} {oops}"), "format"),
+    (dict(agreement_max_new_tokens=0), "agreement_max_new_tokens"),
+])
+def test_self_agreement_bad_config(bad, match):
+  c = dict(strategy="self_agreement", max_new_tokens=8, num_paths=2, temperature=0.7)
+  c.update(bad)
+  with pytest.raises(GenerationError, match=match):
+    generation.validate_config(ml_collections.ConfigDict(c))
+
+
+def test_self_agreement_needs_tokenizer(smollm):
+  cfg = ml_collections.ConfigDict(dict(strategy="self_agreement", max_new_tokens=4, num_paths=2,
+                                       temperature=0.7))
+  with pytest.raises(GenerationError, match="tokenizer"):
+    generation.generate(smollm.lm, smollm.params, [[1, 2]], cfg, [2], 2)
