@@ -69,16 +69,25 @@ def time_ours(model, prompts, n_new: int, runs: int):
   return first, med, len(prompts) * n_new / med
 
 
-def time_hf(prompt, n_new: int, runs: int) -> float:
+def load_hf():
+  """Hugging Face transformers on the same GGUF weights, fp32, eval mode."""
   import torch
   import transformers
   from models import registry
   path, _, _ = registry.resolve("smollm2-135m-instruct")
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
+  return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
+
+
+def time_hf(prompt, n_new: int, runs: int, hf=None, **generate_kwargs) -> float:
+  """New tokens/s of HF `generate` on one prompt (greedy unless `generate_kwargs` say
+  otherwise, e.g. num_beams=4), median of `runs` after one warm-up call."""
+  import torch
+  hf = hf if hf is not None else load_hf()
   ids = torch.tensor([prompt])
   kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=2,
             pad_token_id=2, attention_mask=torch.ones_like(ids))
+  kw.update(generate_kwargs)
   with torch.no_grad():
     hf.generate(ids, **kw)
     times = []

@@ -309,4 +309,5 @@ def _sample_keys(keys, sample_idx):
 
 # Strategy families registered from their own modules (imported last: they use the
 # registry above).
+from decoding import momentum  # noqa: E402,F401  momentum
 from decoding import selection  # noqa: E402,F401  best_of_n, self_agreement

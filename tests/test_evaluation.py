@@ -125,6 +125,15 @@ def test_type_token_ratio():
   assert evaluation.type_token_ratio([[5, 5], [1, 2, 3]]) == pytest.approx(0.75)
 
 
+def test_distinct_n():
+  # Rows [1 2 3 1 2] and [3 1 2]: bigrams 12 23 31 12 | 31 12 -> 3 distinct of 6.
+  assert evaluation.distinct_n([[1, 2, 3, 1, 2], [3, 1, 2]], 2) == pytest.approx(3 / 6)
+  assert evaluation.distinct_n([np.arange(10)], 3) == 1.0
+  # N-grams do not cross rows: [1 2] [3 4] has no bigram (2 3).
+  assert evaluation.distinct_n([[1, 2], [3, 4]], 2) == 1.0
+  assert np.isnan(evaluation.distinct_n([[1]], 2))
+
+
 def test_ngram_repetition():
   assert evaluation.ngram_repetition(np.arange(20)[None], 2) == 0.0
   assert evaluation.ngram_repetition(np.full((1, 10), 4), 1) == pytest.approx(0.9)

@@ -198,6 +198,19 @@ def ngram_repetition(rows: Tokens, n: int) -> float:
   return float(np.mean(reps)) if reps else float("nan")
 
 
+def distinct_n(rows: Tokens, n: int) -> float:
+  """Corpus-level distinct-n: #distinct n-grams over all rows / #n-grams (n-grams within rows).
+
+  The diversity measure of "A Diversity-Promoting Objective Function for Neural Conversation
+  Models" (Li et al., NAACL 2016), on token ids: 1 when no n-gram occurs twice anywhere.
+  nan when no row has n tokens.
+  """
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  keys = [k for r in _rows(rows) for k in _ngram_keys(r, n)]
+  return len(set(keys)) / len(keys) if keys else float("nan")
+
+
 def _ngram_keys(row: np.ndarray, n: int) -> list[bytes]:
   """The n-grams of one row as hashable bytes keys (int64 ids)."""
   if row.size < n:

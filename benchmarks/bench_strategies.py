@@ -1,0 +1,110 @@
+"""Tokens/s of every decoding strategy on SmolLM2, against our greedy loop in the same run.
+
+  python -m benchmarks.bench_strategies [--runs 3] [--new-tokens 64] [--skip-hf]
+
+One chat prompt, batch 1, exactly --new-tokens new tokens per returned sequence (no EOS
+stop), each strategy from its configs/ file; the median of --runs warm runs (compiles
+excluded). "tokens/s" counts the tokens of the returned (best) sequence, so it is the
+speed at which a user gets one answer; strategies that explore more (beams, drafts,
+samples) pay for it there. Also measured in the same run:
+  * superposed decoding (k = 3 drafts) against 3 separate sampling runs, the comparison
+    of "Superposed Decoding" (and against one batch-3 sampling run);
+  * our beam search against Hugging Face transformers' beam search on the same weights.
+The table goes into BENCHMARKS.md between markers, with the machine and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from benchmarks.bench_decode import cpu_name, load_hf, time_hf, write_table
+from benchmarks.eval_open_ended import strategy_configs
+from decoding import generation
+from models.lm import load_model
+
+MARKER = "bench_strategies"
+
+
+def timed(fn, runs: int) -> float:
+  fn()  # compile
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--skip-hf", action="store_true")
+  ap.add_argument("--out", default="BENCHMARKS.md")
+  args = ap.parse_args(argv)
+  n = args.new_tokens
+  model = load_model("smollm2-135m-instruct")
+  tok = model.tokenizer
+  prompt = tok.encode_chat([{"role": "user", "content": "Tell me a short story about a fox."}])
+  cfgs = strategy_configs(n, seed=0)
+  from configs import best_of_n, self_agreement
+  cfgs["best-of-N (N = 4, self-certainty)"] = best_of_n.get_config()
+  cfgs["best-of-N (N = 4, self-certainty)"].num_samples = 4
+  cfgs["self-agreement (m = 4)"] = self_agreement.get_config()
+  cfgs["self-agreement (m = 4)"].num_paths = 4
+  for key in ("best-of-N (N = 4, self-certainty)", "self-agreement (m = 4)"):
+    c = cfgs[key]
+    c.max_new_tokens, c.min_new_tokens, c.batch_size = n, 0, 8
+  cfgs["self-agreement (m = 4)"].agreement_max_new_tokens = n
+
+  def run(cfg, prompts=(prompt,)):
+    gens = generation.generate(model.lm, model.params, list(prompts), cfg, eos_ids=[], pad_id=2,
+                               tokenizer=tok)
+    assert all(len(g.output_ids) == n for g in gens)
+    return gens
+
+  rows, secs = [], {}
+  for name, cfg in cfgs.items():
+    secs[name] = timed(lambda: run(cfg), args.runs)
+    print(f"{name}: {secs[name]:.2f}s", flush=True)
+  greedy = secs["greedy"]
+  lines = [f"SmolLM2-135M-Instruct fp32 (scanned layers), batch 1, {n} new tokens per returned "
+           f"sequence, median of {args.runs} warm runs, {cpu_name()}.", "",
+           "| strategy | seconds | tokens/s | vs greedy |", "|---|---|---|---|"]
+  for name, s in secs.items():
+    lines.append(f"| {name} | {s:.2f} | {n / s:.1f} | {greedy / s:.2f}x |")
+
+  # Superposed (k = 3) vs 3 sampling runs, as in the paper's comparison.
+  sample_cfg = cfgs["top-p (0.95)"]
+  three_sequential = 3 * secs["top-p (0.95)"]
+  sample_cfg3 = sample_cfg.copy_and_resolve_references()
+  sample_cfg3.num_return_sequences = 3
+  batch3 = timed(lambda: run(sample_cfg3), args.runs)
+  sup = secs["superposed"]
+  lines += ["", f"Superposed decoding, k = 3 drafts in one pass: {sup:.2f} s. Three separate "
+            f"nucleus-sampling runs: {three_sequential:.2f} s, so superposed is "
+            f"**{three_sequential / sup:.2f}x** faster (the paper reports >= 2.44x for k >= 3). "
+            f"One batched sampling run of 3 sequences: {batch3:.2f} s "
+            f"({batch3 / sup:.2f}x the superposed time)."]
+  if not args.skip_hf:
+    hf = load_hf()
+    beam_cfg = cfgs["beam"]
+    hf_beam = n / time_hf(prompt, n, args.runs, hf=hf, num_beams=int(beam_cfg.num_beams),
+                          length_penalty=float(beam_cfg.length_penalty),
+                          early_stopping=beam_cfg.early_stopping)
+    hf_greedy = n / time_hf(prompt, n, args.runs, hf=hf)
+    lines += ["", f"Beam search, {int(beam_cfg.num_beams)} beams: decodax {secs['beam']:.2f} s "
+              f"({n / secs['beam']:.1f} tokens/s), Hugging Face transformers (PyTorch, fp32, same "
+              f"weights) {hf_beam:.2f} s ({n / hf_beam:.1f} tokens/s): "
+              f"**{hf_beam / secs['beam']:.2f}x**. Greedy: decodax {greedy:.2f} s, "
+              f"Hugging Face {hf_greedy:.2f} s."]
+  lines += ["", f"`python -m benchmarks.bench_strategies --runs {args.runs} --new-tokens {n}"
+            f"{' --skip-hf' if args.skip_hf else ''}`"]
+  table = "\n".join(lines)
+  write_table(args.out, table, MARKER, "## Decoding strategies (issue 4)")
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,130 @@
+"""Open-ended continuation of real prose: repetition, diversity and likelihood per strategy.
+
+  python -m benchmarks.eval_open_ended [--prompts=16] [--new_tokens=64]
+
+Prompts are the first `prompt_tokens` tokens of the opening paragraph of chapters from the
+`test` split of the Jane Austen corpus (train/datasets/text_corpus.py); superposed
+decoding's n-gram tables are built from the `train` split, so no prompt text is in them.
+Every strategy continues every prompt by exactly `new_tokens` tokens (no EOS) from its
+config in configs/ (greedy, nucleus sampling with p = 0.95, beam, diverse beam, momentum,
+superposed; beam-type strategies contribute their best sequence). Metrics on token ids:
+rep-n (mean over outputs of 1 - distinct n-grams / n-grams, in %), corpus distinct-n,
+and the mean per-token log-likelihood of the outputs under the model (teacher-forced,
+`decoding.scoring`). Writes results/open_ended_smollm2.json and the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from benchmarks.bench_decode import cpu_name, write_table
+from decoding import generation, scoring
+from train import evaluation
+
+MARKER = "open_ended"
+
+
+def strategy_configs(new_tokens: int, seed: int) -> dict:
+  """name -> generation config, each from its configs/ file with the shared length settings."""
+  from configs import beam, diverse_beam, generate, momentum, superposed
+  cfgs = {}
+  cfgs["greedy"] = generate.get_config()
+  cfgs["top-p (0.95)"] = generate.get_config()
+  cfgs["top-p (0.95)"].strategy, cfgs["top-p (0.95)"].top_p = "sample", 0.95
+  cfgs["beam"] = beam.get_config()
+  cfgs["diverse beam"] = diverse_beam.get_config()
+  cfgs["momentum"] = momentum.get_config()
+  cfgs["superposed"] = superposed.get_config()
+  for c in cfgs.values():
+    c.max_new_tokens, c.min_new_tokens, c.seed, c.num_return_sequences = new_tokens, 0, seed, 1
+    c.batch_size = 8
+  return cfgs
+
+
+def chapter_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+  """First `length` tokens of the first paragraph of >= 200 characters of n test chapters."""
+  from train.text_data import corpus_texts
+  prompts = []
+  for text in corpus_texts("test"):
+    paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= 200]
+    if not paras:
+      continue
+    ids = tokenizer.encode(" ".join(paras[0].split()))
+    if len(ids) >= length:
+      prompts.append(ids[:length])
+    if len(prompts) == n:
+      break
+  return prompts
+
+
+def render(result: dict) -> str:
+  md = [f"SmolLM2-135M-Instruct (fp32, no chat template), {result['prompts']} prompts of "
+        f"{result['prompt_tokens']} tokens from held-out Jane Austen chapters, "
+        f"{result['new_tokens']} new tokens each. rep-n in % (lower = less repetition), "
+        "distinct-n over all outputs, mean log-likelihood per token under the model.", "",
+        "| strategy | rep-2 | rep-3 | rep-4 | distinct-2 | distinct-3 | distinct-4 | "
+        "mean log p |", "|---|---|---|---|---|---|---|---|"]
+  for name, m in result["metrics"].items():
+    md.append(f"| {name} | {m['rep-2']:.1f} | {m['rep-3']:.1f} | {m['rep-4']:.1f} | "
+              f"{m['distinct-2']:.3f} | {m['distinct-3']:.3f} | {m['distinct-4']:.3f} | "
+              f"{m['mean_logp']:.3f} |")
+  md += ["", f"`python -m benchmarks.eval_open_ended` ({result['seconds'] / 60:.0f} min on "
+         f"{result['machine']})."]
+  return "\n".join(md)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--prompts", type=int, default=16)
+  ap.add_argument("--prompt_tokens", type=int, default=32)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
+  ap.add_argument("--out", default="results/open_ended_smollm2.json")
+  ap.add_argument("--readme", default="README.md")
+  ap.add_argument("--render_only", action="store_true")
+  args = ap.parse_args(argv)
+  if args.render_only:
+    with open(args.out) as f:
+      result = json.load(f)
+    write_table(args.readme, render(result), MARKER, None)
+    return result
+  from models.lm import load_model
+  model = load_model("smollm2-135m-instruct")
+  prompts = chapter_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
+  t0 = time.time()
+  metrics, samples = {}, {}
+  for name, cfg in strategy_configs(args.new_tokens, args.seed).items():
+    if args.only and name not in args.only.split(","):
+      continue
+    ts = time.time()
+    gens = generation.generate(model.lm, model.params, prompts, cfg, eos_ids=[], pad_id=2,
+                               tokenizer=model.tokenizer)
+    outs = [g.output_ids for g in gens if g.rank == 0]
+    scored = scoring.score_continuations(model.lm, model.params, prompts, outs)
+    metrics[name] = {f"rep-{n}": 100 * evaluation.ngram_repetition(outs, n) for n in (2, 3, 4)}
+    metrics[name].update({f"distinct-{n}": evaluation.distinct_n(outs, n) for n in (2, 3, 4)})
+    metrics[name]["mean_logp"] = float(np.mean(np.concatenate([s.token_logprobs
+                                                               for s in scored])))
+    metrics[name]["seconds"] = time.time() - ts
+    samples[name] = model.tokenizer.decode(outs[0])
+    print(f"{name} ({time.time() - ts:.0f}s): {metrics[name]}", flush=True)
+  result = dict(model="smollm2-135m-instruct", prompts=len(prompts),
+                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
+                metrics=metrics, first_prompt=model.tokenizer.decode(prompts[0]),
+                samples=samples, seconds=time.time() - t0, machine=cpu_name())
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  if args.readme:
+    write_table(args.readme, render(result), MARKER, None)
+  print(render(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
