@@ -35,6 +35,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_return_sequences = 1
   c.seed = 0
 
+  # Strategy-specific fields (each strategy's own file in configs/ sets its defaults too).
+  # momentum (decoding/momentum.py, card 19)
+  c.momentum_alpha = 0.2
+  c.momentum_top_k = 5
+  c.momentum_max_ngram = 5
+  c.momentum_resistance = "ours"  # ours | linear | constant | log | exp
+  # best_of_n (decoding/selection.py, card 17)
+  c.num_samples = 8
+  c.selection = "self_certainty"  # self_certainty | likelihood | mean_likelihood | borda | majority
+  c.borda_power = 0.5
+  c.answer_extractor = "last_number"  # decoding.selection.ANSWER_EXTRACTORS
+  # superposed (decoding/superposed.py, card 3); configs/superposed.py also sets temperature=0.06
+  c.num_drafts = 3
+  c.num_token_sample = 9
+  c.ngram_alpha = 0.54
+  c.ngram_weights = [0.01, 0.04, 0.15, 0.18, 0.12]
+  c.ngram_penalty = 200.0
+  c.ngram_corpus = "text_corpus/train"
+  # self_agreement (decoding/selection.py, card 14); prompt templates: configs/self_agreement.py
+  c.num_paths = 8
+  c.agreement_max_new_tokens = 64
+
   # Prompting and batching.
   c.chat_template = True  # apply the model's chat template to text prompts (instruct models)
   c.system_prompt = ""  # optional system message when the template is applied

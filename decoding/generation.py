@@ -30,8 +30,8 @@ class Strategy:
   """A named decoding strategy.
 
   Array strategies give `run(lm, params, prompts [B, P], prompt_len [B], row_keys [B, 2],
-  eos_ids [E], cfg, pad_id, max_new_tokens, cache_len) -> core.DecodeResult`, a jitted
-  computation; with `multiple=True` the result has a sequence axis ([B, R, N], best
+  eos_ids [E], cfg, pad_id, max_new_tokens, cache_len[, tokenizer]) -> core.DecodeResult`,
+  a jitted computation (`tokenizer=` is passed when `needs_tokenizer`); with `multiple=True` the result has a sequence axis ([B, R, N], best
   first, R = `num_return_sequences`), otherwise [B, N].
 
   Pipeline strategies (several stages with host work between them, such as best-of-N
@@ -49,7 +49,8 @@ class Strategy:
   validate: Optional[Callable[[Any], None]] = None
   multiple: bool = False
   pipeline: Optional[Callable[..., list]] = None
-  needs_tokenizer: bool = False
+  needs_tokenizer: bool = False  # run/pipeline get `tokenizer=` (e.g. to build n-gram tables)
+  postprocess: Optional[Callable[[list], None]] = None  # adds extras to the Generations
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -294,9 +295,12 @@ def generate(lm, params, prompts: Sequence[Sequence[int]], cfg, eos_ids: Sequenc
     arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
     if shard is not None:
       arrays = shard(arrays)
-    res = jax.device_get(strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len))
+    extra = {"tokenizer": tokenizer} if strategy.needs_tokenizer else {}
+    res = jax.device_get(strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len, **extra))
     out += results_to_generations(res, [prompts[i] for i, _ in chunk], [i for i, _ in chunk],
                                   [r for _, r in chunk], name, lm.vocab_size)
+  if strategy.postprocess is not None:
+    strategy.postprocess(out)
   return out
 
 
@@ -310,4 +314,5 @@ def _sample_keys(keys, sample_idx):
 # Strategy families registered from their own modules (imported last: they use the
 # registry above).
 from decoding import momentum  # noqa: E402,F401  momentum
+from decoding import superposed  # noqa: E402,F401  superposed
 from decoding import selection  # noqa: E402,F401  best_of_n, self_agreement
