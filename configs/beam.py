@@ -9,7 +9,6 @@ early_stopping = False are HF's defaults. `do_sample=True` turns it into HF's be
 sampling, with the sampling warpers (temperature, top_k, top_p, min_p) applied to the
 log-probs.
 """
-from ml_collections import config_dict
 
 from configs import generate as base
 
@@ -20,8 +19,6 @@ def get_config():
   c.num_beams = 4
   c.num_return_sequences = 1  # <= num_beams, best first
   c.length_penalty = 1.0  # finished score = sum of log-probs / generated_length ** length_penalty
-  # True | False (HF's heuristic) | "never" (canonical beam search); typed `object` so that
-  # --config.early_stopping=never parses.
-  c.early_stopping = config_dict.FieldReference(False, field_type=object)
+  c.early_stopping = False  # True | False | "never" (HF's values and default)
   c.do_sample = False  # True: beam sampling
   return c

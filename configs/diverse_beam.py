@@ -9,7 +9,6 @@ of 2 beams is our choice of a small budget (the reference code's default is B = 
 its README example B = 10, G = 5; the paper's best G is not confirmed). All 6 hypotheses
 are returned, best first, so the groups' different answers are visible.
 """
-from ml_collections import config_dict
 
 from configs import generate as base
 
@@ -22,7 +21,6 @@ def get_config():
   c.diversity_penalty = 0.5
   c.num_return_sequences = 6  # <= num_beams
   c.length_penalty = 1.0  # HF's default
-  # HF's default; True | False | "never", typed `object` so --config.early_stopping=never parses.
-  c.early_stopping = config_dict.FieldReference(False, field_type=object)
+  c.early_stopping = False  # True | False | "never" (HF's values and default)
   c.do_sample = False  # diverse beam search does not sample
   return c

@@ -4,6 +4,7 @@ Field names follow Hugging Face's GenerationConfig where one exists, and live at
 level, so `--config.max_new_tokens=64 --config.top_p=0.9` work as transformers users expect.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,10 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.no_repeat_ngram_size = 0
   c.num_beams = 1
   c.length_penalty = 1.0
-  c.early_stopping = False
+  # True | False | "never" (Hugging Face's values), typed `object` so both parse from flags.
+  c.early_stopping = config_dict.FieldReference(False, field_type=object)
   c.num_beam_groups = 1
   c.diversity_penalty = 0.0
   c.num_return_sequences = 1
+  c.do_sample = False  # only beam search reads it (beam sampling); use strategy="sample"
   c.seed = 0
 
   # Strategy-specific fields (each strategy's own file in configs/ sets its defaults too).

@@ -64,7 +64,8 @@ def register_strategy(strategy: Strategy) -> Strategy:
 def _token_loop(select, is_sampling):
   def run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_new_tokens,
           cache_len):
-    proc = processors.build(cfg, [int(e) for e in np.asarray(eos_ids)], sampling=is_sampling)
+    proc = processors.build(cfg, [int(e) for e in np.asarray(eos_ids) if e >= 0],
+                            sampling=is_sampling)
     return core.decode(lm, params, prompts, prompt_len, row_keys, eos_ids, processor=proc,
                        select=select, pad_id=pad_id, max_new_tokens=max_new_tokens,
                        cache_len=cache_len)
@@ -127,6 +128,9 @@ def validate_config(cfg) -> None:
     if _get(cfg, key, 1) < 1:
       raise GenerationError(f"{key} must be >= 1, got {_get(cfg, key)}")
   spec = STRATEGIES[strategy]
+  if _get(cfg, "do_sample", False) and strategy in ("greedy", "momentum"):
+    raise GenerationError(f"do_sample=True with strategy {strategy!r}: use strategy='sample' "
+                          "(or 'beam' with do_sample=True for beam sampling)")
   r = _get(cfg, "num_return_sequences", 1)
   if r > 1 and not (spec.sampling or spec.multiple or spec.pipeline):
     raise GenerationError(
@@ -313,6 +317,7 @@ def _sample_keys(keys, sample_idx):
 
 # Strategy families registered from their own modules (imported last: they use the
 # registry above).
+from decoding import beam  # noqa: E402,F401  beam, diverse_beam
 from decoding import momentum  # noqa: E402,F401  momentum
 from decoding import superposed  # noqa: E402,F401  superposed
 from decoding import selection  # noqa: E402,F401  best_of_n, self_agreement

@@ -54,6 +54,14 @@ class KVCache:
     """Sets each row's valid length (e.g. to the true prompt length after a padded prefill)."""
     return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
+  def take_rows(self, rows: jax.Array) -> "KVCache":
+    """The cache of batch rows `rows` ([R] int32, repeats allowed): broadcasting a prompt's
+    cache to its beams or samples, or reordering beams after a search step (a gather,
+    nothing recomputed)."""
+    take = lambda x: jnp.take(x, rows, axis=x.ndim - 4)  # leaves are [..., B, Hkv, T, hd]
+    return self.replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
+                        lengths=self.lengths[rows])
+
   def rollback(self, lengths: jax.Array) -> "KVCache":
     """Discards every slot at or beyond `lengths[b]` (never grows a row)."""
     return self.replace(lengths=jnp.minimum(self.lengths, jnp.asarray(lengths, jnp.int32)))
