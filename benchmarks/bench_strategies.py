@@ -64,7 +64,7 @@ def main(argv=None):
     assert all(len(g.output_ids) == n for g in gens)
     return gens
 
-  rows, secs = [], {}
+  secs = {}
   for name, cfg in cfgs.items():
     secs[name] = timed(lambda: run(cfg), args.runs)
     print(f"{name}: {secs[name]:.2f}s", flush=True)

@@ -15,13 +15,12 @@ and the mean per-token log-likelihood of the outputs under the model (teacher-fo
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import numpy as np
 
-from benchmarks.bench_decode import cpu_name, write_table
+from benchmarks import report
+from benchmarks.bench_decode import cpu_name
 from decoding import generation, scoring
 from train import evaluation
 
@@ -84,15 +83,11 @@ def main(argv=None) -> dict:
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
-  ap.add_argument("--out", default="results/open_ended_smollm2.json")
-  ap.add_argument("--readme", default="README.md")
-  ap.add_argument("--render_only", action="store_true")
+  report.add_output_args(ap, "results/open_ended_smollm2.json")
   args = ap.parse_args(argv)
-  if args.render_only:
-    with open(args.out) as f:
-      result = json.load(f)
-    write_table(args.readme, render(result), MARKER, None)
-    return result
+  done = report.render_only(args, render, MARKER)
+  if done is not None:
+    return done
   from models.lm import load_model
   model = load_model("smollm2-135m-instruct")
   prompts = chapter_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
@@ -117,12 +112,7 @@ def main(argv=None) -> dict:
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
                 metrics=metrics, first_prompt=model.tokenizer.decode(prompts[0]),
                 samples=samples, seconds=time.time() - t0, machine=cpu_name())
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  if args.readme:
-    write_table(args.readme, render(result), MARKER, None)
-  print(render(result))
+  report.save(result, args, render, MARKER)
   return result
 
 

@@ -13,15 +13,14 @@ results/reasoning_smollm2.json and the table between the markers in README.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import ml_collections
 import numpy as np
 
 from benchmarks import arithmetic
-from benchmarks.bench_decode import cpu_name, write_table
+from benchmarks import report
+from benchmarks.bench_decode import cpu_name
 from decoding import generation, scoring, selection
 
 MARKER = "reasoning"
@@ -55,16 +54,11 @@ def main(argv=None) -> dict:
   ap.add_argument("--temperature", type=float, default=0.7)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
-  ap.add_argument("--out", default="results/reasoning_smollm2.json")
-  ap.add_argument("--readme", default="README.md")
-  ap.add_argument("--render_only", action="store_true",
-                  help="rewrite the README table from an existing --out file")
+  report.add_output_args(ap, "results/reasoning_smollm2.json")
   args = ap.parse_args(argv)
-  if args.render_only:
-    with open(args.out) as f:
-      result = json.load(f)
-    write_table(args.readme, render(result), MARKER, None)
-    return result
+  done = report.render_only(args, render, MARKER)
+  if done is not None:
+    return done
   from models.lm import load_model
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
@@ -122,13 +116,7 @@ def main(argv=None) -> dict:
                 max_new_tokens=args.max_new_tokens, greedy_accuracy=float(np.mean(greedy_ok)),
                 sample_accuracy=float(np.mean(flat_ok)), by_n=table, auroc=aurocs,
                 seconds=time.time() - t0, machine=cpu_name())
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  md = render(result)
-  if args.readme:
-    write_table(args.readme, md, MARKER, None)
-  print(md)
+  report.save(result, args, render, MARKER)
   return result
 
 

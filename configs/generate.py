@@ -56,9 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.ngram_weights = [0.01, 0.04, 0.15, 0.18, 0.12]
   c.ngram_penalty = 200.0
   c.ngram_corpus = "text_corpus/train"
-  # self_agreement (decoding/selection.py, card 14); prompt templates: configs/self_agreement.py
+  # self_agreement (decoding/selection.py, card 14)
   c.num_paths = 8
   c.agreement_max_new_tokens = 64
+  c.agreement_template = config_dict.placeholder(str)  # None: selection.DEFAULT_AGREEMENT_TEMPLATE
+  c.agreement_path_template = config_dict.placeholder(str)  # None: DEFAULT_PATH_TEMPLATE
 
   # Prompting and batching.
   c.chat_template = True  # apply the model's chat template to text prompts (instruct models)
