@@ -81,11 +81,22 @@ def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache):
 
 def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: int,
                cache_len: int, row_keys: Array, pad_id: int) -> DecodeState:
+  """Prefills the B prompts once; with R = len(row_keys) // B > 1 rows per prompt (several
+  samples of each prompt, rows b*R .. b*R+R-1 for prompt b), the prompt's cache and
+  logits are then copied to its rows (`KVCache.take_rows`), not recomputed."""
   B, P = prompts.shape
+  R = row_keys.shape[0] // B
+  if R * B != row_keys.shape[0]:
+    raise ValueError(f"{row_keys.shape[0]} row keys for {B} prompts: need a multiple of {B}")
   # The barrier keeps XLA from constant-folding attention over the all-zero new cache,
   # which otherwise adds seconds of compile time per layer and buys nothing.
   cache = jax.lax.optimization_barrier(lm.init_cache(B, cache_len))
   logits, cache = prefill(lm, params, prompts, prompt_len, cache)
+  if R > 1:
+    rows = jnp.repeat(jnp.arange(B), R)
+    prompts, prompt_len, logits, cache = (prompts[rows], prompt_len[rows], logits[rows],
+                                          cache.take_rows(rows))
+    B = B * R
   S = P + max_new_tokens
   sequences = jnp.full((B, S), pad_id, jnp.int32).at[:, :P].set(prompts)
   valid = jnp.arange(S)[None] < prompt_len[:, None]
@@ -184,8 +195,9 @@ def decode(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_i
            cache_len: int) -> DecodeResult:
   """Prefill + token loop, jitted. Shapes (B, P, N, cache_len) are static: bucket them.
 
-  prompts: [B, P] int32 right-padded; prompt_len: [B] int32 (>= 1);
-  row_keys: [B, 2] uint32; eos_ids: [E] int32.
+  prompts: [B, P] int32 right-padded; prompt_len: [B] int32 (>= 1); eos_ids: [E] int32;
+  row_keys: [B * R, 2] uint32, one per output row: R > 1 decodes R rows (samples) per
+  prompt from one prefill, prompt b owning rows b*R .. b*R+R-1. Results have B * R rows.
   """
   state = init_state(lm, params, prompts, prompt_len, max_new_tokens, cache_len, row_keys, pad_id)
   state = decode_loop(lm, params, state, processor, select, eos_ids, pad_id, max_new_tokens)

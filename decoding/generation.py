@@ -40,8 +40,9 @@ class Strategy:
   -> list[Generation]`, built from the array strategies.
 
   `sampling=True` strategies draw random numbers (temperature must be > 0) and, when not
-  `multiple`, return `num_return_sequences` samples per prompt by repeating the prompt
-  with independent per-sample keys.
+  `multiple`, return R = `num_return_sequences` samples per prompt: `run` then gets
+  row_keys [B * R, 2] (prompt b's samples in rows b*R .. b*R+R-1, independent keys),
+  prefills each prompt once and returns B * R rows.
   """
   name: str
   run: Optional[Callable[..., core.DecodeResult]] = None
@@ -280,29 +281,31 @@ def generate(lm, params, prompts: Sequence[Sequence[int]], cfg, eos_ids: Sequenc
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   seed = int(_get(cfg, "seed", 0))
   R = int(_get(cfg, "num_return_sequences", 1))
-  # Rows of work: (prompt index, sample index). Sampling strategies repeat a prompt R times.
-  expand = R if (strategy.sampling and not strategy.multiple) else 1
-  work = [(i, r) for i in range(len(prompts)) for r in range(expand)]
+  # Sampling strategies decode R rows (samples) per prompt from one prefill.
+  R_rows = R if (strategy.sampling and not strategy.multiple) else 1
+  per_batch = max(1, batch_size // R_rows)  # prompts per batch
   base_keys = np.asarray(row_keys(seed, row_ids))
   out: list[Generation] = []
-  for start in range(0, len(work), batch_size):
-    chunk = work[start:start + batch_size]
-    B = min(batch_size, bucket(len(chunk), minimum=1))
+  for start in range(0, len(prompts), per_batch):
+    chunk = list(range(start, min(start + per_batch, len(prompts))))
+    B = min(per_batch, bucket(len(chunk), minimum=1))
     rows = chunk + [chunk[0]] * (B - len(chunk))
     padded = np.full((B, P), pad_id, np.int32)
     lens = np.ones((B,), np.int32)
-    for b, (i, _) in enumerate(rows):
+    for b, i in enumerate(rows):
       padded[b, :len(prompts[i])] = prompts[i]
       lens[b] = len(prompts[i])
-    keys = _sample_keys(jnp.asarray(base_keys[[i for i, _ in rows]]),
-                        jnp.asarray([r for _, r in rows], jnp.uint32))
+    keys = _sample_keys(jnp.asarray(np.repeat(base_keys[rows], R_rows, axis=0)),
+                        jnp.asarray(np.tile(np.arange(R_rows), B), jnp.uint32))
     arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
     if shard is not None:
       arrays = shard(arrays)
     extra = {"tokenizer": tokenizer} if strategy.needs_tokenizer else {}
     res = jax.device_get(strategy.run(lm, params, *arrays, eos, cfg, pad_id, n, cache_len, **extra))
-    out += results_to_generations(res, [prompts[i] for i, _ in chunk], [i for i, _ in chunk],
-                                  [r for _, r in chunk], name, lm.vocab_size)
+    if R_rows > 1:  # [B * R, ...] -> [B, R, ...]
+      res = jax.tree.map(lambda x: x.reshape((B, R_rows) + x.shape[1:]), res)
+    out += results_to_generations(res, [prompts[i] for i in chunk], chunk, [0] * len(chunk),
+                                  name, lm.vocab_size)
   if strategy.postprocess is not None:
     strategy.postprocess(out)
   return out

@@ -124,6 +124,32 @@ def test_sampling_is_seeded_per_row(tiny):
   assert e[2].output_ids == a[0].output_ids and e[1].output_ids == a[1].output_ids
 
 
+def test_samples_per_prompt_share_one_prefill(tiny):
+  """R samples per prompt from one prefill (cache rows copied) equal decoding R copies of
+  the prompt with the same keys; sample 0 is the R = 1 sample; samples differ."""
+  lm, params = tiny
+  prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+  c = cfg(strategy="sample", max_new_tokens=8, num_return_sequences=3, batch_size=8)
+  shared = generation.generate(lm, params, prompts, c, [EOS], PAD)
+  assert [(g.index, g.rank) for g in shared] == [(i, r) for i in range(3) for r in range(3)]
+  padded = np.full((9, 16), PAD, np.int32)
+  lens = np.zeros((9,), np.int32)
+  for i, p in enumerate(prompts):
+    padded[3 * i:3 * i + 3, :len(p)] = p
+    lens[3 * i:3 * i + 3] = len(p)
+  keys = generation._sample_keys(jnp.repeat(generation.row_keys(0, range(3)), 3, axis=0),
+                                 jnp.tile(jnp.arange(3, dtype=jnp.uint32), 3))
+  copies = generation.STRATEGIES["sample"].run(lm, params, jnp.asarray(padded), jnp.asarray(lens),
+                                               keys, jnp.asarray([EOS]), c, PAD, 8, 24)
+  for row, g in enumerate(shared):
+    L = int(copies.lengths[row])
+    assert g.output_ids == [int(t) for t in copies.tokens[row, :L]]
+  single = generation.generate(lm, params, prompts, cfg(strategy="sample", max_new_tokens=8),
+                               [EOS], PAD)
+  assert [g.output_ids for g in single] == [g.output_ids for g in shared if g.rank == 0]
+  assert len({tuple(g.output_ids) for g in shared}) > 3
+
+
 def test_greedy_matches_brute_force_argmax(tiny):
   """Greedy tokens equal step-by-step argmax of full (uncached) forward passes."""
   lm, params = tiny
