@@ -64,9 +64,8 @@ Results (`DecodeResult` with fields [B, R, ...], best first): `scores` as above,
 diversity term included), so scores = sum(processed_logprobs) / L^alpha; `finished` means
 ended with EOS (a hypothesis finished at `max_new_tokens` has finished=False).
 
-Known difference from HF: with do_sample and num_beams > 1, HF's top-k / top-p / min-p
-warpers keep at least 1 + |EOS| tokens per beam, while `processors.build` keeps at least
-one (it matters only for top_k=1 or a nucleus/min-p set of a single token).
+With do_sample, the top-k / top-p / min-p warpers keep at least max(2, 1 + |EOS|) tokens
+per beam, as HF's do in beam sampling (so a beam can always continue without EOS).
 """
 from __future__ import annotations
 
@@ -405,7 +404,9 @@ def _run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_ne
          cache_len) -> core.DecodeResult:
   a = _args(cfg)
   eos = [int(e) for e in np.asarray(eos_ids) if e >= 0]
-  proc = processors.build(cfg, eos, sampling=bool(a["do_sample"]))
+  # HF's beam sampling warpers keep at least one non-EOS token per beam.
+  proc = processors.build(cfg, eos, sampling=bool(a["do_sample"]),
+                          min_tokens_to_keep=max(2, len(eos) + 1) if a["do_sample"] else 1)
   return beam_search(lm, params, prompts, prompt_len, row_keys, eos_ids, processor=proc,
                      pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len, **a)
 

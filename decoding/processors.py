@@ -49,20 +49,22 @@ def temperature(t: float) -> LogitsProcessor:
   return lambda logits, ctx: logits / t
 
 
-def top_k(k: int) -> LogitsProcessor:
-  """Keeps the k highest logits (ties with the k-th are kept, as in Hugging Face)."""
+def top_k(k: int, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+  """Keeps the max(k, min_tokens_to_keep) highest logits (ties with the last kept one are
+  kept, as in Hugging Face)."""
   if k < 1:
     raise ValueError(f"top_k must be >= 1, got {k}")
 
   def apply(logits, ctx):
-    kk = min(k, logits.shape[-1])
+    kk = min(max(k, min_tokens_to_keep), logits.shape[-1])
     kth = jax.lax.top_k(logits, kk)[0][..., -1:]
     return jnp.where(logits < kth, NEG_INF, logits)
   return apply
 
 
-def top_p(p: float) -> LogitsProcessor:
-  """Nucleus filtering: keeps the smallest top set whose probability exceeds p."""
+def top_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+  """Nucleus filtering: keeps the smallest top set whose probability exceeds p (and at
+  least `min_tokens_to_keep` tokens)."""
   if not 0 < p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {p}")
 
@@ -71,21 +73,25 @@ def top_p(p: float) -> LogitsProcessor:
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     remove_sorted = cum <= 1 - p
-    remove_sorted = remove_sorted.at[..., -1].set(False)  # always keep the best token
+    remove_sorted = remove_sorted.at[..., -min_tokens_to_keep:].set(False)  # keep the best
     remove = jnp.zeros_like(remove_sorted).at[
         jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
     return jnp.where(remove, NEG_INF, logits)
   return apply
 
 
-def min_p(p: float) -> LogitsProcessor:
-  """Removes tokens whose probability is below p times the top token's probability."""
+def min_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+  """Removes tokens whose probability is below p times the top token's probability (never
+  the `min_tokens_to_keep` most likely ones)."""
   if not 0 <= p <= 1:
     raise ValueError(f"min_p must be in [0, 1], got {p}")
 
   def apply(logits, ctx):
     probs = jax.nn.softmax(logits, axis=-1)
     threshold = p * probs.max(axis=-1, keepdims=True)
+    if min_tokens_to_keep > 1:
+      kth = jax.lax.top_k(probs, min(min_tokens_to_keep, probs.shape[-1]))[0][..., -1:]
+      threshold = jnp.minimum(threshold, kth)
     return jnp.where(probs < threshold, NEG_INF, logits)
   return apply
 
@@ -147,10 +153,12 @@ def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
   return apply
 
 
-def build(cfg, eos_ids: Sequence[int], sampling: bool) -> LogitsProcessor:
+def build(cfg, eos_ids: Sequence[int], sampling: bool,
+          min_tokens_to_keep: int = 1) -> LogitsProcessor:
   """Processors from a generation config (any mapping with HF field names), in Hugging
   Face's order: penalties and bans first, then, only when sampling, the warpers
-  temperature, top-k, top-p and min-p.
+  temperature, top-k, top-p and min-p (each keeping at least `min_tokens_to_keep` tokens;
+  HF's beam sampling keeps 1 + number of EOS ids).
 
   The result is cached on the parameter values, so equal configs give the same
   function object and jitted loops that take it as a static argument do not recompile.
@@ -159,12 +167,12 @@ def build(cfg, eos_ids: Sequence[int], sampling: bool) -> LogitsProcessor:
   return _build(float(get("repetition_penalty", 1.0)), int(get("no_repeat_ngram_size", 0)),
                 int(get("min_new_tokens", 0)), tuple(int(e) for e in eos_ids), bool(sampling),
                 float(get("temperature", 1.0)), int(get("top_k", 0)), float(get("top_p", 1.0)),
-                float(get("min_p", 0.0)))
+                float(get("min_p", 0.0)), int(min_tokens_to_keep))
 
 
 @functools.lru_cache(maxsize=256)
 def _build(rep: float, ngram: int, min_new: int, eos_ids: tuple, sampling: bool, temp: float,
-           k: int, p: float, mp: float) -> LogitsProcessor:
+           k: int, p: float, mp: float, keep: int) -> LogitsProcessor:
   procs: list[LogitsProcessor] = []
   if rep != 1.0:
     procs.append(repetition_penalty(rep))
@@ -176,9 +184,9 @@ def _build(rep: float, ngram: int, min_new: int, eos_ids: tuple, sampling: bool,
     if temp != 1.0:
       procs.append(temperature(temp))
     if k:
-      procs.append(top_k(k))
+      procs.append(top_k(k, keep))
     if p != 1.0:
-      procs.append(top_p(p))
+      procs.append(top_p(p, keep))
     if mp:
-      procs.append(min_p(mp))
+      procs.append(min_p(mp, keep))
   return chain(*procs)

@@ -91,3 +91,13 @@ def test_invalid_processor_values():
     P.top_p(1.5)
   with pytest.raises(ValueError, match="top_k"):
     P.top_k(0)
+
+
+def test_warpers_keep_min_tokens_to_keep():
+  """HF's beam sampling keeps at least 1 + |EOS| tokens in top-k, top-p and min-p."""
+  logits = jnp.asarray([[5.0, 1.0, 0.5, 0.0, -1.0]])
+  ctx = None
+  for proc in (P.top_k(1, 3), P.top_p(0.01, 3), P.min_p(0.9, 3)):
+    kept = np.isfinite(np.asarray(proc(logits, ctx)))[0]
+    assert kept.tolist() == [True, True, True, False, False]
+  assert np.isfinite(np.asarray(P.top_k(1)(logits, ctx))).sum() == 1
