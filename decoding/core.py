@@ -67,16 +67,40 @@ class DecodeResult:
 # [B, R], ... ordered best first.
 
 
-def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache):
+# Prompts longer than this are prefilled in chunks of this many tokens (a scan), so the
+# attention scores of a prefill take [B, H, chunk, T] memory, not [B, H, P, T].
+PREFILL_CHUNK = 512
+
+
+def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache,
+            chunk: int = PREFILL_CHUNK):
   """Runs the padded prompts through the model; returns (last-token logits [B, V], cache).
 
   The cache rows are then set to each prompt's true length, so padding slots are
-  invisible and are overwritten by the first generated tokens.
+  invisible and are overwritten by the first generated tokens. A prompt block longer
+  than `chunk` (and a multiple of it, as bucketed lengths are) is fed `chunk` tokens at a
+  time, each chunk attending to the cache written by the previous ones.
   """
   B, P = prompts.shape
-  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
-  out = lm(params, prompts, positions, cache, logits_at=(prompt_len - 1)[:, None])
-  return out.logits[:, 0], out.cache.with_lengths(cache.lengths + prompt_len)
+  start = cache.lengths
+  if P <= chunk or P % chunk:
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
+    out = lm(params, prompts, positions, cache, logits_at=(prompt_len - 1)[:, None])
+    return out.logits[:, 0], out.cache.with_lengths(start + prompt_len)
+
+  def body(carry, i):
+    cache, logits = carry
+    offset = i * chunk
+    tokens = jax.lax.dynamic_slice_in_dim(prompts, offset, chunk, axis=1)
+    positions = jnp.broadcast_to(offset + jnp.arange(chunk, dtype=jnp.int32)[None], (B, chunk))
+    last = prompt_len - 1 - offset  # index of the prompt's last token within this chunk
+    out = lm(params, tokens, positions, cache, logits_at=jnp.clip(last, 0, chunk - 1)[:, None])
+    here = (last >= 0) & (last < chunk)
+    return (out.cache, jnp.where(here[:, None], out.logits[:, 0], logits)), None
+
+  logits0 = jnp.zeros((B, lm.vocab_size), jnp.float32)
+  (cache, logits), _ = jax.lax.scan(body, (cache, logits0), jnp.arange(P // chunk))
+  return logits, cache.with_lengths(start + prompt_len)
 
 
 def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: int,

@@ -172,3 +172,16 @@ def test_bucketed_shapes_do_not_recompile(tiny):
   generation.generate(lm, params, [[4, 5, 6, 7, 8]], c, [], PAD)
   generation.generate(lm, params, [[9] * 11], c, [], PAD)
   assert core.decode._cache_size() == before
+
+
+def test_chunked_prefill_equals_one_pass(tiny):
+  """A long prompt block prefilled in chunks gives the same logits and cache as one pass."""
+  lm, params = tiny
+  rng = np.random.default_rng(0)
+  prompts = jnp.asarray(rng.integers(0, 40, size=(3, 64)), jnp.int32)
+  lens = jnp.asarray([64, 17, 40], jnp.int32)
+  one_logits, one_cache = core.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=64)
+  ch_logits, ch_cache = core.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=16)
+  np.testing.assert_allclose(ch_logits, one_logits, atol=1e-5)
+  np.testing.assert_array_equal(ch_cache.lengths, one_cache.lengths)
+  np.testing.assert_allclose(ch_cache.k[:, :, :, :64], one_cache.k[:, :, :, :64], atol=1e-5)

@@ -147,10 +147,11 @@ def test_self_agreement_with_majority_stub_equals_self_consistency(smollm, monke
   monkeypatch.setattr(generation, "generate", real_generate)
 
 
-def test_self_agreement_end_to_end_cli(smollm, tmp_path):
+def test_self_agreement_end_to_end_cli(smollm, tmp_path, monkeypatch):
   """The CLI runs the two stages; the final prompt holds every sampled path."""
   from configs import self_agreement as sa_config
   from decoding import generate as cli
+  monkeypatch.setattr(cli, "load", lambda cfg: (smollm, None))  # the session's loaded model
   cfg = sa_config.get_config()
   cfg.num_paths, cfg.max_new_tokens, cfg.agreement_max_new_tokens = 2, 6, 6
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
