@@ -13,6 +13,7 @@ results/reasoning_smollm2.json and the table between the markers in README.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import ml_collections
@@ -40,8 +41,7 @@ def render(result: dict) -> str:
               f"{row['borda']:.3f} | {row['likelihood']:.3f} | {row['self_agreement']:.3f} |")
   md += ["", "| correctness predictor | AUROC |", "|---|---|"]
   md += [f"| {k} | {v:.3f} |" for k, v in result['auroc'].items()]
-  md += ["", f"`python -m benchmarks.eval_reasoning` ({result['seconds'] / 60:.0f} min on "
-         f"{result['machine']})."]
+  md += ["", f"`{result['command']}` ({result['seconds'] / 60:.0f} min on {result['machine']})."]
   return "\n".join(md)
 
 
@@ -115,7 +115,9 @@ def main(argv=None) -> dict:
                 max_samples=args.max_samples, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, greedy_accuracy=float(np.mean(greedy_ok)),
                 sample_accuracy=float(np.mean(flat_ok)), by_n=table, auroc=aurocs,
-                seconds=time.time() - t0, machine=cpu_name())
+                seconds=time.time() - t0, machine=cpu_name(),
+                command=" ".join(["python -m benchmarks.eval_reasoning"] + list(
+                    sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)
   return result
 
