@@ -62,6 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.agreement_template = config_dict.placeholder(str)  # None: selection.DEFAULT_AGREEMENT_TEMPLATE
   c.agreement_path_template = config_dict.placeholder(str)  # None: DEFAULT_PATH_TEMPLATE
 
+  # speculative (decoding/speculative.py, decoding/drafters.py, decoding/trees.py): lossless
+  # in greedy mode (the tokens of strategy="greedy") and, with do_sample=True, in sampling mode.
+  c.drafter = "self"  # self | model | prompt_lookup | dyspec | gad | eagle
+  c.num_draft_tokens = 4  # chain drafters: tokens proposed per target call
+  c.draft_layers = 4  # self-drafting: the target's first k layers + its head
+  c.draft_model = ""  # drafter=model / dyspec: a draft model's registered name or path
+  c.prompt_lookup_max_ngram = 3
+  c.prompt_lookup_min_ngram = 1
+  c.tree_budget = 16  # tree drafters: draft nodes per target call (root excluded)
+  c.tree_depth = 6
+  c.tree_children = 4  # children considered per node
+
   # Prompting and batching.
   c.chat_template = True  # apply the model's chat template to text prompts (instruct models)
   c.system_prompt = ""  # optional system message when the template is applied

@@ -61,6 +61,8 @@ class DecodeResult:
   # (fp32, 0 beyond length); None when a strategy does not record them.
   token_entropy: Optional[Array] = None  # [B, N]
   token_mean_logp: Optional[Array] = None  # [B, N]
+  # Per-row strategy statistics ({name: [B] array}), copied into `Generation.extras`.
+  extras: Optional[dict] = None
 
 # Strategies that return several sequences per prompt (beam search, superposed drafts)
 # return the same fields with an extra axis after the batch: tokens [B, R, N], lengths
@@ -73,8 +75,10 @@ PREFILL_CHUNK = 512
 
 
 def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache,
-            chunk: int = PREFILL_CHUNK):
-  """Runs the padded prompts through the model; returns (last-token logits [B, V], cache).
+            chunk: int = PREFILL_CHUNK, return_hidden: bool = False):
+  """Runs the padded prompts through the model; returns (last-token logits [B, V], cache),
+  and with `return_hidden` also the final hidden states of every prompt position
+  ([B, P, D]; feature drafters read them).
 
   The cache rows are then set to each prompt's true length, so padding slots are
   invisible and are overwritten by the first generated tokens. A prompt block longer
@@ -86,7 +90,8 @@ def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache,
   if P <= chunk or P % chunk:
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
     out = lm(params, prompts, positions, cache, logits_at=(prompt_len - 1)[:, None])
-    return out.logits[:, 0], out.cache.with_lengths(start + prompt_len)
+    result = out.logits[:, 0], out.cache.with_lengths(start + prompt_len)
+    return result + (out.hidden,) if return_hidden else result
 
   def body(carry, i):
     cache, logits = carry
@@ -96,11 +101,15 @@ def prefill(lm, params, prompts: Array, prompt_len: Array, cache: KVCache,
     last = prompt_len - 1 - offset  # index of the prompt's last token within this chunk
     out = lm(params, tokens, positions, cache, logits_at=jnp.clip(last, 0, chunk - 1)[:, None])
     here = (last >= 0) & (last < chunk)
-    return (out.cache, jnp.where(here[:, None], out.logits[:, 0], logits)), None
+    return ((out.cache, jnp.where(here[:, None], out.logits[:, 0], logits)),
+            out.hidden if return_hidden else None)
 
   logits0 = jnp.zeros((B, lm.vocab_size), jnp.float32)
-  (cache, logits), _ = jax.lax.scan(body, (cache, logits0), jnp.arange(P // chunk))
-  return logits, cache.with_lengths(start + prompt_len)
+  (cache, logits), hidden = jax.lax.scan(body, (cache, logits0), jnp.arange(P // chunk))
+  result = logits, cache.with_lengths(start + prompt_len)
+  if return_hidden:  # [P/chunk, B, chunk, D] -> [B, P, D]
+    result += (jnp.moveaxis(hidden, 0, 1).reshape(B, P, hidden.shape[-1]),)
+  return result
 
 
 def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: int,

@@ -243,6 +243,8 @@ def results_to_generations(res, prompts: Sequence[Sequence[int]], indices: Seque
         g.token_entropy = [float(x) for x in res.token_entropy[at][:L]]
       if res.token_mean_logp is not None and L:
         g.self_certainty = self_certainty(res.token_mean_logp[at][:L], vocab_size)
+      for k, val in (res.extras or {}).items():
+        g.extras[k] = np.asarray(val[at]).item()
       if strategy == "greedy":
         g.gnll = -float(np.sum(np.asarray(tlp, np.float64)))
       out.append(g)
@@ -324,3 +326,4 @@ from decoding import beam  # noqa: E402,F401  beam, diverse_beam
 from decoding import momentum  # noqa: E402,F401  momentum
 from decoding import superposed  # noqa: E402,F401  superposed
 from decoding import selection  # noqa: E402,F401  best_of_n, self_agreement
+from decoding import drafters  # noqa: E402,F401  speculative

@@ -24,7 +24,7 @@ class ProcessorContext:
   sequences: Array  # [B, S] int32: prompt then generated tokens, right-padded
   seq_len: Array  # [B] int32: valid length of each row of `sequences`
   prompt_len: Array  # [B] int32
-  step: Array  # [] int32: tokens generated so far
+  step: Array  # [] or [B] int32: tokens generated so far (per row in speculative decoding)
 
 
 LogitsProcessor = Callable[[Array, ProcessorContext], Array]
@@ -141,7 +141,8 @@ def min_new_tokens(m: int, eos_ids: Sequence[int]) -> LogitsProcessor:
 
   def apply(logits, ctx):
     ban = jnp.zeros((logits.shape[-1],), bool).at[eos].set(True)
-    return jnp.where((ctx.step < m) & ban[None, :], NEG_INF, logits)
+    early = jnp.reshape(jnp.asarray(ctx.step) < m, (-1, 1))  # [1, 1] or [B, 1]
+    return jnp.where(early & ban[None, :], NEG_INF, logits)
   return apply
 
 
@@ -168,6 +169,14 @@ def build(cfg, eos_ids: Sequence[int], sampling: bool,
                 int(get("min_new_tokens", 0)), tuple(int(e) for e in eos_ids), bool(sampling),
                 float(get("temperature", 1.0)), int(get("top_k", 0)), float(get("top_p", 1.0)),
                 float(get("min_p", 0.0)), int(min_tokens_to_keep))
+
+
+def reads_context(cfg) -> bool:
+  """Whether `build(cfg, ...)` includes processors that read the decoded context (penalties,
+  n-gram bans, min_new_tokens); the warpers only look at the logits."""
+  get = lambda k, d: d if cfg.get(k) is None else cfg.get(k)
+  return (float(get("repetition_penalty", 1.0)) != 1.0 or int(get("no_repeat_ngram_size", 0)) > 0
+          or int(get("min_new_tokens", 0)) > 0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -62,6 +62,28 @@ class KVCache:
     return self.replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
                         lengths=self.lengths[rows])
 
+  def compact(self, start: jax.Array, src: jax.Array) -> "KVCache":
+    """Moves accepted token-tree entries into place: slot start[b] + 1 + j receives slot
+    start[b] + src[b, j] (src: [B, D] offsets of the accepted nodes from the tree root at
+    start[b]). Reads all sources before writing, so overlaps are safe. Lengths unchanged:
+    follow with `rollback` to the accepted length."""
+    B, D = src.shape
+    T = self.max_len
+    rows = jnp.arange(B)[:, None]  # [B, 1]
+    from_slot = jnp.clip(start[:, None] + src, 0, T - 1)  # [B, D]
+    to_slot = jnp.clip(start[:, None] + 1 + jnp.arange(D)[None], 0, T - 1)
+
+    Hkv = self._first.shape[1]
+    h = jnp.arange(Hkv)[None, :, None]
+
+    def move_layer(x):  # [B, Hkv, T, hd]: one gather and one in-place scatter
+      moved = x[rows[:, :, None], h, from_slot[:, None, :]]  # [B, Hkv, D, hd]
+      return x.at[rows[:, :, None], h, to_slot[:, None, :]].set(moved)
+
+    def move(x):
+      return jax.vmap(move_layer)(x) if x.ndim == 5 else move_layer(x)
+    return self.replace(k=jax.tree.map(move, self.k), v=jax.tree.map(move, self.v))
+
   def rollback(self, lengths: jax.Array) -> "KVCache":
     """Discards every slot at or beyond `lengths[b]` (never grows a row)."""
     return self.replace(lengths=jnp.minimum(self.lengths, jnp.asarray(lengths, jnp.int32)))

@@ -18,8 +18,8 @@ Array = jax.Array
 class TransformerLM:
   """Hides the network behind one function (in the style of T5X's `tokens_to_logits`).
 
-  `lm(params, tokens | embeds, positions, cache, attn_mask) -> ForwardOutput(logits,
-  hidden, penultimate, cache)`. Instances are hashable, so they are static arguments
+  `lm(params, tokens | embeds, positions, cache, attn_mask[, cache_mask]) ->
+  ForwardOutput(logits, hidden, penultimate, cache)`. Instances are hashable, so they are static arguments
   of jitted loops, while the parameters stay ordinary traced arrays. Any object with
   the same call signature, `init_cache` and `vocab_size` (e.g. a fake model in tests)
   works with every strategy.
@@ -29,9 +29,13 @@ class TransformerLM:
 
   def __call__(self, params, tokens: Optional[Array], positions: Array, cache: KVCache,
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
-               logits_at: Optional[Array] = None) -> transformer.ForwardOutput:
+               logits_at: Optional[Array] = None,
+               cache_mask: Optional[Array] = None) -> transformer.ForwardOutput:
+    if cache_mask is None:  # keeps the jit cache key of the common call unchanged
+      return transformer.forward(params, self.config, tokens, positions, cache, attn_mask,
+                                 embeds, logits_at)
     return transformer.forward(params, self.config, tokens, positions, cache, attn_mask, embeds,
-                               logits_at)
+                               logits_at, cache_mask)
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     cache = KVCache.init(self.config, batch_size, max_len)
@@ -47,6 +51,21 @@ class TransformerLM:
 
   def embed(self, params, tokens: Array) -> Array:
     return transformer.embed(params, self.config, tokens)
+
+  def truncated(self, params, num_layers: int) -> tuple["TransformerLM", Any]:
+    """The model's first `num_layers` layers plus its final norm and output head, as a
+    model of its own (the self-drafting configuration of speculative decoding: an
+    early-exit draft that shares the target's weights, so nothing is trained)."""
+    n = int(num_layers)
+    if not 1 <= n <= self.config.num_layers:
+      raise ValueError(f"num_layers must be in [1, {self.config.num_layers}], got {num_layers}")
+    params = dict(params)
+    if self.config.scan_layers:
+      params["layers"] = jax.tree.map(lambda x: x[:n], params["layers"])
+    else:
+      for i in range(n, self.config.num_layers):
+        params.pop(f"layers_{i}")
+    return TransformerLM(self.config.replace(num_layers=n), self.mesh), params
 
   @property
   def vocab_size(self) -> int:

@@ -131,9 +131,10 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, k_cache, v_cache, lengths, new_mask):
+  def __call__(self, x, positions, k_cache, v_cache, lengths, new_mask, cache_mask=None):
     # x: [B, S, D]; k_cache, v_cache: [B, Hkv, T, hd] or None (training: no cache);
-    # new_mask: [B, S, S] bool.
+    # new_mask: [B, S, S] bool; cache_mask: optional [B, S, T] bool, ANDed with the
+    # length mask (a draft tree's nodes in the cache see only their ancestors).
     cfg = self.config
     B, S, _ = x.shape
     H, Hkv, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
@@ -159,6 +160,8 @@ class Attention(nn.Module):
     s_old = jnp.einsum("bkgsd,bktd->bkgst", q, k_cache.astype(jnp.float32),
                        precision=cfg.precision) * scale
     old_ok = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, None, :]
+    if cache_mask is not None:
+      old_ok = old_ok & cache_mask.astype(bool)[:, None, None, :, :]
     s_old = jnp.where(old_ok, s_old, -jnp.inf)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(cfg.dtype)
     out = (jnp.einsum("bkgst,bktd->bkgsd", probs[..., :T], v_cache.astype(cfg.dtype),
@@ -208,11 +211,12 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer_cache, positions, lengths, mask):
+  def __call__(self, carry, layer_cache, positions, lengths, mask, cache_mask=None):
     x, _ = carry  # (hidden, input of the previous layer)
     k_cache, v_cache = layer_cache
     h, k_cache, v_cache = Attention(self.config, name="attn")(
-        RMSNorm(self.config, name="attn_norm")(x), positions, k_cache, v_cache, lengths, mask)
+        RMSNorm(self.config, name="attn_norm")(x), positions, k_cache, v_cache, lengths, mask,
+        cache_mask)
     y = x + h
     y = y + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(y))
     return (y, x), (k_cache, v_cache)
@@ -229,7 +233,8 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
       )(cfg)
     else:
       self.blocks = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
@@ -242,7 +247,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: Optional[Array], positions: Array, cache: Optional[KVCache],
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
-               logits_at: Optional[Array] = None) -> ForwardOutput:
+               logits_at: Optional[Array] = None,
+               cache_mask: Optional[Array] = None) -> ForwardOutput:
     cfg = self.config
     if (tokens is None) == (embeds is None):
       raise ValueError("pass exactly one of tokens or embeds")
@@ -258,11 +264,12 @@ class Transformer(nn.Module):
       layer_caches = ((cache.k, cache.v) if cfg.scan_layers
                       else list(zip(cache.k, cache.v)))
     if cfg.scan_layers:
-      (x, penultimate), (k, v) = self.layers((x, x), layer_caches, positions, lengths, mask)
+      (x, penultimate), (k, v) = self.layers((x, x), layer_caches, positions, lengths, mask,
+                                             cache_mask)
     else:
       carry, ks, vs = (x, x), [], []
       for block, (kl, vl) in zip(self.blocks, layer_caches):
-        carry, (kl, vl) = block(carry, (kl, vl), positions, lengths, mask)
+        carry, (kl, vl) = block(carry, (kl, vl), positions, lengths, mask, cache_mask)
         ks.append(kl)
         vs.append(vl)
       (x, penultimate), k, v = carry, tuple(ks), tuple(vs)
@@ -291,7 +298,7 @@ def init_params(config: ModelConfig, key: Array) -> Any:
 @functools.partial(jax.jit, static_argnums=1)
 def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions: Array,
             cache: KVCache, attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
-            logits_at: Optional[Array] = None) -> ForwardOutput:
+            logits_at: Optional[Array] = None, cache_mask: Optional[Array] = None) -> ForwardOutput:
   """The model boundary: (tokens | embeds, positions, cache, mask) -> logits, hidden, cache.
 
   tokens: [B, S] int32 or None; embeds: [B, S, D] or None (exactly one of them).
@@ -300,10 +307,12 @@ def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions
   runs a cache-free full-sequence pass (training, scoring) and returns `cache=None`.
   attn_mask: optional [B, S, S] (or broadcastable) bool mask among the new tokens.
   logits_at: optional [B, K] indices into S; then logits are [B, K, V].
+  cache_mask: optional [B, S, T] bool: which cache slots each new token may see, on top of
+  `slot < cache.lengths[b]` (token trees grown inside the cache).
   Jitted (a no-op inside an outer jit), so eager calls do not re-trace the layer scan.
   """
   return Transformer(config).apply({"params": params}, tokens, positions, cache, attn_mask,
-                                   embeds, logits_at)
+                                   embeds, logits_at, cache_mask)
 
 
 def embed(params: Any, config: ModelConfig, tokens: Array) -> Array:

@@ -24,10 +24,41 @@ class BigramLM:
     return KVCache(k=z, v=z, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def __call__(self, params, tokens, positions, cache, attn_mask=None, embeds=None,
-               logits_at=None):
+               logits_at=None, cache_mask=None):
     logits = params[tokens]  # [B, S, V]
     if logits_at is not None:
       logits = jnp.take_along_axis(logits, logits_at[:, :, None], axis=1)
     h = jnp.zeros(tokens.shape + (1,), jnp.float32)
     return ForwardOutput(logits=logits, hidden=h, penultimate=h,
                          cache=cache.replace(lengths=cache.lengths + tokens.shape[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomDrafter:
+  """A chain drafter that proposes uniformly random tokens (speculative decoding must stay
+  exact whatever the draft)."""
+  vocab_size: int
+  num_draft: int = 3
+  kind: str = "chain"
+  needs_features: bool = False
+
+  @property
+  def block(self):
+    return self.num_draft + 1
+
+  @property
+  def depth(self):
+    return self.num_draft
+
+  def init(self, dparams, tparams, prompts, prompt_len, first, prefill, cache_len):
+    return ()
+
+  def propose(self, dparams, tparams, state, view, processor, sample):
+    import jax
+    from decoding.speculative import ChainDraft
+    keys = jax.vmap(jax.random.fold_in)(view.row_keys, view.num_generated + 7919)
+    tokens = jax.vmap(lambda k: jax.random.randint(k, (self.num_draft,), 0, self.vocab_size))(keys)
+    return ChainDraft(tokens=tokens.astype(jnp.int32)), state
+
+  def update(self, dparams, tparams, state, view, verified):
+    return state

@@ -1,0 +1,377 @@
+"""Speculative decoding: exactness in greedy mode, the target's distribution in sampling
+mode, the tree builder against brute force, and the bookkeeping (KV rollback/compaction,
+prompt-lookup re-alignment, EOS and length budgets)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from decoding import core, drafters, generation, processors, sampling, speculative, trees, verify
+from models import transformer
+from models.config import tiny_config
+from models.kv_cache import KVCache
+from models.lm import TransformerLM
+from tests.fakes import BigramLM, RandomDrafter
+
+V = 12
+
+
+def _keys(n, seed=0):
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
+
+
+def _bigram(seed, sharp=3.0, V=V):
+  return jnp.asarray(np.random.RandomState(seed).randn(V, V) * sharp, jnp.float32)
+
+
+def _ragged(B, P, V, seed=0):
+  rng = np.random.RandomState(seed)
+  prompts = jnp.asarray(rng.randint(0, V, (B, P)), jnp.int32)
+  lens = jnp.asarray(rng.randint(1, P + 1, (B,)), jnp.int32)
+  return prompts, lens
+
+
+def _greedy(lm, params, prompts, lens, eos, proc, n, cache_len=64):
+  return core.decode(lm, params, prompts, lens, _keys(prompts.shape[0]), eos, processor=proc,
+                     select=sampling.greedy_select, pad_id=0, max_new_tokens=n,
+                     cache_len=cache_len)
+
+
+def _spec(lm, params, drafter, dparams, prompts, lens, eos, proc, n, sample=False,
+          reads_context=False, keys=None, cache_len=64):
+  keys = _keys(prompts.shape[0]) if keys is None else keys
+  return speculative.speculative_decode(
+      lm, params, drafter, dparams, prompts, lens, keys, eos, processor=proc,
+      reads_context=reads_context, sample=sample, pad_id=0, max_new_tokens=n,
+      cache_len=cache_len + drafter.block)
+
+
+def _tau(res):
+  return float(res.extras["verified_tokens"].sum() / np.maximum(res.extras["target_calls"].sum(), 1))
+
+
+# --------------------------------------------------------------------------- unit: verify
+
+
+def test_verify_chain_greedy_counts_and_next_token():
+  logits = jnp.full((2, 4, 5), -5.0)
+  argmax = jnp.asarray([[1, 2, 3, 4], [0, 0, 0, 0]])
+  logits = logits.at[jnp.arange(2)[:, None], jnp.arange(4)[None], argmax].set(5.0)
+  drafts = jnp.asarray([[1, 2, 0], [0, 0, 0]])
+  v = verify.verify_chain(logits, drafts, None, _keys(2), sample=False)
+  assert v.num_accepted.tolist() == [2, 3]
+  assert v.next_token.tolist() == [3, 0]  # correction; bonus token
+
+
+def test_verify_tree_greedy_follows_the_targets_argmax():
+  # root -> {a:1 (node1), b:2 (node2)}; node1 -> {3 (node3)}; node2 -> {4 (node4)}
+  parents = jnp.asarray([[-1, 0, 0, 1, 2]])
+  depth = jnp.asarray([[0, 1, 1, 2, 2]])
+  tokens = jnp.asarray([[9, 1, 2, 3, 4]])
+  argmax = jnp.asarray([[2, 0, 4, 0, 7]])  # root wants 2 -> node2 wants 4 -> node4 says 7
+  logits = jnp.full((1, 5, 10), -5.0).at[0, jnp.arange(5), argmax[0]].set(5.0)
+  v = verify.verify_tree(logits, tokens, parents, depth, jnp.ones((1, 5), bool), _keys(1),
+                         False, max_depth=2)
+  assert v.num_accepted.tolist() == [2]
+  assert v.path.tolist() == [[2, 4]]
+  assert v.next_token.tolist() == [7]
+  invalid = jnp.ones((1, 5), bool).at[0, 4].set(False)  # padding nodes are never accepted
+  v = verify.verify_tree(logits, tokens, parents, depth, invalid, _keys(1), False, max_depth=2)
+  assert v.num_accepted.tolist() == [1] and v.next_token.tolist() == [4]
+
+
+def test_kv_compact_moves_the_accepted_path_into_place():
+  cfg = tiny_config()
+  cache = KVCache.init(cfg, 2, 16)
+  marks = jnp.arange(16, dtype=jnp.float32)[None, None, None, :, None]  # slot index as value
+  cache = cache.replace(k=jnp.broadcast_to(marks, cache.k.shape) + 0.0,
+                        v=jnp.broadcast_to(marks, cache.v.shape) + 0.0)
+  start = jnp.asarray([3, 5])
+  out = cache.compact(start, jnp.asarray([[2, 5], [1, 3]]))
+  k = np.asarray(out.k[0, :, 0, :, 0])  # [B, T]
+  assert k[0, 4] == 5 and k[0, 5] == 8  # slot 3+1 <- 3+2, slot 3+2 <- 3+5
+  assert k[1, 6] == 6 and k[1, 7] == 8
+  assert k[0, 3] == 3 and k[1, 5] == 5  # roots untouched
+
+
+# ------------------------------------------------------------------ greedy: exactly greedy
+
+CONTEXT_CFG = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
+
+
+@pytest.mark.parametrize("cfg", [{}, CONTEXT_CFG], ids=["plain", "context_processors"])
+def test_greedy_is_exact_for_any_drafter_on_a_ragged_batch(cfg):
+  target = BigramLM(V)
+  tparams = _bigram(0)
+  draft_params = tparams + _bigram(1, sharp=2.0)  # a noisy copy of the target
+  prompts, lens = _ragged(6, 7, V)
+  eos = jnp.asarray([5], jnp.int32)
+  proc = processors.build(cfg, [5], sampling=False)
+  rc = processors.reads_context(cfg)
+  ref = _greedy(target, tparams, prompts, lens, eos, proc, 16)
+  for drafter, dparams in [
+      (RandomDrafter(V, 3), None),
+      (drafters.ModelDrafter(BigramLM(V), 4), draft_params),
+      (drafters.PromptLookupDrafter(5, 2, 1), None),
+      (trees.DySpecDrafter(BigramLM(V), tree_budget=7, max_depth=4, max_children=3), draft_params),
+  ]:
+    res = _spec(target, tparams, drafter, dparams, prompts, lens, eos, proc, 16, reads_context=rc)
+    np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=type(drafter).__name__)
+    np.testing.assert_array_equal(res.lengths, ref.lengths)
+    np.testing.assert_array_equal(res.finished, ref.finished)
+    np.testing.assert_allclose(res.token_logprobs, ref.token_logprobs, atol=1e-5)
+    calls, verified = res.extras["target_calls"], res.extras["verified_tokens"]
+    # every generated token but the first comes from a verification call
+    np.testing.assert_array_equal(verified, np.asarray(res.lengths) - 1)
+    assert np.all(calls <= verified) and np.all(verified <= calls * (drafter.depth + 1))
+
+
+def test_greedy_is_exact_on_a_transformer_with_real_kv_rollback():
+  """A tiny transformer (real KV cache): chain self-draft and a DySpec tree (compaction)."""
+  cfg = tiny_config(vocab_size=24, num_layers=3)
+  lm = TransformerLM(cfg)
+  params = jax.tree.map(lambda x: 3 * x, transformer.init_params(cfg, jax.random.PRNGKey(0)))
+  prompts, lens = _ragged(4, 8, 24, seed=3)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build({}, [], sampling=False)
+  ref = _greedy(lm, params, prompts, lens, eos, proc, 20)
+  for drafter in [drafters.ModelDrafter(lm, 3, self_layers=1),
+                  trees.DySpecDrafter(lm, tree_budget=6, max_depth=4, max_children=2,
+                                      self_layers=2)]:
+    res = _spec(lm, params, drafter, None, prompts, lens, eos, proc, 20)
+    np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=type(drafter).__name__)
+    np.testing.assert_allclose(res.token_logprobs, ref.token_logprobs, atol=1e-4)
+    assert _tau(res) > 1.0  # the self-draft agrees with the target sometimes
+
+
+def test_draft_equal_to_target_accepts_everything():
+  target = BigramLM(V)
+  tparams = _bigram(0)
+  prompts, lens = _ragged(3, 5, V)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build({}, [], sampling=False)
+  res = _spec(target, tparams, drafters.ModelDrafter(BigramLM(V), 4), tparams, prompts, lens,
+              eos, proc, 21)
+  np.testing.assert_array_equal(res.extras["target_calls"], [4, 4, 4])  # 20 tokens, 5 per call
+  np.testing.assert_array_equal(res.extras["accepted_drafts"], [16, 16, 16])
+
+
+# ------------------------------------------------------------ sampling: the target's law
+
+def _sequence_probs(table, prompt_last, N, cfg):
+  """Exact probability of every length-N continuation under the processed bigram target."""
+  proc = processors.build(cfg, [], sampling=True)
+  ctx = processors.ProcessorContext(sequences=None, seq_len=None, prompt_len=None,
+                                    step=jnp.zeros((), jnp.int32))
+  logp = np.asarray(jax.nn.log_softmax(proc(table, ctx), -1))
+  Vt = table.shape[0]
+  seqs = np.array(list(itertools.product(range(Vt), repeat=N)))
+  prev = np.concatenate([np.full((len(seqs), 1), prompt_last), seqs[:, :-1]], axis=1)
+  return seqs, np.exp(logp[prev, seqs].sum(1))
+
+
+def _chi_square_pvalue(tokens, seqs, probs, Vt):
+  N = seqs.shape[1]
+  idx = (np.asarray(tokens)[:, :N] * (Vt ** np.arange(N - 1, -1, -1))).sum(1)
+  counts = np.bincount(idx, minlength=Vt ** N)
+  expected = probs * len(idx)
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  keep = exp > 0
+  assert counts[expected == 0].sum() == 0  # nothing outside the support
+  return _chi2_pvalue(obs[keep], exp[keep])
+
+
+def _chi2_pvalue(obs, exp):
+  exp = np.asarray(exp, np.float64) * obs.sum() / np.sum(exp)
+  return float(stats.chi2.sf(np.sum((obs - exp) ** 2 / exp), len(obs) - 1))
+
+
+def test_sampling_matches_the_targets_sequence_distribution():
+  """Chi-square over all 5^3 continuations, 20000 independent rows (seeds), with a sampled
+  draft (min(1, p/q) rule), a DySpec tree (multi-candidate rule) and prompt lookup
+  (point-mass drafts), under temperature and top-k."""
+  Vt, N, B = 5, 3, 20000
+  table = _bigram(4, sharp=1.0, V=Vt)
+  draft_table = _bigram(5, sharp=1.0, V=Vt)
+  cfg = {"temperature": 0.9, "top_k": 4}
+  proc = processors.build(cfg, [], sampling=True)
+  prompts = jnp.asarray([[1, 2, 3]] * B, jnp.int32)
+  lens = jnp.full((B,), 3, jnp.int32)
+  eos = jnp.asarray([-1], jnp.int32)
+  seqs, probs = _sequence_probs(table, 3, N, cfg)
+  target = BigramLM(Vt)
+  for drafter, dparams in [
+      (drafters.ModelDrafter(BigramLM(Vt), 2), draft_table),
+      (trees.DySpecDrafter(BigramLM(Vt), tree_budget=4, max_depth=2, max_children=2), draft_table),
+      (drafters.PromptLookupDrafter(2, 1, 1), None),
+  ]:
+    res = _spec(target, table, drafter, dparams, prompts, lens, eos, proc, N, sample=True,
+                keys=_keys(B, seed=11))
+    p = _chi_square_pvalue(res.tokens, seqs, probs, Vt)
+    assert p > 1e-3, (type(drafter).__name__, p)
+    assert _tau(res) > 1.0
+
+
+def test_sampled_drafts_accept_at_one_minus_tv():
+  """Acceptance of one sampled draft token = sum_v min(p, q) = 1 - TV(p, q)."""
+  Vt, B = 6, 20000
+  p_logits = jnp.asarray(np.random.RandomState(0).randn(Vt), jnp.float32)
+  q_logits = jnp.asarray(np.random.RandomState(1).randn(Vt), jnp.float32)
+  p, q = jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)
+  keys = _keys(B, seed=3)
+  drafts = jax.vmap(lambda k: jax.random.categorical(jax.random.fold_in(k, 99), q_logits))(keys)
+  logits = jnp.broadcast_to(p_logits, (B, 2, Vt))
+  v = verify.verify_chain(logits, drafts[:, None].astype(jnp.int32),
+                          jnp.broadcast_to(q, (B, 1, Vt)), keys, sample=True)
+  expected = float(jnp.minimum(p, q).sum())
+  assert abs(float(v.num_accepted.mean()) - expected) < 4 * np.sqrt(expected * (1 - expected) / B)
+  # and the emitted token (accepted draft or residual draw) is distributed as p
+  out = np.where(np.asarray(v.num_accepted) == 1, np.asarray(drafts), np.asarray(v.next_token))
+  counts = np.bincount(out, minlength=Vt)
+  assert _chi2_pvalue(counts, np.asarray(p)) > 1e-3
+
+
+def test_deterministic_drafts_reproduce_ancestral_sampling_exactly():
+  """With point-mass drafts the verifier draws the target's token at index i with the key
+  of index i, exactly as strategy='sample' does: same seed, same tokens."""
+  target = BigramLM(V)
+  tparams = _bigram(0, sharp=1.0)
+  prompts, lens = _ragged(8, 6, V, seed=2)
+  eos = jnp.asarray([5], jnp.int32)
+  proc = processors.build({"temperature": 0.8}, [5], sampling=True)
+  ref = core.decode(target, tparams, prompts, lens, _keys(8), eos, processor=proc,
+                    select=sampling.sample_select, pad_id=0, max_new_tokens=24, cache_len=64)
+  res = _spec(target, tparams, drafters.PromptLookupDrafter(4, 2, 1), None, prompts, lens, eos,
+              proc, 24, sample=True)
+  np.testing.assert_array_equal(res.tokens, ref.tokens)
+
+
+def test_rows_do_not_depend_on_the_batch():
+  target = BigramLM(V)
+  tparams = _bigram(0, sharp=1.0)
+  prompts, lens = _ragged(4, 6, V, seed=5)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build({}, [], sampling=True)
+  d = drafters.ModelDrafter(BigramLM(V), 3)
+  dp = _bigram(1, sharp=1.0)
+  full = _spec(target, tparams, d, dp, prompts, lens, eos, proc, 12, sample=True)
+  one = _spec(target, tparams, d, dp, prompts[2:3], lens[2:3], eos, proc, 12, sample=True,
+              keys=_keys(4)[2:3])
+  np.testing.assert_array_equal(full.tokens[2:3], one.tokens)
+
+
+# --------------------------------------------------------------- prompt lookup / IAD rule
+
+def test_prompt_lookup_realignment_rule():
+  d = drafters.PromptLookupDrafter(num_draft=3, max_ngram=2, min_ngram=1)
+  #          prompt: 0  1  2  3  4  5  6  7 | generated
+  seq = np.array([[7, 1, 2, 9, 1, 2, 8, 4, 1, 2, 0, 0]])
+  plen = jnp.asarray([8])
+  L = jnp.asarray([10])  # the row ends with the bigram (1, 2): occurs ending at 3 and 6
+  s = lambda align: int(d.match_start(jnp.asarray(seq), L, plen, jnp.asarray([align]))[0])
+  assert s(0) == 3  # first occurrence at or after the alignment point
+  assert s(4) == 6
+  assert s(7) == 6  # none after 7: the last one before it
+  seq2 = seq.copy()
+  seq2[0, 8] = 5  # now only the unigram (2) matches: same ends, found by the shorter n-gram
+  assert int(d.match_start(jnp.asarray(seq2), L, plen, jnp.asarray([0]))[0]) == 3
+  seq3 = seq.copy()
+  seq3[0, 9] = 11  # no occurrence at all: continue from the alignment point
+  assert int(d.match_start(jnp.asarray(seq3), L, plen, jnp.asarray([5]))[0]) == 5
+
+
+def test_iad_copies_the_input_in_one_target_call():
+  """A target that copies its input (a 'copy' model) finishes in one verification call."""
+  Vt, SEP, EOS = 12, 10, 11
+  text = [3, 7, 1, 8, 2, 9, 4]
+  table = np.full((Vt, Vt), -10.0, np.float32)
+  for a, b in zip([SEP] + text, text + [EOS]):
+    table[a, b] = 10.0
+  prompts = jnp.asarray([text + [SEP]], jnp.int32)
+  lens = jnp.asarray([8])
+  eos = jnp.asarray([EOS], jnp.int32)
+  proc = processors.build({}, [EOS], sampling=False)
+  res = _spec(BigramLM(Vt), jnp.asarray(table), drafters.PromptLookupDrafter(8, 3, 1), None,
+              prompts, lens, eos, proc, 16)
+  assert res.tokens[0, :8].tolist() == text + [EOS]
+  assert int(res.extras["target_calls"][0]) == 1
+
+
+# ------------------------------------------------------------------------- DySpec trees
+
+def test_dyspec_tree_is_the_brute_force_top_budget_nodes():
+  """The best-first builder selects exactly the `budget` nodes of highest path value
+  (product of draft probabilities), among the top-C children of each node."""
+  Vt, C, D, budget = 6, 3, 4, 10
+  for seed in range(3):
+    table = jax.nn.log_softmax(_bigram(seed, sharp=1.5, V=Vt), -1)  # toy drafter: bigram
+    root = table[2][None]
+
+    def expand(i, tokens, parents, depth, aux):
+      return table[tokens[:, i]], aux
+
+    draft, values, _ = trees.best_first_tree(root, expand, (), budget, D, C)
+    tok, par = np.asarray(draft.tokens[0]), np.asarray(draft.parents[0])
+    def path(i):
+      out = []
+      while i > 0:
+        out.append(int(tok[i]))
+        i = int(par[i])
+      return tuple(reversed(out))
+    got = {path(i) for i in range(1, budget + 1)}
+    # brute force: every path of depth <= D through top-C children
+    t = np.asarray(table)
+    cands = {}
+    def walk(prefix, last, value):
+      if len(prefix) == D:
+        return
+      for c in np.argsort(-t[last])[:C]:
+        p = prefix + (int(c),)
+        cands[p] = value + t[last, c]
+        walk(p, c, value + t[last, c])
+    walk((), 2, 0.0)
+    best = sorted(cands, key=lambda p: -cands[p])[:budget]
+    assert got == set(best)
+    assert np.allclose(sorted(np.asarray(values[0, 1:])), sorted(cands[p] for p in best))
+
+
+def test_dyspec_tree_accepts_at_least_as_much_as_a_chain_of_the_same_budget():
+  target = BigramLM(V)
+  tparams = _bigram(0, sharp=1.0)
+  dparams = tparams + _bigram(1, sharp=0.7)
+  prompts, lens = _ragged(32, 6, V, seed=7)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build({}, [], sampling=False)
+  chain = _spec(target, tparams, drafters.ModelDrafter(BigramLM(V), 6), dparams, prompts, lens,
+                eos, proc, 24)
+  tree = _spec(target, tparams, trees.DySpecDrafter(BigramLM(V), 6, 6, 3), dparams, prompts,
+               lens, eos, proc, 24)
+  np.testing.assert_array_equal(tree.tokens, chain.tokens)
+  assert _tau(tree) >= _tau(chain)
+
+
+# ---------------------------------------------------------------- strategy and bad input
+
+def test_unknown_drafter_and_bad_values_fail_before_compiling():
+  import ml_collections
+  from configs import speculative as spec_cfg
+  lm = TransformerLM(tiny_config())
+  params = transformer.init_params(lm.config, jax.random.PRNGKey(0))
+  for key, value, msg in [("drafter", "nope", "unknown drafter"),
+                          ("num_draft_tokens", 0, "num_draft_tokens"),
+                          ("draft_layers", 2, "draft_layers"),
+                          ("tree_budget", -1, "tree_budget")]:
+    c = spec_cfg.get_config()
+    c.max_new_tokens = 4
+    c[key] = value
+    with pytest.raises(generation.GenerationError, match=msg):
+      generation.generate(lm, params, [[1, 2]], c, [3], 0)
+  c = spec_cfg.get_config()
+  c.drafter = "model"
+  with pytest.raises(generation.GenerationError, match="draft_model"):
+    generation.generate(lm, params, [[1, 2]], c, [3], 0)
