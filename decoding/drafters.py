@@ -296,6 +296,23 @@ def _validate(cfg) -> None:
     raise GenerationError(f"temperature must be > 0 for sampling, got {_get(cfg, 'temperature')}")
   for key in ("num_draft_tokens", "tree_budget", "tree_depth", "tree_children"):
     _positive(cfg, key, 1)
+  eps = _get(cfg, "lenience", 1.0)
+  if not 0 < eps <= 1:
+    raise GenerationError(f"lenience must be in (0, 1] (1 = lossless), got {eps}")
+  if eps < 1 and not _get(cfg, "do_sample", False):
+    raise GenerationError("lenience < 1 relaxes sampling verification: set do_sample=True")
+  if _relaxation(cfg) and _relaxation(cfg)[0] == "gad_plus" and _get(cfg, "do_sample", False):
+    raise GenerationError("GAD++ (gad_beta > 1 and gad_tau > 0) relaxes greedy verification: "
+                          "set do_sample=False")
+
+
+def _relaxation(cfg) -> tuple:
+  """The LOSSY acceptance rule the config asks for, () for lossless verification."""
+  beta, tau = int(_get(cfg, "gad_beta", 1)), float(_get(cfg, "gad_tau", 0.0))
+  if beta > 1 and tau > 0:
+    return ("gad_plus", beta, tau)
+  eps = float(_get(cfg, "lenience", 1.0))
+  return ("lenient", eps) if eps < 1 else ()
 
 
 def _run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_new_tokens,
@@ -303,12 +320,16 @@ def _run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_ne
   from decoding.speculative import speculative_decode
   drafter, dparams = build_drafter(cfg, lm, params)
   sample = bool(_get(cfg, "do_sample", False))
+  relaxation = _relaxation(cfg)
+  if relaxation and drafter.kind != "chain":
+    raise GenerationError(f"{relaxation[0]} acceptance applies to chain drafters, not "
+                          f"{_get(cfg, 'drafter')!r} trees")
   eos = [int(e) for e in jax.device_get(eos_ids) if e >= 0]
   proc = processors.build(cfg, eos, sampling=sample)
   return speculative_decode(lm, params, drafter, dparams, prompts, prompt_len, row_keys, eos_ids,
                             processor=proc, reads_context=processors.reads_context(cfg),
                             sample=sample, pad_id=pad_id, max_new_tokens=max_new_tokens,
-                            cache_len=cache_len + drafter.block)
+                            cache_len=cache_len + drafter.block, relaxation=relaxation)
 
 
 register_strategy(Strategy("speculative", _run, sampling=False, validate=_validate))

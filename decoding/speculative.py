@@ -267,7 +267,7 @@ def init(lm, params, drafter: Drafter, dparams, prompts: Array, prompt_len: Arra
 
 def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
          processor: LogitsProcessor, reads_context: bool, sample: bool,
-         max_new_tokens: int) -> SpecState:
+         max_new_tokens: int, relaxation: tuple = ()) -> SpecState:
   """One propose / score / verify / commit iteration for the whole batch."""
   B = s.seq_len.shape[0]
   D = drafter.depth
@@ -290,9 +290,13 @@ def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
   out = lm(params, tokens, positions, cache, mask)
   processed = process_block(processor, reads_context, out.logits, view, tokens, parents, depth, D)
   offsets = s.num_generated
-  if drafter.kind == "chain":
+  if drafter.kind == "chain" and relaxation and relaxation[0] == "gad_plus":
+    v = verify.verify_chain_relaxed(processed, tokens[:, 1:], relaxation[1], relaxation[2])
+  elif drafter.kind == "chain":
+    lenience = relaxation[1] if relaxation and relaxation[0] == "lenient" else 1.0
     v = verify.verify_chain(processed, tokens[:, 1:], draft.probs if sample else None,
-                            s.row_keys, sample, offsets)
+                            s.row_keys, sample, offsets, lenience)
+  if drafter.kind == "chain":
     n = v.num_accepted
     j = jnp.arange(K + 1)[None]
     nxt = v.next_token
@@ -359,20 +363,32 @@ def finalize(s: SpecState, pad_id: int, max_new_tokens: int) -> core.DecodeResul
               "verified_tokens": s.emitted})
 
 
+RELAXATIONS = ("gad_plus", "lenient")
+
+
 @functools.partial(jax.jit, static_argnames=("lm", "drafter", "processor", "reads_context",
                                              "sample", "pad_id", "max_new_tokens",
-                                             "cache_len"))
+                                             "cache_len", "relaxation"))
 def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, prompt_len: Array,
                        row_keys: Array, eos_ids: Array, *, processor: LogitsProcessor,
                        reads_context: bool, sample: bool, pad_id: int, max_new_tokens: int,
-                       cache_len: int) -> core.DecodeResult:
+                       cache_len: int, relaxation: tuple = ()) -> core.DecodeResult:
   """Speculative decoding of a ragged batch, jitted (static shapes: bucket them).
 
   prompts [B, P] right-padded, prompt_len [B] (>= 1), row_keys [B, 2], eos_ids [E].
   `cache_len` must hold P + max_new_tokens + drafter.block slots. Returns a DecodeResult
   whose `extras` hold per-row `target_calls`, `accepted_drafts` and `verified_tokens`
   (tau = verified_tokens / target_calls).
+
+  relaxation: () for lossless verification, or a LOSSY acceptance rule for chains:
+  ("gad_plus", beta, tau) (greedy; `verify.verify_chain_relaxed`) or ("lenient", epsilon)
+  (sampling; DistillSpec's lenience, `verify.verify_chain`).
   """
+  if relaxation:
+    if relaxation[0] not in RELAXATIONS or drafter.kind != "chain":
+      raise ValueError(f"relaxation {relaxation!r}: one of {RELAXATIONS}, chain drafters only")
+    if (relaxation[0] == "gad_plus") == sample:
+      raise ValueError("gad_plus relaxes greedy verification, lenient relaxes sampling")
   s = init(lm, params, drafter, dparams, prompts, prompt_len, row_keys, eos_ids, processor,
            sample, pad_id, max_new_tokens, cache_len)
 
@@ -381,7 +397,7 @@ def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, pr
 
   def body(s):
     return step(lm, params, drafter, dparams, s, eos_ids, processor, reads_context, sample,
-                max_new_tokens)
+                max_new_tokens, relaxation)
 
   s = jax.lax.while_loop(cond, body, s)
   res = finalize(s, pad_id, max_new_tokens)

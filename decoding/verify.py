@@ -102,7 +102,8 @@ def _leading_true(match: Array) -> Array:
 
 
 def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optional[Array],
-                 keys: Array, sample: bool, offsets: Optional[Array] = None) -> ChainVerdict:
+                 keys: Array, sample: bool, offsets: Optional[Array] = None,
+                 lenience: float = 1.0) -> ChainVerdict:
   """Verifies a chain of K drafts per row.
 
   target_logits: [B, K+1, V] processed target logits (row j predicts draft j, row K the
@@ -126,8 +127,8 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
   p_d = jnp.take_along_axis(p[:, :K], draft_tokens[..., None], -1)[..., 0]  # [B, K]
   q_d = jnp.take_along_axis(q, draft_tokens[..., None], -1)[..., 0]
   u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(pkeys[:, :K])
-  # accept iff u < p/q, written without the division (q_d > 0 for a sampled draft)
-  n = _leading_true(u * q_d < p_d)
+  # accept iff u < p/(eps q), written without the division (q_d > 0 for a sampled draft)
+  n = _leading_true(u * lenience * q_d < p_d)
   rows = jnp.arange(B)
   p_n = p[rows, n]  # [B, V]
   q_n = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)[rows, n]  # 0 at the bonus slot
@@ -138,6 +139,33 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
   logits = jnp.where(residual > 0, jnp.log(residual), -jnp.inf)
   nxt = jax.vmap(jax.random.categorical)(pkeys[rows, n], logits).astype(jnp.int32)
   return ChainVerdict(num_accepted=n, next_token=nxt)
+
+
+def verify_chain_relaxed(target_logits: Array, draft_tokens: Array, beta: int,
+                         tau: float) -> ChainVerdict:
+  """GAD++ relaxed acceptance ("Lossless Acceleration for Seq2seq Generation with
+  Aggressive Decoding", Ge et al., 2022), greedy only and LOSSY.
+
+  With logp = log_softmax of the processed target logits, draft d_j is accepted iff it
+  ranks among the top `beta` tokens at position j (ties toward the lowest id, as argmax)
+  and logp_j(top-1) - logp_j(d_j) <= tau; the leading accepted drafts are kept and the
+  target's top-1 follows them. beta <= 1 or tau <= 0 is exactly greedy verification
+  (vanilla GAD). beta and tau are static Python numbers.
+  """
+  B, K1, V = target_logits.shape
+  K = K1 - 1
+  top1 = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+  d = draft_tokens.astype(jnp.int32)
+  if int(beta) <= 1 or float(tau) <= 0.0:
+    ok = d == top1[:, :K]
+  else:
+    logp = jax.nn.log_softmax(target_logits[:, :K].astype(jnp.float32), axis=-1)  # [B, K, V]
+    d_lp = jnp.take_along_axis(logp, d[..., None], axis=-1)  # [B, K, 1]
+    v = jnp.arange(V)[None, None]
+    rank = jnp.sum((logp > d_lp) | ((logp == d_lp) & (v < d[..., None])), axis=-1)
+    ok = (rank < int(beta)) & (jnp.max(logp, axis=-1) - d_lp[..., 0] <= float(tau))
+  n = _leading_true(ok)
+  return ChainVerdict(num_accepted=n, next_token=jnp.take_along_axis(top1, n[:, None], 1)[:, 0])
 
 
 def ancestor_matrix(parents: Array, max_depth: int) -> Array:

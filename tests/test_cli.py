@@ -63,7 +63,7 @@ def test_cli_reports_bad_values_without_traceback():
 
 
 ISSUE_STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "momentum", "superposed",
-                    "best_of_n", "self_agreement")
+                    "best_of_n", "self_agreement", "speculative")
 
 
 @pytest.mark.parametrize("name", ISSUE_STRATEGIES)

@@ -398,3 +398,49 @@ def test_eagle_chain_and_tree_are_exact_whatever_the_head():
                   EagleDrafter(head, tree=True, tree_budget=8, max_depth=3, max_children=3)]:
     res = _spec(lm, params, drafter, hparams, prompts, lens, eos, proc, 18, reads_context=True)
     np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=f"tree={drafter.tree}")
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+def test_smollm2_speculative_greedy_equals_greedy(smollm, prompt_ids):
+  """On the real model, through `generate`: every drafter that needs no training gives the
+  greedy tokens (a ragged batch of raw and chat prompts)."""
+  import ml_collections
+  from configs import speculative as spec_cfg
+  prompts = [prompt_ids[1], prompt_ids[6], prompt_ids[7]]
+  eos, pad = [smollm.tokenizer.eos_id], smollm.tokenizer.pad_id
+  base = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=24, batch_size=4))
+  ref = generation.generate(smollm.lm, smollm.params, prompts, base, eos, pad)
+  for drafter, extra in [("prompt_lookup", dict(num_draft_tokens=6)),
+                         ("self", dict(draft_layers=10, num_draft_tokens=3))]:
+    c = spec_cfg.get_config()
+    c.max_new_tokens, c.batch_size, c.drafter = 24, 4, drafter
+    for k, v in extra.items():
+      c[k] = v
+    out = generation.generate(smollm.lm, smollm.params, prompts, c, eos, pad)
+    assert [o.output_ids for o in out] == [r.output_ids for r in ref], drafter
+    for o, r in zip(out, ref):
+      np.testing.assert_allclose(o.token_logprobs, r.token_logprobs, atol=2e-3)
+      assert o.extras["target_calls"] >= 1
+
+
+def test_lossy_rules_reduce_to_the_lossless_ones_at_their_neutral_settings():
+  """GAD++ with beta = 1 or tau = 0 is greedy verification; a larger beta/tau accepts at
+  least as much. Lenience 1 is the lossless rule; lenience < 1 accepts at least as much."""
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(64, 5, 7) * 2, jnp.float32)
+  drafts = jnp.asarray(rng.randint(0, 7, (64, 4)), jnp.int32)
+  exact = verify.verify_chain(logits, drafts, None, _keys(64), sample=False)
+  for beta, tau in [(1, 3.0), (5, 0.0)]:
+    r = verify.verify_chain_relaxed(logits, drafts, beta, tau)
+    np.testing.assert_array_equal(r.num_accepted, exact.num_accepted)
+    np.testing.assert_array_equal(r.next_token, exact.next_token)
+  loose = verify.verify_chain_relaxed(logits, drafts, 5, 3.0)
+  assert np.all(loose.num_accepted >= exact.num_accepted)
+  assert loose.num_accepted.sum() > exact.num_accepted.sum()
+  q = jax.nn.softmax(jnp.asarray(rng.randn(64, 4, 7), jnp.float32), -1)
+  strict = verify.verify_chain(logits, drafts, q, _keys(64), sample=True)
+  same = verify.verify_chain(logits, drafts, q, _keys(64), sample=True, lenience=1.0)
+  lenient = verify.verify_chain(logits, drafts, q, _keys(64), sample=True, lenience=0.3)
+  np.testing.assert_array_equal(strict.num_accepted, same.num_accepted)
+  assert np.all(lenient.num_accepted >= strict.num_accepted)
