@@ -34,8 +34,68 @@ def _write(sequences: Array, pos: Array, tok: Array) -> Array:
   return sequences.at[jnp.arange(sequences.shape[0]), pos].set(tok, mode="drop")
 
 
+def draft_chain(view: DraftView, processor, sample: bool, K: int, state, logits_of, advance):
+  """Autoregressive chain drafting shared by draft models and feature heads.
+
+  logits_of(state) -> [B, V] raw draft logits for the next position; advance(state, tok,
+  j) -> state after feeding draft j (tok [B]). Each draft is the argmax of the processed
+  draft logits (context: the row plus the drafts so far) or, in sampling mode, a draw
+  from q = softmax(processed) with the draft key of its position. Returns
+  (ChainDraft(tokens [B, K], probs [B, K, V] when sampling), final state).
+  """
+  pkeys = verify.position_keys(view.row_keys, view.num_generated, K)  # [B, K, 2]
+
+  def choose(state, seqs, j):
+    processed = processor(logits_of(state), view.replace(sequences=seqs).context(j))
+    if sample:
+      keys = jax.vmap(verify.draft_key)(pkeys[:, j])
+      tok = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+    else:
+      tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    return tok, jax.nn.softmax(processed, axis=-1)
+
+  def body(carry, j):
+    state, seqs = carry
+    tok, q = choose(state, seqs, j)
+    return (advance(state, tok, j), _write(seqs, view.seq_len + j, tok)), (tok, q)
+
+  (state, seqs), (toks, qs) = jax.lax.scan(body, (state, view.sequences), jnp.arange(K - 1))
+  last_tok, last_q = choose(state, seqs, K - 1)
+  tokens = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last_tok[:, None]], axis=1)
+  probs = None
+  if sample:
+    probs = jnp.concatenate([jnp.moveaxis(qs, 0, 1), last_q[:, None]], axis=1)
+  return ChainDraft(tokens=tokens, probs=probs), state
+
+
+class DraftModelMixin:
+  """A draft language model (`draft_lm`, or the target's first `self_layers` layers) with
+  its own KV cache, prefilled with the prompts."""
+
+  def _model(self, dparams, tparams):
+    if self.self_layers is not None:
+      return self.draft_lm.truncated(tparams, self.self_layers)
+    return self.draft_lm, dparams
+
+  def init(self, dparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo, cache_len):
+    lm, p = self._model(dparams, tparams)
+    cache = jax.lax.optimization_barrier(lm.init_cache(prompts.shape[0], cache_len))
+    _, cache = core.prefill(lm, p, prompts, prompt_len, cache)
+    return cache
+
+  def _root(self, lm, p, cache, view: DraftView):
+    """Rolls the cache back to seq_len - 2 and feeds the row's last two tokens: returns
+    the draft's output after the last token (logits [B, 1, V]) and its cache."""
+    B = view.seq_len.shape[0]
+    L = view.seq_len
+    rows = jnp.arange(B)
+    two = jnp.stack([view.sequences[rows, L - 2], view.sequences[rows, L - 1]], axis=1)
+    return lm(p, two, jnp.stack([L - 2, L - 1], axis=1), cache.with_lengths(L - 2),
+              logits_at=jnp.ones((B, 1), jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelDrafter(Drafter):
+class ModelDrafter(DraftModelMixin, Drafter):
   """K tokens from a draft language model (any object with the TransformerLM boundary).
 
   Its cache holds the row's tokens; before proposing, it is rolled back to
@@ -49,53 +109,17 @@ class ModelDrafter(Drafter):
   self_layers: Optional[int] = None
   kind: str = "chain"
 
-  def _model(self, dparams, tparams):
-    if self.self_layers is not None:
-      return self.draft_lm.truncated(tparams, self.self_layers)
-    return self.draft_lm, dparams
-
-  def init(self, dparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo, cache_len):
-    lm, p = self._model(dparams, tparams)
-    cache = jax.lax.optimization_barrier(lm.init_cache(prompts.shape[0], cache_len))
-    _, cache = core.prefill(lm, p, prompts, prompt_len, cache)
-    return cache
-
   def propose(self, dparams, tparams, cache, view: DraftView, processor, sample: bool):
     lm, p = self._model(dparams, tparams)
-    B = view.seq_len.shape[0]
-    K = self.num_draft
-    L = view.seq_len
-    rows = jnp.arange(B)
-    two = jnp.stack([view.sequences[rows, L - 2], view.sequences[rows, L - 1]], axis=1)
-    out = lm(p, two, jnp.stack([L - 2, L - 1], axis=1), cache.with_lengths(L - 2),
-             logits_at=jnp.ones((B, 1), jnp.int32))
-    pkeys = verify.position_keys(view.row_keys, view.num_generated, K)  # [B, K, 2]
+    out = self._root(lm, p, cache, view)
 
-    def choose(logits, seqs, j):
-      ctx = view.replace(sequences=seqs).context(j)
-      processed = processor(logits, ctx)
-      if sample:
-        keys = jax.vmap(verify.draft_key)(pkeys[:, j])
-        tok = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
-      else:
-        tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-      return tok, jax.nn.softmax(processed, axis=-1)
+    def advance(state, tok, j):
+      o = lm(p, tok[:, None], (view.seq_len + j)[:, None], state[1])
+      return o.logits[:, 0], o.cache
 
-    def body(carry, j):
-      logits, seqs, cache = carry
-      tok, q = choose(logits, seqs, j)
-      seqs = _write(seqs, L + j, tok)
-      o = lm(p, tok[:, None], (L + j)[:, None], cache)
-      return (o.logits[:, 0], seqs, o.cache), (tok, q)
-
-    (logits, seqs, cache), (toks, qs) = jax.lax.scan(
-        body, (out.logits[:, 0], view.sequences, out.cache), jnp.arange(K - 1))
-    last_tok, last_q = choose(logits, seqs, K - 1)
-    tokens = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last_tok[:, None]], axis=1)
-    probs = None
-    if sample:
-      probs = jnp.concatenate([jnp.moveaxis(qs, 0, 1), last_q[:, None]], axis=1)
-    return ChainDraft(tokens=tokens, probs=probs), cache
+    draft, (_, cache) = draft_chain(view, processor, sample, self.num_draft,
+                                    (out.logits[:, 0], out.cache), lambda s: s[0], advance)
+    return draft, cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +211,26 @@ def _self_layers(cfg, lm) -> int:
   return k
 
 
-def load_draft_model(name_or_path: str, lm):
+def load_draft_model(name_or_path: str, lm, params=None, target_name: str = ""):
   """A separate draft language model by registered name or path, checked to share the
-  target's vocabulary (same size; token ids must mean the same tokens)."""
-  from models.lm import load_model
+  target's vocabulary (same size; token ids must mean the same tokens). DistillSpec drafts
+  (`train.distillspec.DRAFTS` names or folders with a draft manifest) are rebuilt from the
+  target and their trained layers."""
+  import os
+  import types
   if not name_or_path:
     raise GenerationError("drafter='model' needs draft_model (a registered name or a path)")
+  from train import distillspec
+  if name_or_path in distillspec.DRAFTS or os.path.isfile(
+      os.path.join(name_or_path, distillspec.DRAFT_MANIFEST)):
+    key = (name_or_path, id(params))
+    if key not in _MODEL_CACHE:
+      target = types.SimpleNamespace(lm=lm, params=params, name=target_name)
+      try:
+        _MODEL_CACHE[key] = distillspec.load_draft(name_or_path, target)
+      except (ValueError, FileNotFoundError) as e:
+        raise GenerationError(f"cannot load draft_model {name_or_path!r}: {e}") from e
+    return _MODEL_CACHE[key]
   try:
     m = _cached_model(name_or_path, lm.config.dtype)
   except (ValueError, FileNotFoundError) as e:
@@ -219,7 +257,7 @@ def _build_self(cfg, lm, params):
 
 
 def _build_model(cfg, lm, params):
-  dlm, dparams = load_draft_model(_get(cfg, "draft_model", ""), lm)
+  dlm, dparams = load_draft_model(_get(cfg, "draft_model", ""), lm, params, _get(cfg, "model", ""))
   return ModelDrafter(dlm, _positive(cfg, "num_draft_tokens", 4)), dparams
 
 
@@ -241,7 +279,7 @@ def _build_dyspec(cfg, lm, params):
   from decoding.trees import DySpecDrafter
   name = _get(cfg, "draft_model", "")
   if name:
-    dlm, dparams = load_draft_model(name, lm)
+    dlm, dparams = load_draft_model(name, lm, params, _get(cfg, "model", ""))
     return DySpecDrafter(dlm, **_tree_args(cfg)), dparams
   return DySpecDrafter(lm, self_layers=_self_layers(cfg, lm), **_tree_args(cfg)), None
 

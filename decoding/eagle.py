@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from decoding import verify
-from decoding.speculative import ChainDraft, DraftView, Drafter, PrefillInfo, TreeDraft, Verified
+from decoding.drafters import draft_chain
+from decoding.speculative import DraftView, Drafter, PrefillInfo, TreeDraft, Verified
 from decoding.trees import node_context
 
 Array = jax.Array
@@ -80,44 +80,19 @@ class EagleDrafter(Drafter):
                      state["root"])
     return {"cache": out.cache.with_lengths(start + v.count), "root": root}
 
-  def _logp(self, tparams, feats, processor, ctx):
-    logits = self.head.logits(tparams, feats)
-    return processor(logits, ctx)
-
   def propose(self, hparams, tparams, state, view: DraftView, processor, sample: bool):
     if self.tree:
       return self._tree(hparams, tparams, state, view, processor)
-    B = view.seq_len.shape[0]
-    K = self.num_draft
     L = view.seq_len
-    rows = jnp.arange(B)
-    pkeys = verify.position_keys(view.row_keys, view.num_generated, K)
 
-    def choose(feat, seqs, j):
-      processed = self._logp(tparams, feat, processor, view.replace(sequences=seqs).context(j))
-      if sample:
-        keys = jax.vmap(verify.draft_key)(pkeys[:, j])
-        tok = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
-      else:
-        tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-      return tok, jax.nn.softmax(processed, axis=-1)
+    def advance(st, tok, j):
+      o = self.head(hparams, tparams, st[0][:, None], tok[:, None], (L + j)[:, None], st[1])
+      return o.features[:, 0], o.cache
 
-    def body(carry, j):
-      feat, seqs, cache = carry
-      tok, q = choose(feat, seqs, j)
-      seqs = seqs.at[rows, L + j].set(tok, mode="drop")
-      o = self.head(hparams, tparams, feat[:, None], tok[:, None], (L + j)[:, None], cache)
-      return (o.features[:, 0], seqs, o.cache), (tok, q)
-
-    cache = state["cache"].with_lengths(L - 1)
-    (feat, seqs, _), (toks, qs) = jax.lax.scan(body, (state["root"], view.sequences, cache),
-                                               jnp.arange(K - 1))
-    last_tok, last_q = choose(feat, seqs, K - 1)
-    tokens = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last_tok[:, None]], axis=1)
-    probs = None
-    if sample:
-      probs = jnp.concatenate([jnp.moveaxis(qs, 0, 1), last_q[:, None]], axis=1)
-    return ChainDraft(tokens=tokens, probs=probs), state
+    draft, _ = draft_chain(view, processor, sample, self.num_draft,
+                           (state["root"], state["cache"].with_lengths(L - 1)),
+                           lambda st: self.head.logits(tparams, st[0]), advance)
+    return draft, state
 
   def _tree(self, hparams, tparams, state, view: DraftView, processor):
     B = view.seq_len.shape[0]
@@ -128,7 +103,8 @@ class EagleDrafter(Drafter):
     cache = state["cache"]
     T = cache.max_len
     # Candidate pool, index 0 = the root (depth 0); grows by k (depth 1) then k*k per depth.
-    root_lp = jax.nn.log_softmax(self._logp(tparams, state["root"], processor, view.context()), -1)
+    root_lp = jax.nn.log_softmax(
+        processor(self.head.logits(tparams, state["root"]), view.context()), -1)
     lp, tk = jax.lax.top_k(root_lp, k)
     pool_tok = jnp.concatenate([view.sequences[rows, L - 1][:, None], tk.astype(jnp.int32)], 1)
     pool_par = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), jnp.zeros((B, k), jnp.int32)], 1)

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from decoding import core
+from decoding.drafters import DraftModelMixin
 from decoding.speculative import (DraftView, Drafter, PrefillInfo, TreeDraft, Verified,
                                   _path_tokens)
 from decoding.processors import ProcessorContext
@@ -104,7 +104,7 @@ def best_first_tree(root_logp: Array, expand, aux: Any, budget: int, max_depth: 
 
 
 @dataclasses.dataclass(frozen=True)
-class DySpecDrafter(Drafter):
+class DySpecDrafter(DraftModelMixin, Drafter):
   """A draft language model grown into a DySpec tree of `tree_budget` nodes per call.
 
   `self_layers=k` drafts with the target's first k layers (see `ModelDrafter`).
@@ -120,25 +120,12 @@ class DySpecDrafter(Drafter):
   def tree_size(self) -> int:
     return self.tree_budget + 1
 
-  def _model(self, dparams, tparams):
-    if self.self_layers is not None:
-      return self.draft_lm.truncated(tparams, self.self_layers)
-    return self.draft_lm, dparams
-
-  def init(self, dparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo, cache_len):
-    lm, p = self._model(dparams, tparams)
-    cache = jax.lax.optimization_barrier(lm.init_cache(prompts.shape[0], cache_len))
-    _, cache = core.prefill(lm, p, prompts, prompt_len, cache)
-    return cache
-
   def propose(self, dparams, tparams, cache, view: DraftView, processor, sample: bool):
     lm, p = self._model(dparams, tparams)
     B = view.seq_len.shape[0]
     L = view.seq_len
     rows = jnp.arange(B)
-    two = jnp.stack([view.sequences[rows, L - 2], view.sequences[rows, L - 1]], axis=1)
-    out = lm(p, two, jnp.stack([L - 2, L - 1], axis=1), cache.with_lengths(L - 2),
-             logits_at=jnp.ones((B, 1), jnp.int32))
+    out = self._root(lm, p, cache, view)
     root_logp = jax.nn.log_softmax(processor(out.logits[:, 0], view.context()), axis=-1)
     T = cache.max_len
     N = self.tree_size

@@ -107,8 +107,14 @@ def _dequant(tensor) -> np.ndarray:
 
 
 def _stack_layers(per_layer: list[dict]) -> dict:
-  return {k: (_stack_layers([d[k] for d in per_layer]) if isinstance(per_layer[0][k], dict)
-              else np.stack([d[k] for d in per_layer])) for k in per_layer[0]}
+  """Stacks per-layer trees key by key, dropping each per-layer piece once stacked (peak
+  memory: one extra copy of one tensor kind, not of the whole model). Empties `per_layer`."""
+  out = {}
+  for k in list(per_layer[0]):
+    pieces = [d.pop(k) for d in per_layer]
+    out[k] = _stack_layers(pieces) if isinstance(pieces[0], dict) else np.stack(pieces)
+    del pieces
+  return out
 
 
 def _params_from_hf_like(get, config: ModelConfig, dtype) -> dict:
@@ -146,8 +152,12 @@ def _params_from_hf_like(get, config: ModelConfig, dtype) -> dict:
 
 
 def _to_jax(tree, dtype):
+  """numpy tree -> jax arrays, converted in place so each numpy array is freed as soon as
+  its device copy exists."""
   if isinstance(tree, dict):
-    return {k: _to_jax(v, dtype) for k, v in tree.items()}
+    for k in list(tree):
+      tree[k] = _to_jax(tree[k], dtype)
+    return tree
   return jnp.asarray(np.ascontiguousarray(tree), dtype=dtype)
 
 
