@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tree_children = 4  # children considered per node
   c.eagle_head = "eagle-smollm2-135m"  # drafter=eagle: a registered head name or a folder
   c.eagle_tree = True  # EAGLE-2 dynamic tree (False: a chain of num_draft_tokens)
+  c.gad_drafter = "gad-smollm2"  # drafter=gad: a trained block drafter (name or folder)
   # LOSSY acceptance rules (defaults = lossless): GAD++ top-beta / gap-tau (greedy, card 6)
   # and DistillSpec's lenience epsilon (sampling, card 21).
   c.gad_beta = 1

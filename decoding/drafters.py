@@ -306,6 +306,19 @@ def _build_eagle(cfg, lm, params):
                       **_tree_args(cfg)), hparams
 
 
+def _build_gad(cfg, lm, params):
+  from train import gad as train_gad
+  name = _get(cfg, "gad_drafter", "gad-smollm2")
+  key = ("gad", name, id(params))
+  if key not in _MODEL_CACHE:
+    try:
+      _MODEL_CACHE[key] = train_gad.load_gad_drafter(name, lm, params,
+                                                     target_name=_get(cfg, "model", None))
+    except (ValueError, FileNotFoundError) as e:
+      raise GenerationError(f"cannot load GAD drafter {name!r}: {e}") from e
+  return _MODEL_CACHE[key]
+
+
 def _target_sha(cfg):
   from models import registry
   name = _get(cfg, "model", registry.DEFAULT_MODEL)
@@ -314,6 +327,7 @@ def _target_sha(cfg):
 
 register_drafter("self", _build_self)
 register_drafter("eagle", _build_eagle)
+register_drafter("gad", _build_gad)
 register_drafter("model", _build_model)
 register_drafter("prompt_lookup", _build_lookup)
 register_drafter("dyspec", _build_dyspec)
