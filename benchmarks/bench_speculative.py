@@ -15,7 +15,8 @@ and seed):
 Tasks (fixed, deterministic prompt sets; none is used to train a drafter):
   chat  -- short questions answered with the chat template;
   code  -- the first HumanEval prompts, completed as raw text (no chat template);
-  copy  -- "repeat this passage" requests over Jane Austen passages of the test split (the
+  copy  -- "repeat this passage" requests over 60-word Jane Austen passages of the test
+           split, the answer started with the passage's first four words (the
            input-copying task of input-guided aggressive decoding).
 Also measured in the same run, as the anchor: Hugging Face transformers' prompt lookup
 decoding (`prompt_lookup_num_tokens`) against its own greedy decoding on the copy task.
@@ -92,7 +93,10 @@ def task_prompts(model, task: str, n: int) -> list[list[int]]:
           break
       if len(passages) == n:
         break
-    return [encode_text(model, "Repeat the following text exactly, word for word:\n\n" + p, cfg)
+    # The answer is started with the passage's first four words: without that prefix the
+    # 135M model often answers something else instead of copying.
+    ins = "Repeat the following text exactly, word for word:\n\n"
+    return [encode_text(model, ins + p, cfg) + model.tokenizer.encode(" ".join(p.split()[:4]))
             for p in passages]
   raise ValueError(f"unknown task {task!r}")
 
