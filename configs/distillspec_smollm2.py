@@ -1,0 +1,67 @@
+"""DistillSpec for SmolLM2-135M-Instruct: distill its 4-layer self-draft on-policy.
+
+"DistillSpec: Improving Speculative Decoding via Knowledge Distillation" (Zhou et al.,
+ICLR 2024). Run with
+
+    python -m train.distillspec --config=configs/distillspec_smollm2.py [--workdir=DIR]
+
+The draft is the target's first 4 of 30 layers + final norm + tied head
+(`TransformerLM.truncated`); the 4 layers and the final norm are trained, the embedding /
+head stay frozen, and the result is saved as the named draft "distillspec-smollm2-L4"
+(~/.cache/decodax/drafts/distillspec-smollm2-L4, not in git; `train.distillspec.load_draft`).
+
+Data: continuations of deterministic chat prompts (16 templates x 60 training subjects;
+held-out measurements use 20 other subjects) sampled at temperature 1 from the current
+draft every step (fully on-policy, the paper's key finding); `distillspec.mix` also takes
+"target" (target-sampled continuations) and "fixed" (Jane Austen corpus rows) fractions.
+Before and after training, `results.json` reports 1 - E[TVD] (the expected acceptance rate
+of speculative sampling), greedy agreement and the Monte Carlo acceptance of the shared
+verifier on target continuations of 32 held-out prompts.
+
+Scaled to a 2-core CPU: batch 8 x 64 generated tokens, 150 updates.
+"""
+import ml_collections
+
+from configs import train_base
+
+
+def get_config():
+  c = train_base.get_config()
+  c.task = "distillspec"  # run by train.distillspec (not train.main)
+  c.model.name = "smollm2-135m-instruct"
+
+  d = c.distillspec = ml_collections.ConfigDict()
+  d.num_layers = 4  # self-draft depth k (of 30)
+  d.divergence = "tvd"  # fkl | rkl | jsd | tvd (train/divergences.py)
+  d.jsd_beta = 0.5
+  d.temperature = 1.0  # distillation temperature, applied to both p and q
+  d.reduction = "sequence"  # "sequence": (1/|y|) sum_t D per row, then mean; "token"
+  d.mix = ml_collections.ConfigDict(dict(fixed=0.0, target=0.0, draft=1.0))
+  d.sample_temperature = 1.0  # temperature of target/draft-generated data (0 = greedy)
+  d.refresh_every = 1  # on-policy rows are regenerated from the current draft every N steps
+  d.prompts = "chat"  # "chat" (templated chat prompts) | "synthetic" (tokenizer-free tests)
+  d.prompt_len = 64  # prompt bucket (0: longest prompt rounded up to 16)
+  d.gen_len = 64  # continuation tokens per row (the loss sees only these)
+  d.num_train_prompts = 512
+  d.num_eval_prompts = 32
+  d.eval_gen_len = 64
+  # held-out rows: target continuations sampled at temperature 1 and/or greedy
+  d.eval_sets = "sampled,greedy"
+  d.mc_samples = 4  # Monte Carlo draws per held-out position through decoding.verify (0: off)
+  d.save_name = "distillspec-smollm2-L4"  # "" = do not save
+  d.save_dir = ""  # "" = drafts dir (train.distillspec.drafts_dir()) / save_name
+
+  c.data.source = "text_corpus"  # the "fixed" source (rows of prompt_len + gen_len tokens)
+  c.data.num_train = 256
+
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = "cosine"
+  c.optimizer.end_lr_fraction = 0.1
+  c.optimizer.grad_clip = 1.0
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_steps = 150
+  c.log_every = 5
+  c.checkpoint_every = 50
+  return c
