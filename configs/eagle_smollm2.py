@@ -14,7 +14,9 @@ them held out for the acceptance metrics, plus 96 rows of 256 tokens of plain Au
 10 warmup steps, cosine decay to 10%, global-norm clipping 0.5 as in EAGLE), with EAGLE's
 loss weights (SmoothL1 + 0.1 CE; the CE on 48 random answer pairs per row and step) and
 input-feature noise U(-0.1, 0.1) (SmolLM2's feature RMS is 1.86). Partial alignment
-regresses half of the feature dimensions (hypothesis, see models/draft_head.py).
+regresses half of the feature dimensions (hypothesis, see models/draft_head.py). The
+winning variant is then trained again for 300 updates (same schedule shape) and shipped to
+checkpoints/eagle-smollm2-135m if it beats its 120-update run on the held-out chains.
 
 Smoke run on a tiny random target (SmolLM2's tokenizer; a minute or two, mostly compiling):
     python -m train.draft_head --config=configs/eagle_smollm2.py --config.model.name=tiny \
@@ -94,4 +96,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.ship = ml_collections.ConfigDict()
   c.ship.enabled = True
   c.ship.path = "checkpoints/eagle-smollm2-135m"  # relative to the repository
+  c.ship.num_steps = 300  # then train the best variant this long; ship it if it is better
   return c

@@ -2,8 +2,6 @@
 on tiny random models."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,21 +44,24 @@ def _inputs(B, S, seed=0):
   return feats, toks, pos
 
 
+B = 8  # every test uses 8 rows and a 32-slot head cache: compiled functions are shared
+
+
 def test_incremental_decoding_equals_full_pass():
   tp, head, hp = _setup()
-  B, S = 2, 9
+  S = 9
   feats, toks, pos = _inputs(B, S)
   full = head(hp, tp, feats, toks, pos, None)
   assert full.cache is None
   assert full.features.shape == (B, S, TARGET.hidden_size)
   assert full.logits.shape == (B, S, TARGET.vocab_size) and full.logits.dtype == jnp.float32
   for blocks in ([1] * S, [3, 3, 3]):
-    cache, outs, s = head.init_cache(B, 16), [], 0
+    cache, outs, s = head.init_cache(B, 32), [], 0
     for n in blocks:
       out = head(hp, tp, feats[:, s:s + n], toks[:, s:s + n], pos[:, s:s + n], cache)
       cache, s = out.cache, s + n
       outs.append(out)
-    np.testing.assert_array_equal(np.asarray(cache.lengths), [S, S])
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [S] * B)
     np.testing.assert_allclose(jnp.concatenate([o.features for o in outs], 1), full.features,
                                atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(jnp.concatenate([o.logits for o in outs], 1), full.logits,
@@ -70,73 +71,74 @@ def test_incremental_decoding_equals_full_pass():
 
 
 def test_cache_mask_node_sees_only_its_ancestors():
-  """A tree grown inside the cache: prefix P (4 pairs), then nodes a, c (siblings), then b
-  (child of a), then d (child of b). d's output must equal the plain sequence P a b d."""
+  """A tree grown inside the cache: prefix (4 pairs), then nodes a, c (siblings), then b
+  (child of a), then d (child of b). Each node's output equals the plain sequence
+  prefix, a, b, d fed without a cache."""
   tp, head, hp = _setup()
-  feats, toks, _ = _inputs(1, 8, seed=1)
+  feats, toks, _ = _inputs(B, 8, seed=1)
   P = 4
-  f = lambda i: feats[:, i:i + 1]
-  t = lambda i: toks[:, i:i + 1]
-  p = lambda v: jnp.full((1, 1), v, jnp.int32)
-  a, c, b, d = 4, 5, 6, 7  # rows of feats/toks used for the nodes
-  pos_p = jnp.arange(1, P + 1, dtype=jnp.int32)[None]
-  cache = head.init_cache(1, 12)
-  cache = head(hp, tp, feats[:, :P], toks[:, :P], pos_p, cache).cache
-  # depth 1: a and c together, each sees the prefix and itself (not its sibling)
-  lvl1 = head(hp, tp, jnp.concatenate([f(a), f(c)], 1), jnp.concatenate([t(a), t(c)], 1),
-              jnp.full((1, 2), P + 1, jnp.int32), cache, attn_mask=jnp.eye(2, dtype=bool)[None])
-  cache = lvl1.cache  # slots: 0..3 prefix, 4 = a, 5 = c
-  slots = jnp.arange(12)
-  b_mask = ((slots < P) | (slots == 4))[None, None]  # prefix + a, not c
-  lvl2 = head(hp, tp, f(b), t(b), p(P + 2), cache, cache_mask=b_mask)
-  cache = lvl2.cache  # slot 6 = b
-  d_mask = ((slots < P) | (slots == 4) | (slots == 6))[None, None]
-  lvl3 = head(hp, tp, f(d), t(d), p(P + 3), cache, cache_mask=d_mask)
+  a, c, b, d = 4, 5, 6, 7  # columns of feats/toks used for the nodes
+  cols = lambda *i: (feats[:, list(i)], toks[:, list(i)])
+  at = lambda *v: jnp.broadcast_to(jnp.asarray(v, jnp.int32)[None], (B, len(v)))
+  slots = jnp.arange(32)
+  sees = lambda *extra: jnp.broadcast_to(
+      ((slots < P) | jnp.isin(slots, jnp.asarray(extra)))[None, None], (B, 1, 32))
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((2, 2), bool)), (B, 2, 2))
+  cache = head.init_cache(B, 32)
+  for s in (0, 2):  # the prefix, two pairs per call
+    cache = head(hp, tp, *cols(s, s + 1), at(s + 1, s + 2), cache, attn_mask=causal).cache
+  # depth 1: a and c in one call, each sees the prefix and itself, not its sibling
+  lvl1 = head(hp, tp, *cols(a, c), at(P + 1, P + 1), cache,
+              attn_mask=jnp.broadcast_to(jnp.eye(2, dtype=bool), (B, 2, 2)))
+  # slots now: 0..3 prefix, 4 = a, 5 = c
+  lvl2 = head(hp, tp, *cols(b), at(P + 2), lvl1.cache, cache_mask=sees(4))  # b: slot 6
+  lvl3 = head(hp, tp, *cols(d), at(P + 3), lvl2.cache, cache_mask=sees(4, 6))
   path = [0, 1, 2, 3, a, b, d]
-  plain = head(hp, tp, feats[:, path], toks[:, path],
-               jnp.arange(1, len(path) + 1, dtype=jnp.int32)[None], None)
-  np.testing.assert_allclose(lvl3.features[:, 0], plain.features[:, -1], atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(lvl2.features[:, 0], plain.features[:, -2], atol=2e-5, rtol=2e-5)
+  plain = head(hp, tp, *cols(*path), at(*range(1, len(path) + 1)), None)
   np.testing.assert_allclose(lvl1.logits[:, 0], plain.logits[:, 4], atol=2e-5, rtol=2e-5)
-  # without the mask, b would also see its sibling c, and its output changes
-  unmasked = head(hp, tp, f(b), t(b), p(P + 2), lvl1.cache)
-  assert not np.allclose(unmasked.features, lvl2.features, atol=1e-4)
+  np.testing.assert_allclose(lvl2.features[:, 0], plain.features[:, 5], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(lvl3.features[:, 0], plain.features[:, 6], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(lvl3.logits[:, 0], plain.logits[:, 6], atol=2e-5, rtol=2e-5)
+  # b allowed to see its sibling c too: a different output
+  leaky = head(hp, tp, *cols(b), at(P + 2), lvl1.cache, cache_mask=sees(4, 5))
+  assert not np.allclose(leaky.features, lvl2.features, atol=1e-4)
 
 
-def test_chain_metric_matches_step_by_step_drafting():
-  """`train.draft_head.chain_matches` (all chains at once through cache_mask) equals drafting
-  one chain at a time with a plain cache."""
+def _synthetic_arrays(tp, num, seed):
+  """Target arrays of `num` bigram-source rows of 24 tokens (6 prompt + 18 answer)."""
+  rows = tasks.synthetic_sequences(num, 24, TARGET.vocab_size, seed=seed)
+  examples = [{"prompt_ids": list(map(int, r[:6])), "answer_ids": list(map(int, r[6:]))}
+              for r in rows]
+  return tdh.target_arrays(TransformerLM(TARGET), tp, examples, 24, B, log=lambda s: None)
+
+
+def test_chain_drafts_match_step_by_step_drafting():
+  """`train.draft_head.chain_drafts` (every chain at once, through cache_mask) equals
+  drafting chain by chain with a plain cache, feeding f̂ back as the next feature."""
   tp, head, hp = _setup()
-  lm = TransformerLM(TARGET)
-  rows = tasks.synthetic_sequences(2, 12, TARGET.vocab_size, seed=3)
-  arrays = tdh.target_arrays(lm, tp, [{"prompt_ids": list(r[:4]), "answer_ids": list(r[4:])}
-                                      for r in rows], 12, 2, log=lambda s: None)
+  arrays = _synthetic_arrays(tp, B, seed=3)
   out_w = dh.output_weights(tp, head.config)
-  batch = {k: jnp.asarray(arrays[k]) for k in ("tokens", "hidden", "argmax")}
   depth = 3
-  m = np.asarray(tdh.chain_matches(head, hp, out_w, batch, depth))  # [B, depth, S]
-  toks, hid, am = arrays["tokens"], arrays["hidden"], arrays["argmax"]
-  for b in range(2):
-    for t0 in (2, 5, 7):
-      cache = head.init_cache(1, 16)
-      out = head(hp, tp, jnp.asarray(hid[b:b + 1, :t0 + 1]), jnp.asarray(toks[b:b + 1, 1:t0 + 2]),
-                 jnp.arange(1, t0 + 2, dtype=jnp.int32)[None], cache)
-      for j in range(1, depth + 1):
-        if j > 1:
-          out = head(hp, tp, out.features[:, -1:], jnp.asarray(toks[b:b + 1, t0 + j:t0 + j + 1]),
-                     jnp.full((1, 1), t0 + j, jnp.int32), out.cache)
-        got = int(jnp.argmax(out.logits[0, -1]))
-        assert m[b, j - 1, t0] == (got == am[b, t0 + j]), (b, t0, j)
+  drafts = np.asarray(tdh.chain_drafts(head, hp, out_w, arrays, depth))  # [B, depth, S]
+  toks, hid = jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["hidden"])
+  at = lambda v: jnp.full((B, 1), v, jnp.int32)
+  cache, after = head.init_cache(B, 32), []
+  for t in range(16):  # the true pairs one at a time; keep each prefix's cache and output
+    out = head(hp, tp, hid[:, t:t + 1], toks[:, t + 1:t + 2], at(t + 1), cache)
+    cache = out.cache
+    after.append(out)
+  for t0 in (5, 9, 15):
+    out = after[t0]  # depth 1 of the chain from t0
+    for j in range(1, depth + 1):
+      if j > 1:
+        out = head(hp, tp, out.features, toks[:, t0 + j:t0 + j + 1], at(t0 + j), out.cache)
+      np.testing.assert_array_equal(np.argmax(out.logits[:, 0], -1), drafts[:, j - 1, t0],
+                                    err_msg=f"t0={t0} depth={j}")
 
 
 def test_training_reduces_loss_and_raises_agreement():
-  lm = TransformerLM(TARGET)
   tp = transformer.init_params(TARGET, jax.random.PRNGKey(0))
-  # rows from a bigram source; the head learns the target's distributions on them
-  rows = tasks.synthetic_sequences(72, 24, TARGET.vocab_size, seed=5)
-  examples = [{"prompt_ids": list(map(int, r[:6])), "answer_ids": list(map(int, r[6:]))}
-              for r in rows]
-  arrays = tdh.target_arrays(lm, tp, examples, 24, 72, log=lambda s: None)
+  arrays = _synthetic_arrays(tp, 72, seed=5)  # the head learns the target's distributions
   train = {k: v[:64] for k, v in arrays.items()}
   held = {k: v[64:] for k, v in arrays.items()}
   head = HEAD

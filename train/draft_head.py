@@ -47,10 +47,12 @@ Pipeline (self-distillation, as EAGLE trains on the target's outputs):
 Four variants share data, steps and schedule: `eagle` (base), `fs` (+feature sampling),
 `pad` (+partial alignment), `fs_pad` (both). Each writes `<workdir>/<variant>/`
 (metrics.jsonl, results.json); the best by expected chain acceptance (measured on the
-bf16-rounded parameters that are shipped) is saved with `models.draft_head.save_head`.
+bf16-rounded parameters that are shipped) is saved with `models.draft_head.save_head`,
+after an optional longer run of it (`ship.num_steps`), kept if it does better.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -68,7 +70,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import draft_head as dh
-from models import transformer
 
 Array = jax.Array
 
@@ -208,7 +209,6 @@ def generate_answers(model: Any, prompts: Sequence[dict], dcfg: Any, target_sha:
   Prompts are grouped by token length before batching (each group is one call of
   `generation.generate`, so a short prompt is not padded to the longest one's bucket).
   """
-  import ml_collections
   from configs import generate as gen_config
   from decoding import generation
   tok = model.tokenizer
@@ -418,11 +418,12 @@ def chain_cache_mask(num_pairs: int, cache_len: int, depth: int) -> Array:
   return ((slot < S) & (slot <= t)) | own
 
 
-def chain_matches(head: dh.EagleHead, hp, out_w, batch: dict, depth: int) -> Array:
-  """[B, depth, S] bool: whether the draft argmax at depth j of the chain starting at pair t
-  equals the target's greedy token x_{t+j+1}. All chains of a row draft together through
-  one head cache of depth * S slots, each seeing only its context and its own drafts.
-  batch: tokens [B, T], hidden [B, T, D], argmax [B, T] (`target_arrays`)."""
+def chain_drafts(head: dh.EagleHead, hp, out_w, batch: dict, depth: int) -> Array:
+  """[B, depth, S] int32: the draft argmax at depth j (1..depth) of the chain starting at
+  pair t, i.e. the head's guess for x_{t+j+1} after drafting on its own features. All
+  chains of a row draft together through one head cache of depth * S slots, each seeing
+  only the true context up to t and its own earlier drafts (`chain_cache_mask`).
+  batch: tokens [B, T], hidden [B, T, D] (`target_arrays`)."""
   B, T = batch["tokens"].shape
   S = T - 1
   # the empty cache and the masks are arguments, not constants of the jitted function:
@@ -430,29 +431,40 @@ def chain_matches(head: dh.EagleHead, hp, out_w, batch: dict, depth: int) -> Arr
   cache = head.init_cache(B, depth * S)
   masks = jnp.stack([chain_cache_mask(S, depth * S, j) for j in range(2, depth + 1)]) if (
       depth > 1) else jnp.zeros((0, S, depth * S), bool)
-  return _chain_matches(head, hp, out_w, batch, cache, masks, jnp.eye(S, dtype=bool), depth)
+  return _chain_drafts(head, hp, out_w, batch["tokens"], batch["hidden"], cache, masks,
+                       jnp.eye(S, dtype=bool), depth)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _chain_matches(head, hp, out_w, batch, cache, masks, eye, depth):
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _chain_drafts(head, hp, out_w, tokens, hidden, cache, masks, eye, depth):
   cfg = head.config
-  tokens, hidden, am = batch["tokens"], batch["hidden"].astype(jnp.float32), batch["argmax"]
   B, T = tokens.shape
   S = T - 1
   eye = jnp.broadcast_to(eye[None], (B, S, S))
-  feats, matches = hidden[:, :-1], []
+  feats, drafts = hidden[:, :-1].astype(jnp.float32), []
   for j in range(1, depth + 1):
     # chain t at depth j: the pair (f̂_{t+j-1} (f_t at depth 1), x_{t+j}) at position t + j
-    shift = lambda x: jnp.pad(x[:, j:], ((0, 0), (0, j - 1)))  # x[:, t + j]
+    tok = jnp.pad(tokens[:, j:], ((0, 0), (0, j - 1)))  # x_{t+j}
     pos = jnp.broadcast_to(jnp.arange(j, S + j, dtype=jnp.int32), (B, S))
     if j == 1:
-      out = dh.head_forward(hp, cfg, out_w, feats, shift(tokens), pos, cache, None, None, True)
+      out = dh.head_forward(hp, cfg, out_w, feats, tok, pos, cache, None, None, True)
     else:
       cm = jnp.broadcast_to(masks[j - 2][None], (B, S, depth * S))
-      out = dh.head_forward(hp, cfg, out_w, feats, shift(tokens), pos, cache, eye, cm, True)
+      out = dh.head_forward(hp, cfg, out_w, feats, tok, pos, cache, eye, cm, True)
     cache, feats = out.cache, out.features
-    matches.append(jnp.argmax(out.logits, -1) == shift(am))
-  return jnp.stack(matches, axis=1)
+    drafts.append(jnp.argmax(out.logits, -1).astype(jnp.int32))
+  return jnp.stack(drafts, axis=1)
+
+
+def chain_matches(head: dh.EagleHead, hp, out_w, batch: dict, depth: int) -> np.ndarray:
+  """[B, depth, S] bool: whether the chain from pair t drafts at depth j the target's greedy
+  token x_{t+j+1} (`batch["argmax"][:, t + j]`)."""
+  drafts = np.asarray(chain_drafts(head, hp, out_w, batch, depth))
+  am = np.asarray(batch["argmax"])
+  S = drafts.shape[-1]
+  greedy = np.stack([np.pad(am[:, j:], ((0, 0), (0, j - 1)))[:, :S]
+                     for j in range(1, depth + 1)], axis=1)
+  return drafts == greedy
 
 
 def acceptance(head: dh.EagleHead, hp, out_w, arrays: dict, depth: int = 5,
@@ -661,6 +673,19 @@ def run(config: Any, log=print) -> dict:
   if config.ship.enabled and best is not None:
     head, hp = trained[best]
     res = summary["variants"][best]
+    ship_steps = int(config.ship.get("num_steps", 0))
+    if ship_steps and ship_steps != int(config.num_steps):
+      # the comparison picks the variant; the shipped head may then get a longer run of it,
+      # kept only if it beats the comparison run on the held-out chains
+      long_cfg = copy.deepcopy(config)
+      long_cfg.num_steps = ship_steps
+      hp_long, res_long = train_variant(best, head, out_w, train, heldout, long_cfg,
+                                        os.path.join(workdir, f"{best}_{ship_steps}steps"),
+                                        log=log)
+      summary["ship_run"] = res_long
+      if (res_long["heldout_acceptance_bf16"]["expected_accepted"]
+          > res["heldout_acceptance_bf16"]["expected_accepted"]):
+        hp, res = hp_long, res_long
     meta = {"target": name, "variant": best, "options": VARIANTS[best],
             "trained_by": " ".join(["python -m train.draft_head"] + sys.argv[1:]),
             "steps": res["steps"], "train_rows": summary["train_rows"],
@@ -682,6 +707,10 @@ def run(config: Any, log=print) -> dict:
     table.append(f"{vname:12s} {a['top1']:.3f}  " + " ".join(
         f"{a[f'accept_at_{j}']:.3f}" for j in range(1, config.eval.depth + 1))
         + f"   {a['expected_accepted']:.3f}     {a['tau']:.3f}")
+  if "ship_run" in summary:
+    a = summary["ship_run"]["heldout_acceptance_bf16"]
+    table.append(f"{best} x {summary['ship_run']['steps']} steps: top1 {a['top1']:.3f}, "
+                 f"E[accepted] {a['expected_accepted']:.3f}, tau {a['tau']:.3f}")
   log("\n".join(table))
   return summary
 
