@@ -46,7 +46,9 @@ length L therefore:
   * sets the cache length to L: the prefix stays cached, the masks' (and padding) entries
     beyond L are discarded and overwritten by the next proposal.
 So each proposal runs 2k + 1 inputs through the drafter, whatever the row's length.
-The drafter's cache needs L + k slots at most; `init` allocates `cache_len + k`.
+The drafter's cache needs L + k slots at most; `init` allocates `cache_len + k`. (With
+`num_masks = m > k`, a drafter trained with block m proposing only its first k slots, the
+m masks follow the same k + 1 tokens: k + 1 + m inputs, L + m slots.)
 """
 from __future__ import annotations
 

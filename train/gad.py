@@ -281,7 +281,8 @@ def compare_decoding(target_lm: TransformerLM, target_params: Any, drafter: gad.
 
 def block_metrics_fn(loss_fn, shared):
   """A jitted `(trainable, batch, key) -> metrics` of the drafter loss (for `evaluate_blocks`)."""
-  return jax.jit(lambda tr, b, k: loss_fn(assemble(tr, shared), b, k)[1])
+  fn = jax.jit(lambda tr, sh, b, k: loss_fn(assemble(tr, sh), b, k)[1])
+  return lambda tr, b, k: fn(tr, shared, b, k)  # `shared` passed, not baked in as a constant
 
 
 def calibrate_output_scale(metrics_fn, trainable: dict, batch: dict,
