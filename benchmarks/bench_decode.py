@@ -69,12 +69,12 @@ def time_ours(model, prompts, n_new: int, runs: int):
   return first, med, len(prompts) * n_new / med
 
 
-def load_hf():
-  """Hugging Face transformers on the same GGUF weights, fp32, eval mode."""
+def load_hf(name: str = "smollm2-135m-instruct"):
+  """Hugging Face transformers on the same GGUF weights (registry model `name`), fp32, eval."""
   import torch
   import transformers
   from models import registry
-  path, _, _ = registry.resolve("smollm2-135m-instruct")
+  path, _, _ = registry.resolve(name)
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
 

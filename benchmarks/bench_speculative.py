@@ -1,7 +1,7 @@
 """Speculative decoding benchmark: accepted tokens per target call and wall-clock speedup.
 
   python -m benchmarks.bench_speculative [--methods prompt_lookup,self,...] [--tasks chat,code,copy]
-      [--modes greedy,sample] [--batch_sizes 1,8] [--num_prompts 8] [--max_new_tokens 96]
+      [--modes greedy,sample] [--batch_sizes 1,8] [--num_prompts 8] [--batch1_prompts 0] [--max_new_tokens 96]
       [--runs 3] [--model smollm2-135m-instruct] [--skip_hf]
 
 For every method (a drafter configuration), task and mode, against our own non-speculative
@@ -28,10 +28,10 @@ import argparse
 import gzip
 import json
 import os
+import shlex
 import statistics
 import time
 
-import numpy as np
 
 from benchmarks.bench_decode import cpu_name, write_table
 from configs import generate as generate_cfg
@@ -52,21 +52,26 @@ CHAT = [
     "Suggest a name for a friendly robot and explain why.",
 ]
 
-# name -> config overrides. Methods whose drafter is not registered (trained drafters not
-# installed) are skipped with a note.
+# name -> config overrides. `_modes` / `_models` restrict a method to some decoding modes /
+# target models (the trained drafters exist for SmolLM2 only). Methods whose drafter is not
+# registered or whose trained weights are not installed are skipped with a note.
+SMOL = ("smollm2-135m-instruct",)
 METHODS = {
     "prompt_lookup": dict(drafter="prompt_lookup", num_draft_tokens=10,
                           prompt_lookup_max_ngram=3),
-    "self": dict(drafter="self", draft_layers=8, num_draft_tokens=3),
+    "self": dict(drafter="self", draft_layers=8, num_draft_tokens=3, _models=SMOL),
     "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=12, tree_depth=5,
-                   tree_children=3),
-    "eagle": dict(drafter="eagle", num_draft_tokens=4),
+                   tree_children=3, _models=SMOL),
+    "eagle": dict(drafter="eagle", num_draft_tokens=4, _models=SMOL),
     "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
-                       tree_children=4),
-    "gad": dict(drafter="gad"),
-    "gad++ (lossy)": dict(drafter="gad", gad_beta=5, gad_tau=3.0, _modes=("greedy",)),
+                       tree_children=4, _models=SMOL),
+    "gad": dict(drafter="gad", _models=SMOL),
+    "gad++ (lossy)": dict(drafter="gad", gad_beta=5, gad_tau=3.0, _modes=("greedy",),
+                          _models=SMOL),
     "distillspec": dict(drafter="model", draft_model="distillspec-smollm2-L4",
-                        num_draft_tokens=4),
+                        num_draft_tokens=4, _models=SMOL),
+    "qwen 0.5B draft": dict(drafter="model", draft_model="qwen2.5-coder-0.5b-instruct",
+                            num_draft_tokens=4, _models=("qwen2.5-coder-1.5b-instruct",)),
 }
 
 
@@ -117,11 +122,12 @@ def timed(model, prompts, cfg, runs):
   return statistics.median(times), out
 
 
-def hf_prompt_lookup(prompts, max_new: int, runs: int, num_tokens: int = 10):
+def hf_prompt_lookup(model_name: str, prompts, max_new: int, runs: int, eos: list, pad: int,
+                     num_tokens: int = 10):
   """HF greedy vs HF prompt lookup on the same prompts (batch 1): (greedy s, lookup s)."""
   import torch
   from benchmarks.bench_decode import load_hf
-  hf = load_hf()
+  hf = load_hf(model_name)
 
   def total(**kw):
     def once():
@@ -129,7 +135,7 @@ def hf_prompt_lookup(prompts, max_new: int, runs: int, num_tokens: int = 10):
       for p in prompts:
         ids = torch.tensor([p])
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                    do_sample=False, eos_token_id=2, pad_token_id=2, **kw)
+                    do_sample=False, eos_token_id=eos, pad_token_id=pad, **kw)
       return time.perf_counter() - t
     with torch.no_grad():
       once()
@@ -145,6 +151,8 @@ def main(argv=None):
   ap.add_argument("--modes", default="greedy,sample")
   ap.add_argument("--batch_sizes", default="1,8")
   ap.add_argument("--num_prompts", type=int, default=8)
+  ap.add_argument("--batch1_prompts", type=int, default=0,
+                  help="time batch 1 on the first N prompts only (0: all of them)")
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--runs", type=int, default=3)
@@ -156,9 +164,10 @@ def main(argv=None):
   out_path = args.out or f"results/speculative_{args.model}.json"
   rows, notes = [], []
   for task in args.tasks.split(","):
-    prompts = task_prompts(model, task, args.num_prompts)
+    all_prompts = task_prompts(model, task, args.num_prompts)
     for mode in args.modes.split(","):
       for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = all_prompts[:args.batch1_prompts] if bs == 1 and args.batch1_prompts else all_prompts
         base = generate_cfg.get_config()
         base.max_new_tokens, base.batch_size, base.seed = args.max_new_tokens, bs, 0
         base.strategy = "greedy" if mode == "greedy" else "sample"
@@ -171,7 +180,8 @@ def main(argv=None):
         print(f"[{task} {mode} b{bs}] baseline {b_tok / b_sec:.1f} tok/s", flush=True)
         for name in args.methods.split(","):
           over = dict(METHODS[name])
-          if mode not in over.pop("_modes", (mode,)):
+          if (mode not in over.pop("_modes", (mode,))
+              or args.model not in over.pop("_models", (args.model,))):
             continue
           if over["drafter"] not in drafters.DRAFTERS:
             notes.append(f"{name}: drafter {over['drafter']!r} not available")
@@ -192,7 +202,8 @@ def main(argv=None):
           lossy = "gad_beta" in over or "lenience" in over
           exact = (all(g.output_ids == r.output_ids for g, r in zip(out, b_out))
                    if mode == "greedy" and not lossy else None)
-          row = dict(task=task, mode=mode, batch=bs, method=name, tau=verified / max(calls, 1),
+          row = dict(task=task, mode=mode, batch=bs, prompts=len(prompts), method=name,
+                     tau=verified / max(calls, 1),
                      tokens=tok, seconds=sec, tokens_per_s=tok / sec,
                      baseline_tokens_per_s=b_tok / b_sec,
                      speedup=(tok / sec) / (b_tok / b_sec), exact=exact)
@@ -201,8 +212,10 @@ def main(argv=None):
                 flush=True)
   hf = None
   if not args.skip_hf and "copy" in args.tasks.split(","):
-    g_s, pl_s = hf_prompt_lookup(task_prompts(model, "copy", args.num_prompts),
-                                 args.max_new_tokens, args.runs)
+    eos, pad = eos_and_pad(model)
+    copy = task_prompts(model, "copy", args.num_prompts)[:args.batch1_prompts or None]
+    g_s, pl_s = hf_prompt_lookup(args.model, copy,
+                                 args.max_new_tokens, args.runs, eos, pad)
     hf = dict(greedy_seconds=g_s, prompt_lookup_seconds=pl_s, speedup=g_s / pl_s)
   result = dict(model=args.model, machine=cpu_name(), rows=rows, hf_prompt_lookup=hf,
                 notes=sorted(set(notes)), args=vars(args))
@@ -216,7 +229,9 @@ def main(argv=None):
 
 def render(result: dict) -> str:
   a = result["args"]
-  lines = [f"{result['model']}, fp32, {a['num_prompts']} prompts per task, up to "
+  n = f"{a['num_prompts']} prompts per task" + (
+      f" ({a['batch1_prompts']} at batch 1)" if a.get("batch1_prompts") else "")
+  lines = [f"{result['model']}, fp32, {n}, up to "
            f"{a['max_new_tokens']} new tokens (EOS stops), median of {a['runs']} warm runs, "
            f"{result['machine']}. tau = mean accepted tokens per target call; speedup = "
            "tokens/s over our own greedy (or sampling at T = "
@@ -233,8 +248,9 @@ def render(result: dict) -> str:
               f"({h['greedy_seconds']:.1f} s vs {h['prompt_lookup_seconds']:.1f} s)."]
   if result.get("notes"):
     lines += ["", "Not run: " + "; ".join(result["notes"]) + "."]
-  cmd = " ".join(f"--{k}={v}" for k, v in a.items()
-                 if k in ("methods", "tasks", "modes", "batch_sizes", "num_prompts",
+  cmd = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in a.items()
+                 if k in ("model", "methods", "tasks", "modes", "batch_sizes", "num_prompts",
+                          "batch1_prompts",
                           "max_new_tokens", "runs"))
   lines += ["", f"`python -m benchmarks.bench_speculative {cmd}`"]
   return "\n".join(lines)

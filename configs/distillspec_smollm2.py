@@ -17,14 +17,18 @@ On-policy data alone does not work from this starting point: the untrained 4-lay
 self-draft writes repetitive junk, the target agrees with it on its own loops ("::::",
 blank lines), and after 30 on-policy-only steps the draft had collapsed into them
 (held-out 1 - E[TVD] 0.081 -> 0.017); with the target-generated half the same budget
-doubled it (0.081 -> 0.165). TVD beat FKL at equal budget (0.165 vs 0.104 held-out
+doubled it (0.081 -> 0.165), and target-generated rows alone (no on-policy half, the
+supervised baseline of the paper) reached 0.179: at this tiny budget on-policy data does not
+help yet. TVD beat FKL at equal budget (0.165 vs 0.104 held-out
 acceptance); `mix.fixed` (Jane Austen corpus rows) is the third source.
 
 Before and after training, `results.json` reports 1 - E[TVD] (the expected acceptance rate
 of speculative sampling), greedy agreement and the Monte Carlo acceptance of the shared
 verifier on target continuations of 32 held-out prompts (sampled and greedy).
 
-Scaled to a 2-core CPU: batch 8 x 64 generated tokens, 60 updates at lr 1e-3.
+Scaled to a 2-core CPU: batch 8 x 64 generated tokens, 30 updates at peak lr 5e-4 (about
+30 min on 2 cores). This config is the run behind the reported numbers: held-out 1 - E[TVD]
+0.081 -> 0.165 (sampled continuations), 0.073 -> 0.170 (greedy continuations).
 """
 import ml_collections
 
@@ -60,14 +64,14 @@ def get_config():
   c.data.source = "text_corpus"  # the "fixed" source (rows of prompt_len + gen_len tokens)
   c.data.num_train = 256
 
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 5
+  c.optimizer.learning_rate = 5e-4
+  c.optimizer.warmup_steps = 3
   c.optimizer.schedule = "cosine"
   c.optimizer.end_lr_fraction = 0.1
   c.optimizer.grad_clip = 1.0
   c.batch_size = 8
   c.eval_batch_size = 8
-  c.num_steps = 60
+  c.num_steps = 30
   c.log_every = 5
-  c.checkpoint_every = 20
+  c.checkpoint_every = 10
   return c

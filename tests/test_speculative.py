@@ -380,9 +380,8 @@ def test_unknown_drafter_and_bad_values_fail_before_compiling():
 # ---------------------------------------------------------------------------- EAGLE heads
 
 def test_eagle_chain_and_tree_are_exact_whatever_the_head():
-  """An untrained (random) EAGLE head, as chain and as EAGLE-2 tree: greedy is exact, and a
-  head that copies the target's own features... is not needed: exactness must not depend
-  on the head at all."""
+  """An untrained (random) EAGLE head, as chain and as EAGLE-2 tree, still gives exactly the
+  greedy tokens: exactness must not depend on the head at all."""
   from decoding.eagle import EagleDrafter
   from models import draft_head
   cfg = tiny_config(vocab_size=24, num_layers=2)

@@ -786,13 +786,6 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
                                       seed=config.seed)
     return out
 
-  if int(d.mc_samples) > 0:
-    try:
-      from decoding import verify  # noqa: F401
-    except ImportError:
-      logging.warning("decoding.verify is missing: no Monte Carlo acceptance in the report")
-      d.mc_samples = 0
-
   num_steps = int(config.num_steps)
   optimizer = optim.make_optimizer(config.optimizer, num_steps)
   loss_fn = distill_loss(target.lm, draft_lm, d.divergence, temperature=d.temperature,
@@ -857,30 +850,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   return results
 
 
-def main(argv):
-  del argv
-  import sys
-  from absl import flags
-  config = flags.FLAGS.config
-  if config is None:
-    print("error: --config is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    validate(config)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  workdir = flags.FLAGS.workdir or os.path.join(
-      os.path.expanduser("~"), ".cache", "decodax", "runs", config.distillspec.save_name
-      or "distillspec")
-  print(json.dumps(run(config, workdir), indent=1))
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
-                                  lock_config=False)
-  flags.DEFINE_string("workdir", "", "checkpoints, metrics and results (default: "
-                      "~/.cache/decodax/runs/<save_name>)")
-  app.run(main)
+  from train.script import run_script
+  run_script(run, validate=validate,
+             run_name=lambda c: c.distillspec.save_name or "distillspec")

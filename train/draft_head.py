@@ -715,25 +715,20 @@ def run(config: Any, log=print) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  config = flags.FLAGS.config
-  if config is None:
-    print("error: --config is required", file=sys.stderr)
-    sys.exit(2)
+def validate(config: Any) -> None:
+  """Config errors, raised before any model is loaded."""
   unknown = [v for v in config.variants if v not in VARIANTS]
   if unknown:
-    print(f"error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
-    sys.exit(2)
+    raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+
+
+def _run_quietly(config: Any) -> dict:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax and the trainer log every save / step at INFO
-  run(config, log=lambda s: print(s, flush=True))
+  return run(config, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":
-  from absl import app
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "draft-head config (configs/eagle_smollm2.py)",
-                                  lock_config=False)
-  app.run(main)
+  from train.script import run_script
+  run_script(_run_quietly, validate=validate, print_result=False,
+             config_help="draft-head config (configs/eagle_smollm2.py)")

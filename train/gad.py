@@ -477,6 +477,8 @@ def validate(config: Any) -> None:
     raise ValueError("gad.gen_len must be >= 2")
   if config.num_steps < 1:
     raise ValueError("set num_steps >= 1")
+  if int(config.batch_size) < 1:
+    raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
   if any(not 1 <= int(k) <= int(g.block) for k in g.eval_num_draft):
     raise ValueError(f"gad.eval_num_draft must be in [1, block={g.block}], got {g.eval_num_draft}")
   for beta, tau in g.plus:
@@ -629,29 +631,6 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   return results
 
 
-def main(argv):
-  del argv
-  import sys
-  from absl import flags
-  config = flags.FLAGS.config
-  if config is None:
-    print("error: --config is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    validate(config)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  workdir = flags.FLAGS.workdir or os.path.join(
-      os.path.expanduser("~"), ".cache", "decodax", "runs", config.gad.save_name or "gad")
-  print(json.dumps(run(config, workdir), indent=1, default=str))
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
-                                  lock_config=False)
-  flags.DEFINE_string("workdir", "", "checkpoints, metrics, rows and results (default: "
-                      "~/.cache/decodax/runs/<save_name>)")
-  app.run(main)
+  from train.script import run_script
+  run_script(run, validate=validate, run_name=lambda c: c.gad.save_name or "gad")

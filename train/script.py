@@ -1,0 +1,61 @@
+"""The shared command line of the standalone training scripts.
+
+`python -m train.distillspec`, `python -m train.gad` and `python -m train.draft_head` all take
+`--config=configs/NAME.py` (ml_collections overrides such as `--config.num_steps=10` work) and,
+where the script writes a run folder, `--workdir=DIR`. Config errors are reported as one line on
+stderr with exit status 2, before any model is loaded or compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Optional
+
+
+def runs_dir() -> str:
+  """Default parent of run folders: ~/.cache/decodax/runs."""
+  return os.path.join(os.path.expanduser("~"), ".cache", "decodax", "runs")
+
+
+def run_script(run: Callable[..., Any], *, validate: Optional[Callable[[Any], None]] = None,
+               run_name: Optional[Callable[[Any], str]] = None,
+               config_help: str = "experiment config (configs/*.py)",
+               print_result: bool = True) -> None:
+  """Defines the flags and runs `run(config, workdir)` (or `run(config)` without `run_name`).
+
+  Args:
+    run: the script's library entry point.
+    validate: raises ValueError on a bad config; called before `run`.
+    run_name: the default run folder's name under `runs_dir()`; when given, the script takes
+      `--workdir` and `run` gets it as its second argument.
+    config_help: the `--config` flag's help text.
+    print_result: print what `run` returns as JSON.
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, config_help, lock_config=False)
+  if run_name is not None:
+    flags.DEFINE_string("workdir", "", "checkpoints, metrics and results (default: "
+                        f"{runs_dir()}/<run name>)")
+
+  def main(argv):
+    del argv
+    config = flags.FLAGS.config
+    if config is None:
+      print("error: --config is required", file=sys.stderr)
+      sys.exit(2)
+    try:
+      if validate is not None:
+        validate(config)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    if run_name is None:
+      result = run(config)
+    else:
+      result = run(config, flags.FLAGS.workdir or os.path.join(runs_dir(), run_name(config)))
+    if print_result:
+      print(json.dumps(result, indent=1, default=str))
+
+  app.run(main)
