@@ -1,7 +1,8 @@
 """Speculative decoding benchmark: accepted tokens per target call and wall-clock speedup.
 
   python -m benchmarks.bench_speculative [--methods prompt_lookup,self,...] [--tasks chat,code,copy]
-      [--modes greedy,sample] [--batch_sizes 1,8] [--num_prompts 8] [--batch1_prompts 0] [--max_new_tokens 96]
+      [--modes greedy,sample] [--batch_sizes 1,8] [--sample_batch_sizes 1]
+      [--num_prompts 8] [--batch1_prompts 0] [--max_new_tokens 96]
       [--runs 3] [--model smollm2-135m-instruct] [--skip_hf]
 
 For every method (a drafter configuration), task and mode, against our own non-speculative
@@ -59,8 +60,10 @@ SMOL = ("smollm2-135m-instruct",)
 METHODS = {
     "prompt_lookup": dict(drafter="prompt_lookup", num_draft_tokens=10,
                           prompt_lookup_max_ngram=3),
-    "self": dict(drafter="self", draft_layers=8, num_draft_tokens=3, _models=SMOL),
-    "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=12, tree_depth=5,
+    # the same drafter (first 8 layers) and the same budget of 6 drafted tokens per target
+    # call: a chain, and a DySpec tree
+    "self": dict(drafter="self", draft_layers=8, num_draft_tokens=6, _models=SMOL),
+    "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=6, tree_depth=4,
                    tree_children=3, _models=SMOL),
     "eagle": dict(drafter="eagle", num_draft_tokens=4, _models=SMOL),
     "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
@@ -150,6 +153,8 @@ def main(argv=None):
   ap.add_argument("--tasks", default="chat,code,copy")
   ap.add_argument("--modes", default="greedy,sample")
   ap.add_argument("--batch_sizes", default="1,8")
+  ap.add_argument("--sample_batch_sizes", default="",
+                  help="batch sizes of the sampling mode (default: --batch_sizes)")
   ap.add_argument("--num_prompts", type=int, default=8)
   ap.add_argument("--batch1_prompts", type=int, default=0,
                   help="time batch 1 on the first N prompts only (0: all of them)")
@@ -166,7 +171,9 @@ def main(argv=None):
   for task in args.tasks.split(","):
     all_prompts = task_prompts(model, task, args.num_prompts)
     for mode in args.modes.split(","):
-      for bs in [int(b) for b in args.batch_sizes.split(",")]:
+      sizes = args.sample_batch_sizes if mode == "sample" and args.sample_batch_sizes else (
+          args.batch_sizes)
+      for bs in [int(b) for b in sizes.split(",")]:
         prompts = all_prompts[:args.batch1_prompts] if bs == 1 and args.batch1_prompts else all_prompts
         base = generate_cfg.get_config()
         base.max_new_tokens, base.batch_size, base.seed = args.max_new_tokens, bs, 0
@@ -249,7 +256,8 @@ def render(result: dict) -> str:
   if result.get("notes"):
     lines += ["", "Not run: " + "; ".join(result["notes"]) + "."]
   cmd = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in a.items()
-                 if k in ("model", "methods", "tasks", "modes", "batch_sizes", "num_prompts",
+                 if k in ("model", "methods", "tasks", "modes", "batch_sizes",
+                          "sample_batch_sizes", "num_prompts",
                           "batch1_prompts",
                           "max_new_tokens", "runs"))
   lines += ["", f"`python -m benchmarks.bench_speculative {cmd}`"]

@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  # Under `pytest -n 2` each worker already has a core: one PyTorch thread per worker
+  # (the Hugging Face reference) instead of two workers each spawning one per core.
+  os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
