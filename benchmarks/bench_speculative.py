@@ -65,7 +65,7 @@ METHODS = {
     "self": dict(drafter="self", draft_layers=8, num_draft_tokens=6, _models=SMOL),
     "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=6, tree_depth=4,
                    tree_children=3, _models=SMOL),
-    "eagle": dict(drafter="eagle", num_draft_tokens=4, _models=SMOL),
+    "eagle": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4, _models=SMOL),
     "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
                        tree_children=4, _models=SMOL),
     "gad": dict(drafter="gad", _models=SMOL),
@@ -168,6 +168,13 @@ def main(argv=None):
   model = load_model(args.model)
   out_path = args.out or f"results/speculative_{args.model}.json"
   rows, notes = [], []
+  hf = None
+  if not args.skip_hf and "copy" in args.tasks.split(","):
+    eos, pad = eos_and_pad(model)
+    copy = task_prompts(model, "copy", args.num_prompts)[:args.batch1_prompts or None]
+    g_s, pl_s = hf_prompt_lookup(args.model, copy, args.max_new_tokens, args.runs, eos, pad)
+    hf = dict(greedy_seconds=g_s, prompt_lookup_seconds=pl_s, speedup=g_s / pl_s)
+    print(f"HF prompt lookup: {hf}", flush=True)
   for task in args.tasks.split(","):
     all_prompts = task_prompts(model, task, args.num_prompts)
     for mode in args.modes.split(","):
@@ -217,21 +224,22 @@ def main(argv=None):
           rows.append(row)
           print(f"  {name}: tau {row['tau']:.2f} speedup {row['speedup']:.2f}x exact {exact}",
                 flush=True)
-  hf = None
-  if not args.skip_hf and "copy" in args.tasks.split(","):
-    eos, pad = eos_and_pad(model)
-    copy = task_prompts(model, "copy", args.num_prompts)[:args.batch1_prompts or None]
-    g_s, pl_s = hf_prompt_lookup(args.model, copy,
-                                 args.max_new_tokens, args.runs, eos, pad)
-    hf = dict(greedy_seconds=g_s, prompt_lookup_seconds=pl_s, speedup=g_s / pl_s)
+        save(args, out_path, rows, notes, hf, complete=False)  # results so far
+  save(args, out_path, rows, notes, hf, complete=True)
+
+
+def save(args, out_path: str, rows: list, notes: list, hf, complete: bool) -> None:
+  """Writes the JSON and the BENCHMARKS.md table; called after every configuration, so a run
+  stopped early keeps what it measured (marked incomplete)."""
   result = dict(model=args.model, machine=cpu_name(), rows=rows, hf_prompt_lookup=hf,
-                notes=sorted(set(notes)), args=vars(args))
+                notes=sorted(set(notes)), args=vars(args), complete=complete)
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)
   table = render(result)
   write_table(args.bench_md, table, f"{MARKER}_{args.model}", "## Speculative decoding (issue 5)")
-  print(table)
+  if complete:
+    print(table)
 
 
 def render(result: dict) -> str:
@@ -253,6 +261,9 @@ def render(result: dict) -> str:
     lines += ["", f"Anchor, copy task, batch 1: Hugging Face transformers' prompt lookup "
               f"(10 tokens) runs {h['speedup']:.2f}x its own greedy decoding "
               f"({h['greedy_seconds']:.1f} s vs {h['prompt_lookup_seconds']:.1f} s)."]
+  if not result.get("complete", True):
+    lines += ["", "**Incomplete run**: stopped before the end; the rows above are the first "
+              "configurations (in task, mode, batch order) of the command below."]
   if result.get("notes"):
     lines += ["", "Not run: " + "; ".join(result["notes"]) + "."]
   cmd = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in a.items()
