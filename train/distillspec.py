@@ -727,19 +727,14 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Distills the self-draft of `config.model` and saves it; returns the results dict
   (also written to `workdir/results.json`, with per-step metrics in `metrics.jsonl`)."""
   from absl import logging
-  from train import model_setup, optim, tasks, trainer as trainer_lib
+  from train import optim, tasks, trainer as trainer_lib
 
+  from train.script import start_run
   validate(config)
   d = config.distillspec
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
   t_start = time.perf_counter()
-  target = model_setup.build(config.model, seed=config.seed)
+  workdir, target, eos, pad_id = start_run(config, workdir)
   tok = target.tokenizer
-  eos = [] if tok is None or tok.eos_id is None else [int(tok.eos_id)]
-  pad_id = int(tok.pad_id) if tok is not None and tok.pad_id is not None else 0
   draft_lm, trainable, assemble = self_draft(target.lm, target.params, d.num_layers)
   N = int(d.gen_len)
 

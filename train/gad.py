@@ -56,6 +56,7 @@ from decoding import gad, processors, sampling, speculative
 from decoding import core
 from models import registry
 from models.lm import TransformerLM
+from train.distillspec import drafts_dir  # one folder for every trained drafter
 
 Array = jax.Array
 IDENTITY = processors.chain()  # one object: a static argument of the jitted loops
@@ -357,12 +358,6 @@ _ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_
                 "architecture")
 
 
-def drafts_dir() -> str:
-  """$DECODAX_DRAFTS_DIR, else ~/.cache/decodax/drafts (trained drafters are not in git)."""
-  return os.environ.get("DECODAX_DRAFTS_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "decodax", "drafts")
-
-
 def resolve(name_or_path: str) -> str:
   if name_or_path in GAD_DRAFTS:
     spec = GAD_DRAFTS[name_or_path]
@@ -489,19 +484,13 @@ def validate(config: Any) -> None:
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Generates the greedy training rows (cached), trains the drafter, measures it before
   and after, saves it; returns the results (also `workdir/results.json`)."""
-  from train import data as data_lib, experiment, model_setup, optim, trainer as trainer_lib
+  from train import data as data_lib, experiment, optim, trainer as trainer_lib
 
+  from train.script import start_run
   validate(config)
   g = config.gad
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
   t_start = time.perf_counter()
-  target = model_setup.build(config.model, seed=config.seed)
-  tok = target.tokenizer
-  eos = [] if tok is None or tok.eos_id is None else [int(tok.eos_id)]
-  pad_id = int(tok.pad_id) if tok is not None and tok.pad_id is not None else 0
+  workdir, target, eos, pad_id = start_run(config, workdir)
   K, k_layers = int(g.block), int(g.num_layers)
   drafter = gad.GadDrafter(target_lm=target.lm, num_layers=k_layers, num_draft=K)
   shared = shared_params(target.params)

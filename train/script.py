@@ -13,6 +13,23 @@ import sys
 from typing import Any, Callable, Optional
 
 
+def start_run(config: Any, workdir: str):
+  """Creates `workdir` (absolute), writes its config.json and builds the target model.
+
+  Returns (workdir, target, eos_ids, pad_id) for `train.model_setup.build(config.model)`.
+  """
+  from train import model_setup
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  target = model_setup.build(config.model, seed=config.seed)
+  tok = target.tokenizer
+  eos = [] if tok is None or tok.eos_id is None else [int(tok.eos_id)]
+  pad_id = int(tok.pad_id) if tok is not None and tok.pad_id is not None else 0
+  return workdir, target, eos, pad_id
+
+
 def runs_dir() -> str:
   """Default parent of run folders: ~/.cache/decodax/runs."""
   return os.path.join(os.path.expanduser("~"), ".cache", "decodax", "runs")
