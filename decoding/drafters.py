@@ -134,7 +134,11 @@ class PromptLookupDrafter(Drafter):
   before a, so copying moves forward through the input as an edit does. The draft is the
   K prompt tokens after it (past the prompt's end: the prompt's last token, which the
   target will simply reject). After verification a = end of the occurrence + accepted
-  drafts. With no occurrence of any n-gram, the draft continues from a.
+  drafts. With no occurrence of any n-gram, the draft continues from a, and the draft is
+  marked unmatched: when no active row of the batch has a match, the loop verifies no
+  drafts at all that iteration (a plain one-token target call, as Hugging Face's prompt
+  lookup does when it finds no candidates), so text with nothing to copy does not pay for
+  K + 1 verified positions per token.
   """
   num_draft: int = 10
   max_ngram: int = 3
@@ -148,6 +152,11 @@ class PromptLookupDrafter(Drafter):
   def match_start(self, sequences: Array, seq_len: Array, prompt_len: Array,
                   align: Array) -> Array:
     """[B] prompt index where the draft starts (the rule above)."""
+    return self.match(sequences, seq_len, prompt_len, align)[0]
+
+  def match(self, sequences: Array, seq_len: Array, prompt_len: Array,
+            align: Array) -> tuple[Array, Array]:
+    """([B] prompt index where the draft starts, [B] bool: some n-gram occurred)."""
     B, S = sequences.shape
     P = S  # candidate end positions e: the n-gram is sequences[e-n:e], e < prompt_len
     e = jnp.arange(P)[None]  # [1, P]
@@ -167,14 +176,14 @@ class PromptLookupDrafter(Drafter):
       take = ~found & jnp.any(ok, axis=1)
       start = jnp.where(take, pick, start)
       found = found | take
-    return start
+    return start, found
 
   def propose(self, dparams, tparams, state, view: DraftView, processor, sample: bool):
-    start = self.match_start(view.sequences, view.seq_len, view.prompt_len, state["align"])
+    start, found = self.match(view.sequences, view.seq_len, view.prompt_len, state["align"])
     idx = start[:, None] + jnp.arange(self.num_draft)[None]
     idx = jnp.minimum(idx, view.prompt_len[:, None] - 1)
     tokens = jnp.take_along_axis(view.sequences, idx, axis=1).astype(jnp.int32)
-    return ChainDraft(tokens=tokens), dict(state, start=start)
+    return ChainDraft(tokens=tokens, matched=found), dict(state, start=start)
 
   def update(self, dparams, tparams, state, view, verified: Verified):
     accepted = jnp.minimum(verified.num_accepted, verified.count)

@@ -57,6 +57,9 @@ Array = jax.Array
 class ChainDraft:
   tokens: Array  # [B, K] int32
   probs: Optional[Array] = None  # [B, K, V] draft distributions (sampled drafts), else None
+  # [B] bool, or None (always worth verifying): False where the drafter found nothing to
+  # propose. When no active row has a match, the loop makes a plain one-token call instead.
+  matched: Optional[Array] = None
 
 
 @flax.struct.dataclass
@@ -267,20 +270,24 @@ def init(lm, params, drafter: Drafter, dparams, prompts: Array, prompt_len: Arra
 
 def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
          processor: LogitsProcessor, reads_context: bool, sample: bool,
-         max_new_tokens: int, relaxation: tuple = ()) -> SpecState:
-  """One propose / score / verify / commit iteration for the whole batch."""
+         max_new_tokens: int, relaxation: tuple = (), proposal=None) -> SpecState:
+  """One propose / score / verify / commit iteration for the whole batch. `proposal`:
+  (draft, drafter state) already proposed (a chain may carry fewer than num_draft tokens,
+  down to none: a plain target step)."""
   B = s.seq_len.shape[0]
-  D = drafter.depth
   view = _view(s)
   active = view.active
-  draft, dstate = drafter.propose(dparams, params, s.drafter_state, view, processor, sample)
+  if proposal is None:
+    proposal = drafter.propose(dparams, params, s.drafter_state, view, processor, sample)
+  draft, dstate = proposal
   last = s.sequences[jnp.arange(B), s.seq_len - 1]
   if drafter.kind == "chain":
-    K = drafter.num_draft
+    K = D = draft.tokens.shape[1]
     tokens = jnp.concatenate([last[:, None], draft.tokens.astype(jnp.int32)], axis=1)
     parents, depth = chain_tree(B, K)
     mask = None
   else:
+    D = drafter.depth
     tokens = draft.tokens.astype(jnp.int32).at[:, 0].set(last)
     parents, depth = draft.parents, draft.depth
     mask = verify.ancestor_matrix(parents, D)
@@ -395,9 +402,18 @@ def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, pr
   def cond(s):
     return ~jnp.all(s.done)
 
+  run = functools.partial(step, lm, params, drafter, dparams, eos_ids=eos_ids,
+                          processor=processor, reads_context=reads_context, sample=sample,
+                          max_new_tokens=max_new_tokens, relaxation=relaxation)
+
   def body(s):
-    return step(lm, params, drafter, dparams, s, eos_ids, processor, reads_context, sample,
-                max_new_tokens, relaxation)
+    draft, dstate = drafter.propose(dparams, params, s.drafter_state, _view(s), processor, sample)
+    if drafter.kind != "chain" or draft.matched is None:
+      return run(s, proposal=(draft, dstate))
+    plain = ChainDraft(tokens=draft.tokens[:, :0])  # verify nothing: one target token
+    return jax.lax.cond(jnp.any(draft.matched & ~s.done),
+                        lambda s: run(s, proposal=(draft, dstate)),
+                        lambda s: run(s, proposal=(plain, dstate)), s)
 
   s = jax.lax.while_loop(cond, body, s)
   res = finalize(s, pad_id, max_new_tokens)

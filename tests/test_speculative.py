@@ -302,6 +302,44 @@ def test_iad_copies_the_input_in_one_target_call():
   assert int(res.extras["target_calls"][0]) == 1
 
 
+WIDTHS = []  # block widths of the target calls made by _WidthLM (host callback)
+
+
+class _WidthLM(BigramLM):
+  def __call__(self, params, tokens, positions, cache, attn_mask=None, **kw):
+    jax.debug.callback(lambda w: WIDTHS.append(int(w)), jnp.int32(tokens.shape[1]),
+                       ordered=True)
+    return super().__call__(params, tokens, positions, cache, attn_mask, **kw)
+
+
+def test_prompt_lookup_without_a_match_makes_plain_target_calls():
+  """When no active row finds an n-gram of its sequence in its prompt, the iteration
+  verifies no drafts (a one-token call); with a match anywhere in the batch it verifies
+  K + 1 positions. The tokens are the greedy tokens either way."""
+  Vt, K, n = 12, 4, 10
+  table = np.full((Vt, Vt), -10.0, np.float32)
+  for a in range(Vt):  # every token leads into the cycle 6 -> 7 -> 8 -> 9 -> 6
+    table[a, 6 + (a - 5) % 4 if a >= 6 else 6] = 10.0
+  tparams = jnp.asarray(table)
+  eos = jnp.asarray([-1], jnp.int32)
+  proc = processors.build({}, [], sampling=False)
+  d = drafters.PromptLookupDrafter(K, 2, 1)
+  nothing = (jnp.asarray([[1, 2, 3, 0, 0]], jnp.int32), jnp.asarray([3]))  # never copied
+  both = (jnp.asarray([[1, 2, 3, 0, 0], [6, 7, 8, 9, 0]], jnp.int32), jnp.asarray([3, 5]))
+  for prompts, lens in (nothing, both):
+    WIDTHS.clear()
+    res = _spec(_WidthLM(Vt), tparams, d, None, prompts, lens, eos, proc, n)
+    ref = _greedy(BigramLM(Vt), tparams, prompts, lens, eos, proc, n)
+    np.testing.assert_array_equal(res.tokens, ref.tokens)
+    assert res.tokens[0].tolist() == [6, 7, 8, 9] * 2 + [6, 7]
+    calls = np.asarray(res.extras["target_calls"])
+    assert calls[0] == n - 1  # one token per call: nothing was ever copied
+    copying = calls[1] if len(calls) > 1 else 0  # the second row copies 3 tokens per call
+    assert copying in (0, 3)
+    # WIDTHS[0] is the prefill; K + 1 positions while the copying row is active, then 1
+    assert WIDTHS[1:] == [K + 1] * copying + [1] * (calls[0] - copying), WIDTHS
+
+
 # ------------------------------------------------------------------------- DySpec trees
 
 def test_dyspec_tree_is_the_brute_force_top_budget_nodes():
