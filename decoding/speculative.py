@@ -101,6 +101,7 @@ class Verified:
   node_index: Array  # [B, D+1] int32
   hidden: Array  # [B, M, Dm]
   penultimate: Array  # [B, M, Dm]
+  logits: Array  # [B, M, V] processed target logits (what verification compared against)
 
 
 @flax.struct.dataclass
@@ -270,7 +271,8 @@ def init(lm, params, drafter: Drafter, dparams, prompts: Array, prompt_len: Arra
 
 def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
          processor: LogitsProcessor, reads_context: bool, sample: bool,
-         max_new_tokens: int, relaxation: tuple = (), proposal=None) -> SpecState:
+         max_new_tokens: int, relaxation: tuple = (), proposal=None,
+         neighbors: Optional[Array] = None) -> SpecState:
   """One propose / score / verify / commit iteration for the whole batch. `proposal`:
   (draft, drafter state) already proposed (a chain may carry fewer than num_draft tokens,
   down to none: a plain target step)."""
@@ -301,8 +303,9 @@ def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
     v = verify.verify_chain_relaxed(processed, tokens[:, 1:], relaxation[1], relaxation[2])
   elif drafter.kind == "chain":
     lenience = relaxation[1] if relaxation and relaxation[0] == "lenient" else 1.0
+    delta = relaxation[1] if relaxation and relaxation[0] == "lantern" else 0.0
     v = verify.verify_chain(processed, tokens[:, 1:], draft.probs if sample else None,
-                            s.row_keys, sample, offsets, lenience)
+                            s.row_keys, sample, offsets, lenience, neighbors, delta)
   if drafter.kind == "chain":
     n = v.num_accepted
     j = jnp.arange(K + 1)[None]
@@ -349,7 +352,8 @@ def step(lm, params, drafter: Drafter, dparams, s: SpecState, eos_ids: Array,
       accepted=s.accepted + jnp.where(active, jnp.minimum(n, count), 0),
       emitted=s.emitted + count)
   verified = Verified(old_seq_len=s.seq_len, count=count, num_accepted=n, emitted=emitted,
-                      node_index=node_index, hidden=out.hidden, penultimate=out.penultimate)
+                      node_index=node_index, hidden=out.hidden, penultimate=out.penultimate,
+                      logits=processed)
   dstate = drafter.update(dparams, params, dstate, _view(s2), verified)
   return s2.replace(drafter_state=dstate)
 
@@ -370,7 +374,7 @@ def finalize(s: SpecState, pad_id: int, max_new_tokens: int) -> core.DecodeResul
               "verified_tokens": s.emitted})
 
 
-RELAXATIONS = ("gad_plus", "lenient")
+RELAXATIONS = ("gad_plus", "lenient", "lantern")
 
 
 @functools.partial(jax.jit, static_argnames=("lm", "drafter", "processor", "reads_context",
@@ -379,7 +383,8 @@ RELAXATIONS = ("gad_plus", "lenient")
 def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, prompt_len: Array,
                        row_keys: Array, eos_ids: Array, *, processor: LogitsProcessor,
                        reads_context: bool, sample: bool, pad_id: int, max_new_tokens: int,
-                       cache_len: int, relaxation: tuple = ()) -> core.DecodeResult:
+                       cache_len: int, relaxation: tuple = (),
+                       neighbors: Optional[Array] = None) -> core.DecodeResult:
   """Speculative decoding of a ragged batch, jitted (static shapes: bucket them).
 
   prompts [B, P] right-padded, prompt_len [B] (>= 1), row_keys [B, 2], eos_ids [E].
@@ -389,12 +394,16 @@ def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, pr
 
   relaxation: () for lossless verification, or a LOSSY acceptance rule for chains:
   ("gad_plus", beta, tau) (greedy; `verify.verify_chain_relaxed`) or ("lenient", epsilon)
-  (sampling; DistillSpec's lenience, `verify.verify_chain`).
+  (sampling; DistillSpec's lenience, `verify.verify_chain`) or ("lantern", delta) with the
+  latent-neighbour table `neighbors` [V, k] (LANTERN, greedy or sampling; `decoding.lantern`).
   """
   if relaxation:
     if relaxation[0] not in RELAXATIONS or drafter.kind != "chain":
       raise ValueError(f"relaxation {relaxation!r}: one of {RELAXATIONS}, chain drafters only")
-    if (relaxation[0] == "gad_plus") == sample:
+    if relaxation[0] == "lantern":
+      if neighbors is None:
+        raise ValueError("the lantern relaxation needs the latent-neighbour table")
+    elif (relaxation[0] == "gad_plus") == sample:
       raise ValueError("gad_plus relaxes greedy verification, lenient relaxes sampling")
   s = init(lm, params, drafter, dparams, prompts, prompt_len, row_keys, eos_ids, processor,
            sample, pad_id, max_new_tokens, cache_len)
@@ -404,7 +413,8 @@ def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, pr
 
   run = functools.partial(step, lm, params, drafter, dparams, eos_ids=eos_ids,
                           processor=processor, reads_context=reads_context, sample=sample,
-                          max_new_tokens=max_new_tokens, relaxation=relaxation)
+                          max_new_tokens=max_new_tokens, relaxation=relaxation,
+                          neighbors=neighbors)
 
   def body(s):
     draft, dstate = drafter.propose(dparams, params, s.drafter_state, _view(s), processor, sample)

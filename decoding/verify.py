@@ -101,9 +101,31 @@ def _leading_true(match: Array) -> Array:
   return jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
 
+def latent_relaxation(p: Array, draft_tokens: Array, neighbors: Array,
+                      delta: float) -> tuple[Array, Array]:
+  """LANTERN's relaxed target mass ("LANTERN: Accelerating Visual Autoregressive Models with
+  Relaxed Speculative Decoding", Jang et al., ICLR 2025).
+
+  p: [B, K, V] target distributions; draft_tokens [B, K]; neighbors [V, k] int32: the k
+  nearest other codes of each token in the VQ latent space (-1 pads, `decoding.lantern`).
+  With c_m = sum_{j <= m} p(N_j(x)) (x's neighbours in order), m* = the largest m with
+  c_m <= delta: returns (extra [B, K] = c_{m*} (0 when no m qualifies), lent [B, K, k] bool:
+  the neighbours whose mass was moved onto x). extra <= delta always; delta = 0 moves
+  nothing unless some neighbour has probability exactly 0 (and then extra = 0).
+  """
+  nb = neighbors[draft_tokens]  # [B, K, k]
+  p_nb = jnp.where(nb >= 0, jnp.take_along_axis(p, jnp.maximum(nb, 0), axis=-1), 0.0)
+  c = jnp.cumsum(p_nb, axis=-1)
+  lent = (c <= delta) & (nb >= 0)
+  lent = jnp.cumprod(lent.astype(jnp.int32), axis=-1).astype(bool)  # a prefix of the list
+  extra = jnp.max(jnp.where(lent, c, 0.0), axis=-1)
+  return extra, lent & (extra[..., None] > 0)
+
+
 def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optional[Array],
                  keys: Array, sample: bool, offsets: Optional[Array] = None,
-                 lenience: float = 1.0) -> ChainVerdict:
+                 lenience: float = 1.0, neighbors: Optional[Array] = None,
+                 delta: float = 0.0) -> ChainVerdict:
   """Verifies a chain of K drafts per row.
 
   target_logits: [B, K+1, V] processed target logits (row j predicts draft j, row K the
@@ -111,6 +133,16 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
     distributions the drafts were sampled from (sampling mode), or None for deterministic
     drafts. keys: [B, 2] row keys; offsets: [B] token index of the first position
     (default 0). sample: False for greedy verification.
+
+  LOSSY options. lenience < 1: DistillSpec's lenient acceptance min(1, p / (lenience q)).
+  neighbors [V, k] with delta > 0: LANTERN's relaxed acceptance (`latent_relaxation`):
+  sampling accepts d with probability min(1, (p(d) + c_{m*}) / q(d)); on a rejection where
+  mass was moved, the residual follows the LANTERN code's heuristic: sampled drafts zero q
+  on the lending neighbours before norm(max(p - q, 0)); point-mass drafts (q(d) = 1) zero p
+  at d and at the lending neighbours and renormalize. Greedy accepts d when d is the argmax
+  or its relaxed mass reaches the argmax's probability (this greedy form is our choice; the
+  card describes the sampling rule). Where no mass moved, every rule is the strict one, so
+  delta = 0 is exactly standard speculative decoding.
   """
   B, K1, _ = target_logits.shape
   K = K1 - 1
@@ -118,20 +150,48 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
     raise ValueError(f"draft_tokens {draft_tokens.shape} do not match logits {target_logits.shape}")
   offsets = jnp.zeros((B,), jnp.int32) if offsets is None else offsets
   pkeys = position_keys(keys, offsets, K1)  # [B, K+1, 2]
-  if not sample or draft_probs is None:
+  relax = neighbors is not None and float(delta) > 0 and K > 0
+  if relax:
+    p = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)  # [B, K+1, V]
+    extra, lent = latent_relaxation(p[:, :K], draft_tokens, neighbors, float(delta))
+  if not sample:
+    choice = target_choice(target_logits, pkeys, False)  # [B, K+1]
+    ok = draft_tokens == choice[:, :K]
+    if relax:
+      p_d = jnp.take_along_axis(p[:, :K], draft_tokens[..., None], -1)[..., 0]
+      ok |= (extra > 0) & (p_d + extra >= jnp.max(p[:, :K], axis=-1))
+    n = _leading_true(ok) if K else jnp.zeros((B,), jnp.int32)
+    return ChainVerdict(num_accepted=n, next_token=jnp.take_along_axis(choice, n[:, None], 1)[:, 0])
+  if draft_probs is None and relax:  # point-mass drafts under LANTERN: q = one-hot
+    draft_probs = jax.nn.one_hot(draft_tokens, target_logits.shape[-1], dtype=jnp.float32)
+  if draft_probs is None:
     choice = target_choice(target_logits, pkeys, sample)  # [B, K+1]
     n = _leading_true(draft_tokens == choice[:, :K]) if K else jnp.zeros((B,), jnp.int32)
     return ChainVerdict(num_accepted=n, next_token=jnp.take_along_axis(choice, n[:, None], 1)[:, 0])
-  p = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)  # [B, K+1, V]
+  if not relax:
+    p = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)  # [B, K+1, V]
   q = draft_probs.astype(jnp.float32)
   p_d = jnp.take_along_axis(p[:, :K], draft_tokens[..., None], -1)[..., 0]  # [B, K]
   q_d = jnp.take_along_axis(q, draft_tokens[..., None], -1)[..., 0]
   u = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(pkeys[:, :K])
   # accept iff u < p/(eps q), written without the division (q_d > 0 for a sampled draft)
-  n = _leading_true(u * lenience * q_d < p_d)
+  n = _leading_true(u * lenience * q_d < (p_d + extra if relax else p_d))
   rows = jnp.arange(B)
   p_n = p[rows, n]  # [B, V]
   q_n = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)[rows, n]  # 0 at the bonus slot
+  if relax:  # LANTERN's residual where the rejected draft had borrowed mass
+    V = p.shape[-1]
+    nn_ = jnp.concatenate([neighbors[draft_tokens], jnp.zeros((B, 1, neighbors.shape[1]),
+                                                               jnp.int32)], axis=1)[rows, n]
+    lent_n = jnp.concatenate([lent, jnp.zeros_like(lent[:, :1])], axis=1)[rows, n]  # [B, k]
+    hit = jnp.zeros((B, V), bool).at[rows[:, None], jnp.maximum(nn_, 0)].max(lent_n)
+    d_n = jnp.concatenate([draft_tokens, jnp.zeros_like(draft_tokens[:, :1])], 1)[rows, n]
+    one_hot_draft = jnp.concatenate([q_d, jnp.zeros_like(q_d[:, :1])], 1)[rows, n] >= 1.0
+    moved = jnp.any(lent_n, axis=-1)
+    pm = jnp.where(hit | (jnp.arange(V)[None] == d_n[:, None]), 0.0, p_n)
+    p_n = jnp.where((moved & one_hot_draft)[:, None], pm, p_n)
+    q_n = jnp.where((moved & one_hot_draft)[:, None], 0.0,
+                    jnp.where(moved[:, None] & hit, 0.0, q_n))
   residual = jnp.maximum(p_n - q_n, 0.0)
   mass = residual.sum(-1, keepdims=True)
   # p = q exactly at a rejected position has probability 0; fall back to p for safety.

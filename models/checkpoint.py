@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -284,6 +285,35 @@ def config_from_dict(d: dict, **overrides) -> ModelConfig:
   return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
 
+def save_orbax_params(directory: str, tree: Any) -> str:
+  """Writes `tree` (arrays) with orbax to `directory/params`, replacing an earlier one; the
+  parameter half of the drafter checkpoints (self-drafts, GAD drafters, EAGLE heads), whose
+  manifests sit beside it. Returns the params folder."""
+  import orbax.checkpoint as ocp
+  params_dir = os.path.join(os.path.abspath(os.path.expanduser(directory)), "params")
+  os.makedirs(os.path.dirname(params_dir), exist_ok=True)
+  if os.path.exists(params_dir):
+    shutil.rmtree(params_dir)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(params_dir, tree)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  return params_dir
+
+
+def restore_orbax_params(directory: str, like: Any, dtype=None) -> Any:
+  """Reads `directory/params` written by `save_orbax_params`, with the structure and shapes
+  of `like` (arrays or ShapeDtypeStructs) and their dtypes (or `dtype` for every leaf),
+  as jax arrays."""
+  import jax
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), like)
+  ckptr = ocp.StandardCheckpointer()
+  restored = ckptr.restore(os.path.join(directory, "params"), abstract)
+  ckptr.close()
+  return jax.tree.map(jnp.asarray, restored)
+
+
 def is_decodax_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, DECODAX_MANIFEST))
 
@@ -324,6 +354,12 @@ def save_decodax(directory: str, config: ModelConfig, params: Any,
   return directory
 
 
+def load_manifest(directory: str) -> dict:
+  """The JSON manifest of a `save_decodax` folder (config, info, ...), without the weights."""
+  with open(os.path.join(directory, DECODAX_MANIFEST)) as f:
+    return json.load(f)
+
+
 def load_decodax(directory: str, param_dtype=None,
                  **config_overrides) -> tuple[ModelConfig, dict, Optional[dict], bool]:
   """Reads a `save_decodax` folder: (config, params, tokenizer metadata or None, instruct).
@@ -333,8 +369,7 @@ def load_decodax(directory: str, param_dtype=None,
   from safetensors.numpy import load_file
   from flax.traverse_util import unflatten_dict
   from models import transformer
-  with open(os.path.join(directory, DECODAX_MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = load_manifest(directory)
   if manifest.get("format") != "decodax":
     raise ValueError(f"{directory}: not a decodax checkpoint manifest")
   params_path = os.path.join(directory, "params.safetensors")

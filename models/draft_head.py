@@ -294,7 +294,6 @@ def save_head(path: str, head: EagleHead, params: Any, metadata: Optional[dict] 
   `target_sha256` defaults to `metadata["target_sha256"]`, else the registry checksum of
   `metadata["target"]` (a registered model name).
   """
-  import orbax.checkpoint as ocp
   metadata = dict(metadata or {})
   if target_sha256 is None:
     target_sha256 = metadata.get("target_sha256")
@@ -304,12 +303,8 @@ def save_head(path: str, head: EagleHead, params: Any, metadata: Optional[dict] 
     raise ValueError("save_head needs the target's sha256 (target_sha256=, or metadata "
                      "'target' naming a registered model)")
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
   stored = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[STORAGE_DTYPE]), params)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "params"), stored, force=True)
-  ckptr.wait_until_finished()
-  ckptr.close()
+  checkpoint.save_orbax_params(path, stored)
   manifest = {"format": HEAD_FORMAT, "version": 1, "config": head.config.to_dict(),
               "target_sha256": target_sha256.lower(), "param_storage": STORAGE_DTYPE,
               "num_params": num_params(params), "metadata": metadata}
@@ -351,7 +346,6 @@ def load_head(name_or_path: str, target: Optional[str] = None,
   of the stored target config (e.g. `dtype`, `matmul_precision`); `param_dtype` is the
   dtype the bf16-stored parameters are returned in.
   """
-  import orbax.checkpoint as ocp
   path = os.path.abspath(resolve_head(name_or_path))
   manifest = read_manifest(path)
   stored_sha = manifest["target_sha256"].lower()
@@ -374,11 +368,7 @@ def load_head(name_or_path: str, target: Optional[str] = None,
   config = HeadConfig.from_dict(manifest["config"], **target_overrides)
   head = EagleHead(config)
   shapes = jax.eval_shape(lambda: init_head_params(head, jax.random.PRNGKey(0)))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[STORAGE_DTYPE]),
-                          shapes)
-  ckptr = ocp.StandardCheckpointer()
-  stored = ckptr.restore(os.path.join(path, "params"), abstract)
-  ckptr.close()
+  stored = checkpoint.restore_orbax_params(path, shapes, DTYPES[STORAGE_DTYPE])
   params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), stored)
   return head, params
 

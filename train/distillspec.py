@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding import core, processors, sampling
-from models import registry, transformer
+from models import checkpoint, registry, transformer
 from models.lm import TransformerLM
 from train import divergences, losses
 
@@ -593,16 +592,9 @@ def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *,
   stacked-layer layout) and `draft.json` (the number of layers, the target's name, registered
   sha256 and architecture, and free-form `info` such as the training settings and results).
   An existing draft in `directory` is replaced."""
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
   tree = jax.device_get(_stacked(trainable, draft_lm.config))
-  params_dir = os.path.join(directory, "params")
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(params_dir, tree)
-  ckptr.wait_until_finished()
+  checkpoint.save_orbax_params(directory, tree)
   manifest = {
       "format": "decodax-draft", "version": 1, "kind": "self-draft",
       "num_layers": int(draft_lm.config.num_layers), "trained": sorted(tree),
@@ -624,7 +616,6 @@ def load_draft(path_or_name: str, target_model) -> tuple[TransformerLM, Any]:
   (draft_lm, draft_params): the target's first k layers replaced by the trained ones, its
   final norm replaced, its embedding / head shared (not copied).
   """
-  import orbax.checkpoint as ocp
   path = os.path.abspath(resolve_draft(path_or_name))
   with open(os.path.join(path, DRAFT_MANIFEST)) as f:
     manifest = json.load(f)
@@ -644,11 +635,9 @@ def load_draft(path_or_name: str, target_model) -> tuple[TransformerLM, Any]:
   k = int(manifest["num_layers"])
   draft_lm, dparams = lm.truncated(tparams, k)
   like = _stacked({n: v for n, v in dparams.items() if n not in FROZEN_HEAD}, draft_lm.config)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
+  restored = checkpoint.restore_orbax_params(path, like)
   if not draft_lm.config.scan_layers:
     restored = transformer.unstack_layers(restored, k)
-  restored = jax.tree.map(jnp.asarray, restored)
   return draft_lm, {**{n: dparams[n] for n in FROZEN_HEAD if n in dparams}, **restored}
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Optional
 
@@ -54,7 +53,7 @@ from absl import logging
 
 from decoding import gad, processors, sampling, speculative
 from decoding import core
-from models import registry
+from models import checkpoint, registry
 from models.lm import TransformerLM
 from train.distillspec import drafts_dir  # one folder for every trained drafter
 
@@ -389,16 +388,9 @@ def save_gad_drafter(directory: str, dparams: dict, drafter: gad.GadDrafter, *,
   """Writes `params/` (orbax: the trained parameters only: body layers + final norm in the
   stacked layout, mask and slot embeddings) and `gad.json` (block size, depth, the target's
   name, registered sha256 and architecture, and free-form `info`). Replaces a previous one."""
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
   tree = jax.device_get(_stacked(dparams, drafter.lm.config))
-  params_dir = os.path.join(directory, "params")
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(params_dir, tree)
-  ckptr.wait_until_finished()
+  checkpoint.save_orbax_params(directory, tree)
   tcfg = drafter.target_lm.config
   manifest = {
       "format": "decodax-gad-drafter", "version": 1, "num_layers": int(drafter.num_layers),
@@ -419,7 +411,6 @@ def load_gad_drafter(name_or_path: str, target_lm: TransformerLM, target_params:
   feeds the k trained masks and keeps the first `num_draft` slots). Raises ValueError when
   the drafter was trained for another architecture, or (when `target_name` is given and
   registered) for a checkpoint with another sha256."""
-  import orbax.checkpoint as ocp
   from models import transformer
   path = os.path.abspath(resolve(name_or_path))
   with open(os.path.join(path, MANIFEST)) as f:
@@ -445,9 +436,7 @@ def load_gad_drafter(name_or_path: str, target_lm: TransformerLM, target_params:
   like = gad.init_params(target_lm, target_params, drafter.num_layers, k,
                          bool(manifest["slot_embeddings"]))
   like = _stacked(like, drafter.lm.config)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), abstract)
-  restored = jax.tree.map(jnp.asarray, restored)
+  restored = checkpoint.restore_orbax_params(path, like)
   if not drafter.lm.config.scan_layers:
     restored["body"] = transformer.unstack_layers(restored["body"], drafter.num_layers)
   return drafter, restored

@@ -11,6 +11,9 @@ and data/model-parallel sharding on the same `data` x `model` mesh as decoding.
 * `trainable` is what the optimizer updates; `frozen` is passed through untouched
   (the base model under LoRA) and `assemble(trainable, frozen)` builds the model
   parameters the loss sees (identity for full fine-tuning, `lora.merge` for LoRA).
+* `post_update(params, aux) -> params`, if given, runs after each optimizer update inside
+  the jitted step, with the pytree the loss returned as `metrics["aux"]`: non-gradient
+  state such as a VQ-VAE's EMA codebook (`models.vqvae`). "aux" is never logged.
 * `data.batch(step)` returns the global batch of a step (`train.data`); the step's
   PRNG key is `fold_in(state.key, step)`. Both are pure functions of the step, so a run
   restored from its last checkpoint reproduces the uninterrupted run bit for bit.
@@ -106,9 +109,13 @@ class Trainer:
   def __init__(self, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                assemble: Callable = _identity, grad_accum: int = 1, mesh=None,
                schedule: Optional[optax.Schedule] = None,
-               eval_loss_fn: Optional[Callable] = None):
+               eval_loss_fn: Optional[Callable] = None,
+               post_update: Optional[Callable] = None):
     if grad_accum < 1:
       raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if post_update is not None and grad_accum > 1:
+      raise ValueError("post_update needs the whole batch's aux: use grad_accum=1")
+    self.post_update = post_update
     self.loss_fn = loss_fn
     self.eval_loss_fn = eval_loss_fn or loss_fn  # e.g. plain NLL when training on a mixture
     self.optimizer = optimizer
@@ -203,6 +210,10 @@ class Trainer:
     loss, metrics, grads = self._loss_and_grads(state.params, frozen, batch, key)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    aux = metrics.pop("aux", None)
+    if self.post_update is not None:
+      params = self.post_update(params, aux)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if self.schedule is not None:
       metrics["learning_rate"] = self.schedule(state.step)
@@ -225,6 +236,7 @@ class Trainer:
       def impl(params, frozen, batch):
         loss, metrics = self.eval_loss_fn(self.assemble(params, frozen), batch,
                                           jax.random.key(0))
+        metrics = {k: v for k, v in metrics.items() if k != "aux"}
         return dict(metrics, loss=loss)
       self._eval_step = jax.jit(impl)
     return self._eval_step(state.params, frozen, self.shard_batch(batch))

@@ -33,8 +33,8 @@ from train.datasets.fashion_mnist import DecodaxFashionMnist
 from train.datasets.humaneval import DecodaxHumaneval
 from train.datasets.text_corpus import DecodaxTextCorpus
 
-__all__ = ["NAMES", "BUILDERS", "load", "builder", "MissingSourceError", "SourceChecksumError",
-           "resolve_data_dir"]
+__all__ = ["NAMES", "BUILDERS", "load", "load_arrays", "builder", "MissingSourceError",
+           "SourceChecksumError", "resolve_data_dir"]
 
 #: load() name -> builder class
 BUILDERS: dict[str, type[LocalSourceBuilder]] = {
@@ -71,3 +71,15 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
   if split.split("[")[0] not in splits:  # "train[:10%]" slicing is tfds' own
     raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
   return b.as_data_source(split)
+
+
+def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+                source_dir: str | os.PathLike | None = None,
+                features: tuple[str, ...] | None = None) -> dict:
+  """A whole split in memory, read through the tfds data source: feature -> numpy array
+  stacked over records (in record order). Meant for the small image sets."""
+  import numpy as np
+  ds = load(name, split, data_dir, source_dir=source_dir)
+  records = ds.__getitems__(list(range(len(ds))))
+  keys = features or tuple(records[0])
+  return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
