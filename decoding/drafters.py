@@ -144,6 +144,7 @@ class PromptLookupDrafter(Drafter):
   max_ngram: int = 3
   min_ngram: int = 1
   kind: str = "chain"
+  plain_when_unmatched: bool = True
 
   def init(self, dparams, tparams, prompts, prompt_len, first, prefill, cache_len):
     B = prompts.shape[0]

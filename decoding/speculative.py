@@ -57,8 +57,8 @@ Array = jax.Array
 class ChainDraft:
   tokens: Array  # [B, K] int32
   probs: Optional[Array] = None  # [B, K, V] draft distributions (sampled drafts), else None
-  # [B] bool, or None (always worth verifying): False where the drafter found nothing to
-  # propose. When no active row has a match, the loop makes a plain one-token call instead.
+  # [B] bool, or None: False where the drafter found nothing to propose (drafters with
+  # `plain_when_unmatched`: when no active row has a match the loop makes a plain call).
   matched: Optional[Array] = None
 
 
@@ -121,6 +121,7 @@ class Drafter:
   """
   kind: str = "chain"
   needs_features: bool = False  # init gets the target's hidden states of the prompt
+  plain_when_unmatched: bool = False  # chains with `matched`: plain calls when nothing matches
 
   @property
   def block(self) -> int:
@@ -416,14 +417,28 @@ def speculative_decode(lm, params, drafter: Drafter, dparams, prompts: Array, pr
                           max_new_tokens=max_new_tokens, relaxation=relaxation,
                           neighbors=neighbors)
 
-  def body(s):
-    draft, dstate = drafter.propose(dparams, params, s.drafter_state, _view(s), processor, sample)
-    if drafter.kind != "chain" or draft.matched is None:
-      return run(s, proposal=(draft, dstate))
-    plain = ChainDraft(tokens=draft.tokens[:, :0])  # verify nothing: one target token
-    return jax.lax.cond(jnp.any(draft.matched & ~s.done),
-                        lambda s: run(s, proposal=(draft, dstate)),
-                        lambda s: run(s, proposal=(plain, dstate)), s)
+  def propose(s):
+    return drafter.propose(dparams, params, s.drafter_state, _view(s), processor, sample)
+
+  if not getattr(drafter, "plain_when_unmatched", False):
+    def body(s):
+      return run(s, proposal=propose(s))
+  else:
+    # Plain one-token calls while no active row has a match, then (at most) one speculative
+    # call. Both are while loops, not a lax.cond, so the cache is updated in place (a
+    # conditional would copy it on every iteration).
+    def unmatched(s):
+      return ~jnp.all(s.done) & ~jnp.any(propose(s)[0].matched & ~s.done)
+
+    def plain(s):
+      draft, dstate = propose(s)
+      return run(s, proposal=(ChainDraft(tokens=draft.tokens[:, :0]), dstate))
+
+    def body(s):
+      s = jax.lax.while_loop(unmatched, plain, s)
+      return jax.lax.while_loop(lambda c: ~c[1] & ~jnp.all(c[0].done),
+                                lambda c: (run(c[0], proposal=propose(c[0])), jnp.bool_(True)),
+                                (s, jnp.bool_(False)))[0]
 
   s = jax.lax.while_loop(cond, body, s)
   res = finalize(s, pad_id, max_new_tokens)

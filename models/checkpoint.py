@@ -314,6 +314,36 @@ def restore_orbax_params(directory: str, like: Any, dtype=None) -> Any:
   return jax.tree.map(jnp.asarray, restored)
 
 
+def repo_path(path: str) -> str:
+  """Relative paths are taken from the repository root (where checkpoints/ lives)."""
+  if os.path.isabs(path):
+    return path
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+
+
+def save_with_manifest(directory: str, params: Any, manifest_name: str, manifest: dict) -> str:
+  """`save_orbax_params` plus a JSON manifest (`manifest` with the parameter count added):
+  the layout of the small image models' checkpoints. Returns `directory`."""
+  import jax
+  save_orbax_params(directory, jax.device_get(params))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  with open(os.path.join(directory, manifest_name), "w") as f:
+    json.dump({**manifest, "num_params": n}, f, indent=1, default=str)
+  return directory
+
+
+def read_manifest(directory: str, manifest_name: str, fmt: str, what: str) -> dict:
+  """The JSON manifest of a `save_with_manifest` folder, checked to be of format `fmt`."""
+  path = os.path.join(directory, manifest_name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {what} checkpoint at {directory!r} (missing {manifest_name})")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != fmt:
+    raise ValueError(f"{path}: not a {fmt} manifest")
+  return manifest
+
+
 def is_decodax_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, DECODAX_MANIFEST))
 

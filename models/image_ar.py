@@ -16,7 +16,6 @@ A trained model is a decodax checkpoint folder (`checkpoint.save_decodax`, read 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import vqvae
+from models.checkpoint import repo_path
 from models.lm import TransformerLM
 
 Array = jax.Array
@@ -96,13 +96,6 @@ class ImageModel:
     """uint8 images [B, H, W, C] from code rows [B, g*g]."""
     x = self.tokenizer.decode(self.tokenizer_params, jnp.asarray(codes))
     return np.asarray(jnp.round(x * 255.0)).astype(np.uint8)
-
-
-def repo_path(path: str) -> str:
-  """Relative paths are taken from the repository root (where checkpoints/ lives)."""
-  if os.path.isabs(path):
-    return path
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
 
 
 def load_image_model(path: str = "checkpoints/image-ar-fmnist", dtype="float32") -> ImageModel:

@@ -15,15 +15,12 @@ by `train.image_classifier`). Numbers are comparable within this project only.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 Array = jax.Array
 MANIFEST = "classifier.json"
@@ -106,15 +103,14 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-  """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) (imaginary round-off dropped; a tiny
-  ridge is added when the product is singular)."""
-  diff = mu1 - mu2
-  covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
-  if not np.isfinite(covmean).all():
-    eps = 1e-6 * np.eye(s1.shape[0])
-    covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
-  covmean = np.real(covmean)
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+  """||mu1 - mu2||^2 + Tr(s1) + Tr(s2) - 2 Tr((s1 s2)^(1/2)). The last trace is the sum of the
+  square roots of the eigenvalues of s1 s2, which equal those of the PSD matrix
+  s1^(1/2) s2 s1^(1/2) (round-off below zero is clipped), so singular covariances (dead
+  ReLU features) need no special care."""
+  diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+  eig = np.linalg.eigvals(np.asarray(s1, np.float64) @ np.asarray(s2, np.float64))
+  tr_sqrt = float(np.sum(np.sqrt(np.clip(eig.real, 0.0, None))))
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
 def fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
@@ -123,22 +119,15 @@ def fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
 
 def save(directory: str, model: ImageClassifier, params: dict, info: Optional[dict] = None) -> str:
   from models import checkpoint
-  checkpoint.save_orbax_params(directory, jax.device_get(params))
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  manifest = {"format": "decodax-image-classifier", "version": 1,
-              "config": dataclasses.asdict(model), "num_params": n, "info": info or {}}
-  with open(os.path.join(directory, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  return directory
+  return checkpoint.save_with_manifest(directory, params, MANIFEST, {
+      "format": "decodax-image-classifier", "version": 1, "config": dataclasses.asdict(model),
+      "info": info or {}})
 
 
 def load(directory: str) -> tuple[ImageClassifier, dict, dict]:
   from models import checkpoint
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no classifier checkpoint at {directory!r} (missing {MANIFEST})")
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = checkpoint.read_manifest(directory, MANIFEST, "decodax-image-classifier",
+                                      "classifier")
   model = ImageClassifier(**manifest["config"])
   like = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   return model, checkpoint.restore_orbax_params(directory, like), manifest

@@ -23,14 +23,11 @@ Parameters: {"net": encoder/decoder weights (optimized), "vq": {"codebook" [K, D
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -254,25 +251,15 @@ def save(directory: str, model: VQVAE, params: dict, info: Optional[dict] = None
   """`params/` (orbax, float32) and `vqvae.json` (config, parameter count, free-form info
   such as the training run and its measured reconstruction error and codebook usage)."""
   from models import checkpoint
-  checkpoint.save_orbax_params(directory, jax.device_get(params))
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["net"]))
-  manifest = {"format": "decodax-vqvae", "version": 1, "config": model.config.to_dict(),
-              "num_params": n, "info": info or {}}
-  with open(os.path.join(directory, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  return directory
+  return checkpoint.save_with_manifest(directory, params, MANIFEST, {
+      "format": "decodax-vqvae", "version": 1, "config": model.config.to_dict(),
+      "info": info or {}})
 
 
 def load(directory: str) -> tuple[VQVAE, dict, dict]:
   """(model, params, manifest) of a `save` folder."""
   from models import checkpoint
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no VQ-VAE checkpoint at {directory!r} (missing {MANIFEST})")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "decodax-vqvae":
-    raise ValueError(f"{path}: not a decodax VQ-VAE manifest")
+  manifest = checkpoint.read_manifest(directory, MANIFEST, "decodax-vqvae", "VQ-VAE")
   model = VQVAE(VQConfig.from_dict(manifest["config"]))
   like = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   return model, checkpoint.restore_orbax_params(directory, like), manifest

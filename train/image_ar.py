@@ -22,6 +22,7 @@ import numpy as np
 
 from models import image_ar, vqvae
 from models.config import ModelConfig
+from train import script
 
 
 def validate(config: Any) -> None:
@@ -49,10 +50,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   from train import data as data_lib, datasets, losses, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  workdir = script.prepare_workdir(config, workdir)
   tok, tok_params, _ = vqvae.load(image_ar.repo_path(config.tokenizer))
   layout = image_ar.ImageTokens(tok.config.codebook_size, int(config.num_classes),
                                 tok.config.grid)
@@ -97,12 +95,8 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
         "trained_with": "python -m train.image_ar --config=configs/image_ar_fmnist.py",
         **result})
     result["shipped"] = path
-  result["workdir"] = workdir
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  return result
+  return script.finish_run(result, workdir)
 
 
 if __name__ == "__main__":
-  from train.script import run_script
-  run_script(run, validate=validate, run_name=lambda c: "image_ar_fmnist")
+  script.run_script(run, validate=validate, run_name=lambda c: "image_ar_fmnist")

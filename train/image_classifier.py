@@ -8,7 +8,6 @@ generator that matched the data distribution would reach with 10000 samples).
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 
 from models import image_ar, image_classifier
+from train import script
 
 
 def validate(config: Any) -> None:
@@ -30,10 +30,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   from train import data as data_lib, datasets, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  workdir = script.prepare_workdir(config, workdir)
   train = datasets.load_arrays("fashion_mnist", "train")
   test = datasets.load_arrays("fashion_mnist", "test")
   model = image_classifier.ImageClassifier(feature_dim=int(config.feature_dim))
@@ -61,12 +58,8 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
         "trained_with": "python -m train.image_classifier --config=configs/classifier_fmnist.py",
         **result})
     result["shipped"] = path
-  result["workdir"] = workdir
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  return result
+  return script.finish_run(result, workdir)
 
 
 if __name__ == "__main__":
-  from train.script import run_script
-  run_script(run, validate=validate, run_name=lambda c: "classifier_fmnist")
+  script.run_script(run, validate=validate, run_name=lambda c: "classifier_fmnist")

@@ -13,16 +13,30 @@ import sys
 from typing import Any, Callable, Optional
 
 
-def start_run(config: Any, workdir: str):
-  """Creates `workdir` (absolute), writes its config.json and builds the target model.
-
-  Returns (workdir, target, eos_ids, pad_id) for `train.model_setup.build(config.model)`.
-  """
-  from train import model_setup
+def prepare_workdir(config: Any, workdir: str) -> str:
+  """Creates `workdir` (returned absolute) and writes the run's config.json into it."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
+  return workdir
+
+
+def finish_run(result: dict, workdir: str) -> dict:
+  """Writes `workdir/results.json` (with the workdir recorded) and returns the result."""
+  result = dict(result, workdir=workdir)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  return result
+
+
+def start_run(config: Any, workdir: str):
+  """`prepare_workdir`, then builds the target model.
+
+  Returns (workdir, target, eos_ids, pad_id) for `train.model_setup.build(config.model)`.
+  """
+  from train import model_setup
+  workdir = prepare_workdir(config, workdir)
   target = model_setup.build(config.model, seed=config.seed)
   tok = target.tokenizer
   eos = [] if tok is None or tok.eos_id is None else [int(tok.eos_id)]

@@ -12,7 +12,6 @@ manifest.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import vqvae
+from train import script
 
 
 def validate(config: Any) -> None:
@@ -65,10 +65,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   from train import data as data_lib, datasets, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  workdir = script.prepare_workdir(config, workdir)
   train = datasets.load_arrays("fashion_mnist", "train", features=("image",))
   test = datasets.load_arrays("fashion_mnist", "test", features=("image",))["image"]
   model = model_from_config(config)
@@ -97,18 +94,14 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   result = {"test": stats, "num_steps": int(config.num_steps),
             "train_seconds": time.perf_counter() - t0, "workdir": workdir}
   if config.ship.enabled:
-    path = config.ship.path
-    if not os.path.isabs(path):
-      path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    from models.checkpoint import repo_path
+    path = repo_path(config.ship.path)
     vqvae.save(path, model, params, info={"trained_with": "python -m train.vqvae "
                                           "--config=configs/vqvae_fmnist.py", **result,
                                           "workdir": None})
     result["shipped"] = path
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  return result
+  return script.finish_run(result, workdir)
 
 
 if __name__ == "__main__":
-  from train.script import run_script
-  run_script(run, validate=validate, run_name=lambda c: "vqvae_fmnist")
+  script.run_script(run, validate=validate, run_name=lambda c: "vqvae_fmnist")

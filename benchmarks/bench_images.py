@@ -1,0 +1,149 @@
+"""Image-token generation benchmark (issue 6): AR sampling against speculative Jacobi decoding
+(SJD, random and spatial-prior initial drafts) and SJD with LANTERN's relaxed acceptance at
+several delta, on the shipped Fashion-MNIST models, all under classifier-free guidance.
+
+    python -m benchmarks.bench_images [--num_images 1000] [--deltas 0.05,0.1,0.2] [--runs 3]
+
+Per method: forward passes of the target per image (prefill included), tokens per forward pass
+(49 / passes), accepted draft tokens per verification call, wall-clock speedup over AR in the
+same run (median of `runs` warm timings of the whole set), FID against the 10000 test images
+(features of the project's classifier, `models.image_classifier`) and the classifier's accuracy
+on the requested class. The AR row is repeated with a second seed ("AR, seed 1") as the noise
+floor of FID and accuracy. Writes results/images_fmnist.json, the table in BENCHMARKS.md, and one
+PNG grid per method (two images per class) under docs/images/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.bench_decode import cpu_name, write_table
+
+MARKER = "bench_images"
+
+
+def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int) -> list:
+  from decoding.images import ImageSettings
+  base = ImageSettings(cfg_scale=cfg_scale, top_k=top_k, window=window)
+  out = [("AR", 0, base), ("AR, seed 1", 1, base),
+         ("SJD (random init)", 0, dataclasses.replace(base, strategy="sjd")),
+         ("SJD (spatial init)", 0, dataclasses.replace(base, strategy="sjd",
+                                                       init_mode="spatial"))]
+  for d in deltas:
+    out.append((f"SJD + LANTERN δ={d:g}", 0,
+                dataclasses.replace(base, strategy="sjd", lantern_delta=float(d))))
+  return out
+
+
+def render(result: dict) -> str:
+  m = result["machine"]
+  lines = [
+      f"{result['num_images']} images ({result['num_images'] // 10} per class), classifier-free "
+      f"guidance scale {result['cfg_scale']}, temperature 1, top-k {result['top_k'] or 'off'}, "
+      f"SJD window {result['window']}, LANTERN k = {result['lantern_k']}; "
+      f"median of {result['runs']} warm runs, {m}. Forward passes per image include the "
+      "prefill; FID against the 10000 test images on the project classifier's features "
+      f"(train vs test split: {result['fid_floor']:.2f}); accuracy = the classifier's class "
+      "equals the requested one (real test images: "
+      f"{result['real_accuracy']:.3f}).", "",
+      "| method | forward passes / image | tokens / pass | accepted / call | speedup | FID | "
+      "class accuracy |", "|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['method']} | {r['forward_passes']:.1f} | {r['tokens_per_pass']:.2f} | "
+                 f"{r['accepted_per_call']:.2f} | {r['speedup']:.2f}x | {r['fid']:.2f} | "
+                 f"{r['accuracy']:.3f} |")
+  lines += ["", f"`{result['command']}`"]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="checkpoints/image-ar-fmnist")
+  ap.add_argument("--classifier", default="checkpoints/classifier-fmnist")
+  ap.add_argument("--num_images", type=int, default=1000)
+  ap.add_argument("--deltas", default="0.05,0.1,0.2")
+  ap.add_argument("--window", type=int, default=16)
+  ap.add_argument("--cfg_scale", type=float, default=2.0)
+  ap.add_argument("--top_k", type=int, default=0)
+  ap.add_argument("--lantern_k", type=int, default=16)
+  ap.add_argument("--batch_size", type=int, default=100)
+  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--out", default="results/images_fmnist.json")
+  ap.add_argument("--bench_md", default="BENCHMARKS.md")
+  ap.add_argument("--grids", default="docs/images")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = ap.parse_args(argv)
+  if args.num_images < 10 or args.num_images % 10:
+    ap.error("--num_images must be a positive multiple of 10 (equal images per class)")
+  if args.batch_size < 1 or args.runs < 1:
+    ap.error("--batch_size and --runs must be >= 1")
+  deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
+
+  from PIL import Image
+  from decoding import images, lantern
+  from models import image_ar, image_classifier
+  from train import datasets
+  model = image_ar.load_image_model(args.model)
+  clf, clf_params, _ = image_classifier.load(image_ar.repo_path(args.classifier))
+  test = datasets.load_arrays("fashion_mnist", "test")
+  train = datasets.load_arrays("fashion_mnist", "train", features=("image",))
+  f_real, pred_real = clf.features_and_predictions(clf_params, test["image"])
+  f_train, _ = clf.features_and_predictions(clf_params, train["image"][:10000])
+  labels = np.repeat(np.arange(10), args.num_images // 10)
+  bs = min(args.batch_size, len(labels))
+  neighbors = lantern.neighbor_table(model.tokenizer_params["vq"]["codebook"], args.lantern_k,
+                                     model.layout.vocab_size)
+  rows, ar_seconds = [], None
+  os.makedirs(args.grids, exist_ok=True)
+  for name, seed, s in methods(deltas, args.window, args.cfg_scale, args.top_k):
+    s = dataclasses.replace(s, lantern_k=args.lantern_k)
+    nb = neighbors if s.lantern_delta > 0 else None
+    images.generate_codes(model, labels[:bs], s, seed, bs, neighbors=nb)  # compile
+    times, out = [], None
+    for _ in range(args.runs):
+      t = time.perf_counter()
+      out = images.generate_codes(model, labels, s, seed, bs, neighbors=nb)
+      times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
+    imgs = np.concatenate([model.decode_images(out["codes"][i:i + 500])
+                           for i in range(0, len(labels), 500)])
+    feats, pred = clf.features_and_predictions(clf_params, imgs)
+    passes = float(out["forward_passes"].mean())
+    calls = np.maximum(out["forward_passes"] - 1, 1)
+    if name == "AR":
+      ar_seconds = seconds
+    row = {"method": name, "seed": seed, "settings": dataclasses.asdict(s),
+           "forward_passes": passes, "tokens_per_pass": model.layout.num_tokens / passes,
+           "accepted_per_call": float(np.mean(out["accepted_drafts"] / calls)),
+           "seconds": seconds, "seconds_runs": times, "speedup": ar_seconds / seconds,
+           "fid": image_classifier.fid(f_real, feats),
+           "accuracy": float(np.mean(pred == labels))}
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
+    pick = np.concatenate([np.where(labels == c)[0][:2] for c in range(10)])
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    Image.fromarray(images.grid_image(imgs[pick], cols=10)).save(
+        os.path.join(args.grids, f"fmnist_{slug}.png"))
+  result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
+            "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
+            "runs": args.runs, "fid_floor": image_classifier.fid(f_train, f_real),
+            "real_accuracy": float(np.mean(pred_real == test["label"])), "rows": rows,
+            "command": " ".join(["python -m benchmarks.bench_images"] + [shlex.quote(a) for a in argv])}
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  if args.bench_md:
+    write_table(args.bench_md, render(result), MARKER, "## Image-token generation (issue 6)")
+  print(render(result))
+
+
+if __name__ == "__main__":
+  main()
