@@ -164,11 +164,23 @@ def main(argv=None):
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--bench_md", default="BENCHMARKS.md")
+  ap.add_argument("--merge", action="store_true",
+                  help="keep the rows of --out from earlier runs, replacing those measured "
+                       "again (same task, mode, batch and method); each row keeps its own "
+                       "run's baseline and records the command that measured it")
   args = ap.parse_args(argv)
   model = load_model(args.model)
   out_path = args.out or f"results/speculative_{args.model}.json"
   rows, notes = [], []
   hf = None
+  kept = []
+  if args.merge and os.path.exists(out_path):
+    with open(out_path) as f:
+      earlier = json.load(f)
+    kept = [dict(r, command=r.get("command") or command_line(earlier["args"]))
+            for r in earlier["rows"]]
+    hf = earlier.get("hf_prompt_lookup")
+    notes = list(earlier.get("notes", []))
   if not args.skip_hf and "copy" in args.tasks.split(","):
     eos, pad = eos_and_pad(model)
     copy = task_prompts(model, "copy", args.num_prompts)[:args.batch1_prompts or None]
@@ -221,11 +233,21 @@ def main(argv=None):
                      tokens=tok, seconds=sec, tokens_per_s=tok / sec,
                      baseline_tokens_per_s=b_tok / b_sec,
                      speedup=(tok / sec) / (b_tok / b_sec), exact=exact)
+          row["command"] = command_line(args)
           rows.append(row)
           print(f"  {name}: tau {row['tau']:.2f} speedup {row['speedup']:.2f}x exact {exact}",
                 flush=True)
-        save(args, out_path, rows, notes, hf, complete=False)  # results so far
-  save(args, out_path, rows, notes, hf, complete=True)
+        save(args, out_path, merged(kept, rows), notes, hf, complete=False)  # results so far
+  save(args, out_path, merged(kept, rows), notes, hf, complete=True)
+
+
+def merged(kept: list, rows: list) -> list:
+  """Earlier rows not measured again, then this run's rows, in task/mode/batch order."""
+  key = lambda r: (r["task"], r["mode"], r["batch"], r["method"])
+  new = {key(r) for r in rows}
+  out = [r for r in kept if key(r) not in new] + rows
+  order = {t: i for i, t in enumerate(("copy", "code", "chat"))}
+  return sorted(out, key=lambda r: (order.get(r["task"], 9), r["mode"] != "greedy", r["batch"]))
 
 
 def save(args, out_path: str, rows: list, notes: list, hf, complete: bool) -> None:
@@ -263,16 +285,25 @@ def render(result: dict) -> str:
               f"({h['greedy_seconds']:.1f} s vs {h['prompt_lookup_seconds']:.1f} s)."]
   if not result.get("complete", True):
     lines += ["", "**Incomplete run**: stopped before the end; the rows above are the first "
-              "configurations (in task, mode, batch order) of the command below."]
+              "configurations (in task, mode, batch order) of the (first) command below."]
   if result.get("notes"):
     lines += ["", "Not run: " + "; ".join(result["notes"]) + "."]
+  cmds = list(dict.fromkeys(r["command"] for r in result["rows"] if r.get("command")))
+  cmds = cmds or [command_line(a)]
+  if len(cmds) > 1:
+    lines += ["", "Rows measured by these runs (each row against its own run's baseline):"]
+  lines += [""] + [f"`{c}`" for c in cmds]
+  return "\n".join(lines)
+
+
+def command_line(a) -> str:
+  """The command that reproduces a run (`a`: parsed args or their dict)."""
+  a = vars(a) if not isinstance(a, dict) else a
   cmd = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in a.items()
                  if k in ("model", "methods", "tasks", "modes", "batch_sizes",
-                          "sample_batch_sizes", "num_prompts",
-                          "batch1_prompts",
+                          "sample_batch_sizes", "num_prompts", "batch1_prompts",
                           "max_new_tokens", "runs"))
-  lines += ["", f"`python -m benchmarks.bench_speculative {cmd}`"]
-  return "\n".join(lines)
+  return f"python -m benchmarks.bench_speculative {cmd}"
 
 
 if __name__ == "__main__":

@@ -323,15 +323,8 @@ def resolve_head(name_or_path: str) -> str:
 
 
 def read_manifest(name_or_path: str) -> dict:
-  path = resolve_head(name_or_path)
-  manifest_path = os.path.join(path, HEAD_MANIFEST)
-  if not os.path.isfile(manifest_path):
-    raise FileNotFoundError(f"{path} is not a draft-head checkpoint (no {HEAD_MANIFEST})")
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != HEAD_FORMAT:
-    raise ValueError(f"{manifest_path}: not a {HEAD_FORMAT} manifest")
-  return manifest
+  return checkpoint.read_manifest(resolve_head(name_or_path), HEAD_MANIFEST, HEAD_FORMAT,
+                                  "draft-head")
 
 
 def load_head(name_or_path: str, target: Optional[str] = None,
