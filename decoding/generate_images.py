@@ -19,8 +19,6 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/generate_images.py",
-                                          "Image generation config file.")
 
 
 def parse_classes(spec: str, num_classes: int = 10) -> list[int]:
@@ -78,15 +76,23 @@ def run(cfg) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  try:
-    summary = run(_CONFIG.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
+def main() -> None:
+  # the flag is defined here, not at import, so importing this module (tests, other CLIs)
+  # never collides with another module's --config
+  config = config_flags.DEFINE_config_file("config", "configs/generate_images.py",
+                                           "Image generation config file.")
+
+  def _main(argv):
+    del argv
+    try:
+      summary = run(config.value)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
+
+  app.run(_main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -89,8 +89,8 @@ def test_jacobi_update_reuses_the_targets_predictions():
 
 def test_jacobi_sampling_matches_the_sequence_distribution():
   """Chi-square over all 5^4 continuations of a small random transformer (the next token
-  depends on the whole prefix, so stale Jacobi drafts are really exercised), 20000 rows."""
-  Vt, N, B = 5, 4, 20000
+  depends on the whole prefix, so stale Jacobi drafts are really exercised), 10000 rows."""
+  Vt, N, B = 5, 4, 10000
   lm, params = _tiny(V=Vt, seed=3)
   cfg = {"temperature": 0.35}  # sharpen the random model's near-uniform distributions
   proc = processors.build(cfg, [], sampling=True)
@@ -168,7 +168,7 @@ def test_guided_scale_one_and_zero_are_conditional_and_unconditional_greedy():
 
 
 def test_every_strategy_runs_guided():
-  """Speculative (prompt lookup, Jacobi) decoding through GuidedLM's cache (rollback) gives
+  """Speculative decoding (prompt lookup) through GuidedLM's cache (rollback) gives
   guided greedy exactly; beam search through it (beam reordering) at scale 1 is plain beam."""
   from decoding import drafters
   V, null = 32, 31
@@ -177,9 +177,8 @@ def test_every_strategy_runs_guided():
   n = 14
   g = guidance.GuidedLM(lm, 2.5, null)
   ref = _greedy(g, params, prompts, lens, n)
-  for d in (drafters.PromptLookupDrafter(4, 2, 1), jacobi.JacobiDrafter(num_draft=5)):
-    res = _jacobi(g, params, d, prompts, lens, n)
-    np.testing.assert_array_equal(res.tokens, ref.tokens)
+  res = _jacobi(g, params, drafters.PromptLookupDrafter(4, 2, 1), prompts, lens, n)
+  np.testing.assert_array_equal(res.tokens, ref.tokens)
   kw = dict(num_beams=3, max_new_tokens=8, cache_len=32, pad_id=0)
   eos = jnp.asarray([-1], jnp.int32)
   guided = beam.beam_search(guidance.GuidedLM(lm, 1.0, null), params, prompts, lens,

@@ -67,9 +67,9 @@ def test_delta_zero_is_the_strict_rule_and_acceptance_grows_with_delta():
 def test_lantern_in_the_loop_with_jacobi_decoding():
   """SJD with relaxation ("lantern", delta): delta = 0 reproduces strict SJD token for token
   (same seed), a positive delta accepts at least as many drafts per call on average."""
-  from tests.test_jacobi_guidance import _tiny
+  from tests.fakes import BigramLM
   V = 24
-  lm, params = _tiny(V, seed=1)
+  lm, params = BigramLM(V), jnp.asarray(np.random.RandomState(1).randn(V, V) * 2.0, jnp.float32)
   table = lantern.neighbor_table(np.random.RandomState(2).randn(V, 2), 4)
   B = 16
   prompts = jnp.asarray(np.random.RandomState(3).randint(0, V, (B, 3)), jnp.int32)
