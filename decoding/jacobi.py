@@ -82,7 +82,10 @@ class JacobiDrafter(Drafter):
     """Replaces the slots where `fresh` [B, L] with initial drafts (one-hot q), slot by slot
     so a spatial copy can read an earlier slot of the same window."""
     positions = start[:, None] + jnp.arange(self.num_draft)[None]
-    for m in range(self.num_draft):
+    if self.init_mode == "random":  # no slot reads another: one pass
+      init = self._initial(keys, sequences, positions, prompt_len, tokens, start, V)
+      tokens = jnp.where(fresh, init, tokens)
+    for m in range(self.num_draft if self.init_mode == "spatial" else 0):
       init = self._initial(keys, sequences, positions, prompt_len, tokens, start, V)
       tokens = tokens.at[:, m].set(jnp.where(fresh[:, m], init[:, m], tokens[:, m]))
     onehot = jax.nn.one_hot(tokens, V, dtype=jnp.float32)
