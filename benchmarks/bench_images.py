@@ -1,8 +1,10 @@
 """Image-token generation benchmark (issue 6): AR sampling against speculative Jacobi decoding
-(SJD, random and spatial-prior initial drafts) and SJD with LANTERN's relaxed acceptance at
-several delta, on the shipped Fashion-MNIST models, all under classifier-free guidance.
+(SJD, random and spatial-prior initial drafts), EAGLE chains from the trained image head, and
+both with LANTERN's relaxed acceptance at several delta, on the shipped Fashion-MNIST models,
+all under classifier-free guidance.
 
     python -m benchmarks.bench_images [--num_images 1000] [--deltas 0.05,0.1,0.2] [--runs 3]
+        [--eagle_window 4] [--no_eagle]
 
 Per method: forward passes of the target per image (prefill included), tokens per forward pass
 (49 / passes), accepted draft tokens per verification call, wall-clock speedup over AR in the
@@ -30,7 +32,9 @@ from benchmarks.bench_decode import cpu_name, write_table
 MARKER = "bench_images"
 
 
-def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int) -> list:
+def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
+            eagle_window: int = 0) -> list:
+  """(name, seed, ImageSettings) rows; EAGLE rows when `eagle_window` > 0."""
   from decoding.images import ImageSettings
   base = ImageSettings(cfg_scale=cfg_scale, top_k=top_k, window=window)
   out = [("AR", 0, base), ("AR, seed 1", 1, base),
@@ -40,6 +44,12 @@ def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int) -> l
   for d in deltas:
     out.append((f"SJD + LANTERN δ={d:g}", 0,
                 dataclasses.replace(base, strategy="sjd", lantern_delta=float(d))))
+  if eagle_window:
+    eagle = dataclasses.replace(base, strategy="eagle", window=eagle_window)
+    out.append((f"EAGLE chain of {eagle_window}", 0, eagle))
+    for d in deltas:
+      out.append((f"EAGLE + LANTERN δ={d:g}", 0,
+                  dataclasses.replace(eagle, lantern_delta=float(d))))
   return out
 
 
@@ -48,7 +58,8 @@ def render(result: dict) -> str:
   lines = [
       f"{result['num_images']} images ({result['num_images'] // 10} per class), classifier-free "
       f"guidance scale {result['cfg_scale']}, temperature 1, top-k {result['top_k'] or 'off'}, "
-      f"SJD window {result['window']}, LANTERN k = {result['lantern_k']}; "
+      f"SJD window {result['window']}, EAGLE chain {result.get('eagle_window', 0)} drafts, "
+      f"LANTERN k = {result['lantern_k']}; "
       f"median of {result['runs']} warm runs, {m}. Forward passes per image include the "
       "prefill; FID against the 10000 test images on the project classifier's features "
       f"(train vs test split: {result['fid_floor']:.2f}); accuracy = the classifier's class "
@@ -74,6 +85,8 @@ def main(argv=None):
   ap.add_argument("--cfg_scale", type=float, default=2.0)
   ap.add_argument("--top_k", type=int, default=0)
   ap.add_argument("--lantern_k", type=int, default=16)
+  ap.add_argument("--eagle_window", type=int, default=4, help="EAGLE drafts per chain")
+  ap.add_argument("--no_eagle", action="store_true", help="skip the EAGLE rows")
   ap.add_argument("--batch_size", type=int, default=100)
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--out", default="results/images_fmnist.json")
@@ -103,7 +116,8 @@ def main(argv=None):
                                      model.layout.vocab_size)
   rows, ar_seconds = [], None
   os.makedirs(args.grids, exist_ok=True)
-  for name, seed, s in methods(deltas, args.window, args.cfg_scale, args.top_k):
+  for name, seed, s in methods(deltas, args.window, args.cfg_scale, args.top_k,
+                               0 if args.no_eagle else args.eagle_window):
     s = dataclasses.replace(s, lantern_k=args.lantern_k)
     nb = neighbors if s.lantern_delta > 0 else None
     images.generate_codes(model, labels[:bs], s, seed, bs, neighbors=nb)  # compile
@@ -134,6 +148,7 @@ def main(argv=None):
         os.path.join(args.grids, f"fmnist_{slug}.png"))
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
+            "eagle_window": 0 if args.no_eagle else args.eagle_window,
             "runs": args.runs, "fid_floor": image_classifier.fid(f_train, f_real),
             "real_accuracy": float(np.mean(pred_real == test["label"])), "rows": rows,
             "command": " ".join(["python -m benchmarks.bench_images"] + [shlex.quote(a) for a in argv])}

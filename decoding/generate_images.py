@@ -39,7 +39,9 @@ def settings_from(cfg):
   s = ImageSettings(strategy=cfg.strategy, do_sample=bool(cfg.do_sample),
                     cfg_scale=float(cfg.cfg_scale), temperature=float(cfg.temperature),
                     top_k=int(cfg.top_k), window=int(cfg.window), init_mode=cfg.init_mode,
-                    lantern_delta=float(cfg.lantern_delta), lantern_k=int(cfg.lantern_k))
+                    lantern_delta=float(cfg.lantern_delta), lantern_k=int(cfg.lantern_k),
+                    eagle_head=cfg.eagle_head, eagle_tree=bool(cfg.eagle_tree),
+                    tree_budget=int(cfg.tree_budget))
   s.validate()
   return s
 

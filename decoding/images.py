@@ -1,6 +1,10 @@
 """Class-conditional image generation from the image-token model (`models.image_ar`):
-autoregressive decoding, speculative Jacobi decoding (SJD) and LANTERN's relaxed acceptance,
-all under classifier-free guidance, with fixed shapes and per-image keys.
+autoregressive decoding, speculative Jacobi decoding (SJD, "Accelerating Auto-regressive
+Text-to-Image Generation with Training-free Speculative Jacobi Decoding", Teng et al., 2024),
+EAGLE feature drafting with a trained head (`train.image_draft_head`) and LANTERN's relaxed
+acceptance ("LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative
+Decoding", Jang et al., 2024) on either drafter's chains, all under classifier-free guidance,
+with fixed shapes and per-image keys.
 
 Every strategy decodes the g*g code tokens after the one-token prompt [class]; ids that are not
 image codes are suppressed after guidance, then the sampling warpers apply (temperature,
@@ -25,20 +29,23 @@ from decoding import core, guidance, jacobi, lantern, processors, sampling, spec
 from models.image_ar import ImageModel
 
 Array = jax.Array
-STRATEGIES = ("ar", "sjd")
+STRATEGIES = ("ar", "sjd", "eagle")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSettings:
-  strategy: str = "ar"  # "ar" | "sjd"
+  strategy: str = "ar"  # "ar" | "sjd" | "eagle"
   do_sample: bool = True
   cfg_scale: float = 2.0  # 1.0: no guidance (one stream)
   temperature: float = 1.0
   top_k: int = 0
-  window: int = 16  # SJD window length L
+  window: int = 16  # SJD window length L; EAGLE chain: drafts per call
   init_mode: str = "random"  # SJD initial drafts: "random" | "spatial"
   lantern_delta: float = 0.0  # > 0: LANTERN relaxed acceptance (LOSSY)
   lantern_k: int = 16  # latent neighbours per code
+  eagle_head: str = "checkpoints/eagle-image-fmnist"
+  eagle_tree: bool = False  # EAGLE-2 dynamic tree (lossless only) instead of a chain
+  tree_budget: int = 16  # tree nodes verified per call
 
   def validate(self) -> None:
     if self.strategy not in STRATEGIES:
@@ -56,7 +63,12 @@ class ImageSettings:
     if not 0.0 <= self.lantern_delta < 1.0:
       raise ValueError(f"lantern_delta must be in [0, 1), got {self.lantern_delta}")
     if self.lantern_delta > 0 and self.strategy == "ar":
-      raise ValueError("lantern_delta relaxes speculative acceptance: use strategy 'sjd'")
+      raise ValueError("lantern_delta relaxes speculative acceptance: use strategy 'sjd' or "
+                       "'eagle'")
+    if self.lantern_delta > 0 and self.strategy == "eagle" and self.eagle_tree:
+      raise ValueError("lantern_delta relaxes chain verification: set eagle_tree=False")
+    if self.tree_budget < 1:
+      raise ValueError(f"tree_budget must be >= 1, got {self.tree_budget}")
     if self.lantern_k < 1:
       raise ValueError(f"lantern_k must be >= 1, got {self.lantern_k}")
 
@@ -74,6 +86,26 @@ def _lm(model: ImageModel, s: ImageSettings):
   if s.cfg_scale == 1.0:
     return model.lm
   return guidance.GuidedLM(model.lm, float(s.cfg_scale), model.layout.null_class, cond_len=1)
+
+
+_HEADS: dict = {}
+
+
+def _drafter(model: ImageModel, s: ImageSettings):
+  """(drafter, drafter params) of a speculative strategy."""
+  lay = model.layout
+  if s.strategy == "sjd":
+    return jacobi.JacobiDrafter(num_draft=int(s.window), draft_vocab=lay.codebook_size,
+                                init_mode=s.init_mode, grid=lay.grid), None
+  from decoding.eagle import EagleDrafter
+  from models.image_ar import load_image_head
+  key = (s.eagle_head, id(model.params))
+  if key not in _HEADS:
+    _HEADS.clear()  # one head at a time: it is tied to one model's parameters
+    _HEADS[key] = load_image_head(model, s.eagle_head)
+  head, hparams = _HEADS[key]
+  return EagleDrafter(head, int(s.window), tree=bool(s.eagle_tree),
+                      tree_budget=int(s.tree_budget)), hparams
 
 
 def generate_codes(model: ImageModel, labels, s: ImageSettings, seed: int = 0,
@@ -96,7 +128,13 @@ def generate_codes(model: ImageModel, labels, s: ImageSettings, seed: int = 0,
                          int(s.top_k))
   base = jax.random.PRNGKey(seed)
   eos = jnp.asarray([-1], jnp.int32)
-  if s.strategy == "sjd" and s.lantern_delta > 0 and neighbors is None:
+  drafter, dparams = _drafter(model, s) if s.strategy != "ar" else (None, None)
+  # cache slots past the committed tokens: the verified block, or an EAGLE tree's head
+  # slots (max_depth * max_children), whichever is larger
+  extra = 0 if drafter is None else drafter.block
+  if getattr(drafter, "tree", False):
+    extra = max(extra, drafter.max_depth * drafter.max_children)
+  if s.lantern_delta > 0 and neighbors is None:
     neighbors = lantern.neighbor_table(model.tokenizer_params["vq"]["codebook"], s.lantern_k,
                                        lay.vocab_size)
   codes, passes, accepted = [], [], []
@@ -116,13 +154,11 @@ def generate_codes(model: ImageModel, labels, s: ImageSettings, seed: int = 0,
       passes.append(np.full((n,), n_tok))
       accepted.append(np.zeros((n,), np.int64))
     else:
-      d = jacobi.JacobiDrafter(num_draft=int(s.window), draft_vocab=lay.codebook_size,
-                               init_mode=s.init_mode, grid=lay.grid)
       relax = ("lantern", float(s.lantern_delta)) if s.lantern_delta > 0 else ()
       res = speculative.speculative_decode(
-          lm, model.params, d, None, prompts, plen, keys, eos, processor=proc,
+          lm, model.params, drafter, dparams, prompts, plen, keys, eos, processor=proc,
           reads_context=False, sample=bool(s.do_sample), pad_id=0, max_new_tokens=n_tok,
-          cache_len=1 + n_tok + d.block + 1, relaxation=relax,
+          cache_len=1 + n_tok + extra + 1, relaxation=relax,
           neighbors=neighbors if relax else None)
       passes.append(1 + np.asarray(res.extras["target_calls"])[:n])
       accepted.append(np.asarray(res.extras["accepted_drafts"])[:n])

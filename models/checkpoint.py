@@ -36,6 +36,16 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
   return h.hexdigest()
 
 
+def params_sha256(params: Any) -> str:
+  """The sha256 of a parameter tree's leaf bytes, in tree order (ties a draft head to the
+  exact target it was trained on when the target is not a registered file)."""
+  import jax
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.asarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()
+
+
 def verify_checksum(path: str, expected: Optional[str]) -> None:
   if expected is None:
     return

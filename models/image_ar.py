@@ -115,3 +115,12 @@ def load_image_model(path: str = "checkpoints/image-ar-fmnist", dtype="float32")
   if tok.config.codebook_size != layout.codebook_size or tok.config.grid != layout.grid:
     raise ValueError(f"{path}: tokenizer {info['tokenizer']} does not match the token layout")
   return ImageModel(m.lm, m.params, layout, tok, tok_params, info)
+
+
+def load_image_head(model: ImageModel, path: str = "checkpoints/eagle-image-fmnist",
+                    param_dtype="float32"):
+  """(EagleHead, params) of an image draft head (`train.image_draft_head`), checked against
+  the sha256 of `model`'s parameters (a head only drafts well for the target it learned)."""
+  from models import checkpoint, draft_head
+  return draft_head.load_head(repo_path(path), target_sha256=checkpoint.params_sha256(
+      model.params), param_dtype=param_dtype, dtype=model.lm.config.dtype)

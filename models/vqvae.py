@@ -163,7 +163,7 @@ class VQVAE:
     c = self.config
     k1, k2 = jax.random.split(key)
     x = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
-    net = self.net.init(k1, x)["params"]
+    net = jax.jit(self.net.init)(k1, x)["params"]  # one compile, not one per eager op
     codebook = jax.random.normal(k2, (c.codebook_size, c.code_dim), jnp.float32)
     return {"net": net, "vq": {"codebook": codebook,
                                "ema_count": jnp.ones((c.codebook_size,), jnp.float32),

@@ -11,6 +11,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
   # (the Hugging Face reference) instead of two workers each spawning one per core.
   os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# One XLA compilation cache for the whole run, shared by the pytest workers: many tests build
+# the same programs through fresh jit wrappers (a Trainer per test, the same tiny decoders), and
+# XLA compilation is most of this suite's time on a 2-core machine. Entries are keyed by the
+# program, the compile options and the jax version; set DECODAX_TEST_JAX_CACHE=0 to turn it off.
+_JAX_CACHE = os.environ.get("DECODAX_TEST_JAX_CACHE", os.path.join(
+    os.path.expanduser("~"), ".cache", "decodax", "jax_test_cache"))
+if _JAX_CACHE != "0":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # LRU beyond 2 GiB
+
 import pytest
 
 
@@ -23,14 +34,30 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def hf_smollm():
-  """Hugging Face transformers loading the same GGUF file, fp32, as the reference."""
+  """Hugging Face transformers loading the same GGUF file, fp32, as the reference.
+
+  transformers' GGUF conversion takes about a minute on this machine, so its result is kept
+  (`save_pretrained`) under ~/.cache/decodax/hf_reference/<GGUF sha256>-<transformers
+  version>: the first pytest worker converts while holding a file lock, every later load
+  (the other worker, later sessions) reads the saved conversion.
+  """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  import filelock
   from models import registry
   path, _, _ = registry.resolve("smollm2-135m-instruct")
+  sha = registry.MODELS["smollm2-135m-instruct"].sha256
+  cache = os.path.join(os.path.expanduser("~"), ".cache", "decodax", "hf_reference",
+                       f"{sha[:16]}-{transformers.__version__}")
   torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  with filelock.FileLock(cache + ".lock"):
+    if not os.path.exists(os.path.join(cache, "config.json")):
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32)
+      model.save_pretrained(cache + ".tmp")
+      os.replace(cache + ".tmp", cache)
+  model = transformers.AutoModelForCausalLM.from_pretrained(cache, torch_dtype=torch.float32)
   model.eval()
   return model
 

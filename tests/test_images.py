@@ -130,29 +130,52 @@ def tiny_image_model():
   params = transformer.init_params(cfg, jax.random.PRNGKey(1))
   params = jax.tree.map(lambda x: x * 4.0, params)  # sharper than the near-uniform init
   tok = vqvae.VQVAE(vqvae.VQConfig(image_size=12, codebook_size=16, code_dim=4))
-  return image_ar.ImageModel(TransformerLM(cfg), params, lay, tok,
-                             tok.init(jax.random.PRNGKey(2)), {})
+  # random tokenizer weights of the right shapes (only decoded to check shapes and dtype);
+  # filled on the host: compiling the conv net's init costs more than the rest of the module
+  rng = np.random.RandomState(2)
+  tok_params = jax.tree.map(lambda s: jnp.asarray(rng.randn(*s.shape) * 0.1, s.dtype),
+                            jax.eval_shape(tok.init, jax.random.PRNGKey(2)))
+  return image_ar.ImageModel(TransformerLM(cfg), params, lay, tok, tok_params, {})
 
 
-def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model):
+def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model, tmp_path):
+  """Greedy SJD and greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE
+  chains with LANTERN sampled in one batch or in two = the same images (per-image keys)."""
   from decoding import images
+  from models import checkpoint, draft_head as dh
   m = tiny_image_model
+  head = dh.EagleHead(dh.HeadConfig(m.lm.config))
+  head_path = str(tmp_path / "head")
+  dh.save_head(head_path, head, dh.init_head_params(head, jax.random.key(4)), {},
+               target_sha256=checkpoint.params_sha256(m.params))
   labels = np.asarray([0, 1, 2, 1, 0])
   greedy = images.ImageSettings(strategy="ar", do_sample=False, cfg_scale=2.0)
   ar = images.generate_codes(m, labels, greedy, batch_size=5)
-  sjd = images.generate_codes(m, labels, images.ImageSettings(
-      strategy="sjd", do_sample=False, cfg_scale=2.0, window=4, init_mode="spatial"),
-      batch_size=5)
-  np.testing.assert_array_equal(sjd["codes"], ar["codes"])  # greedy SJD = greedy AR
-  assert (sjd["forward_passes"] <= m.layout.num_tokens).all()
   assert (ar["codes"] < m.layout.codebook_size).all()  # class ids never generated
-  s = images.ImageSettings(strategy="sjd", cfg_scale=1.5, window=3, lantern_delta=0.1,
-                           lantern_k=3)
+  for s in (images.ImageSettings(strategy="sjd", do_sample=False, cfg_scale=2.0, window=4,
+                                 init_mode="spatial"),
+            images.ImageSettings(strategy="eagle", do_sample=False, cfg_scale=2.0,
+                                 eagle_head=head_path, eagle_tree=True, tree_budget=6)):
+    out = images.generate_codes(m, labels, s, batch_size=5)
+    np.testing.assert_array_equal(out["codes"], ar["codes"])  # lossless: greedy AR
+    assert (out["forward_passes"] <= m.layout.num_tokens).all()
+  s = images.ImageSettings(strategy="eagle", cfg_scale=1.5, window=3, lantern_delta=0.1,
+                           lantern_k=3, eagle_head=head_path)
   whole = images.generate_codes(m, labels, s, seed=3, batch_size=5)
   parts = images.generate_codes(m, labels, s, seed=3, batch_size=2)
   np.testing.assert_array_equal(whole["codes"], parts["codes"])
   imgs = m.decode_images(jnp.asarray(whole["codes"][:2]))
   assert imgs.shape == (2, 12, 12, 1) and imgs.dtype == np.uint8
+
+
+def test_image_head_is_tied_to_its_model(tiny_image_model, tmp_path):
+  from models import checkpoint, draft_head as dh
+  m = tiny_image_model
+  head = dh.EagleHead(dh.HeadConfig(m.lm.config))
+  dh.save_head(str(tmp_path), head, dh.init_head_params(head, jax.random.key(4)), {},
+               target_sha256=checkpoint.params_sha256(jax.tree.map(lambda x: x + 1, m.params)))
+  with pytest.raises(dh.TargetMismatchError):
+    image_ar.load_image_head(m, str(tmp_path))
 
 
 def test_image_settings_and_cli_reject_bad_input_before_loading():
@@ -161,6 +184,8 @@ def test_image_settings_and_cli_reject_bad_input_before_loading():
     images.ImageSettings(strategy="beam").validate()
   with pytest.raises(ValueError, match="lantern_delta"):
     images.ImageSettings(strategy="ar", lantern_delta=0.1).validate()
+  with pytest.raises(ValueError, match="eagle_tree"):
+    images.ImageSettings(strategy="eagle", eagle_tree=True, lantern_delta=0.1).validate()
   with pytest.raises(ValueError, match="classes"):
     generate_images.parse_classes("3,12")
   import ml_collections

@@ -65,8 +65,8 @@ def test_delta_zero_is_the_strict_rule_and_acceptance_grows_with_delta():
 
 
 def test_lantern_in_the_loop_with_jacobi_decoding():
-  """SJD with relaxation ("lantern", delta): delta = 0 reproduces strict SJD token for token
-  (same seed), a positive delta accepts at least as many drafts per call on average."""
+  """SJD with relaxation ("lantern", delta > 0) accepts more drafts per call than strict SJD
+  on the same seeds (delta = 0 is the strict rule: test_delta_zero_is_the_strict_rule...)."""
   from tests.fakes import BigramLM
   V = 24
   lm, params = BigramLM(V), jnp.asarray(np.random.RandomState(1).randn(V, V) * 2.0, jnp.float32)
@@ -87,7 +87,6 @@ def test_lantern_in_the_loop_with_jacobi_decoding():
       lm, params, d, None, prompts, lens, _keys(B, 5), jnp.asarray([-1], jnp.int32),
       processor=proc, reads_context=False, sample=True, pad_id=0, max_new_tokens=16,
       cache_len=32)
-  np.testing.assert_array_equal(run(("lantern", 0.0)).tokens, strict.tokens)
   relaxed = run(("lantern", 0.3))
   tau = lambda r: float(r.extras["verified_tokens"].sum() / r.extras["target_calls"].sum())
-  assert tau(relaxed) >= tau(strict)
+  assert tau(relaxed) > tau(strict)

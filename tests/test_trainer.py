@@ -219,23 +219,21 @@ def _main(workdir, *overrides):
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_resume_and_export_loads_in_the_decoding_cli(tmp_path):
+def test_cli_trains_and_exports_a_model_the_decoding_cli_loads(tmp_path):
+  """`python -m train.main` trains and exports a checkpoint `python -m decoding.generate`
+  loads. (Resuming: test_killed_run_resumes_to_identical_parameters in-process, and
+  colab/02_train.ipynb through the experiment runner.)"""
   tok = "--config.model.tokenizer=smollm2-135m-instruct"
-  full = _main(tmp_path / "full", tok, "--config.num_steps=8")
-  assert full.returncode == 0, full.stderr[-3000:]
   part = _main(tmp_path / "part", tok, "--config.num_steps=4")
   assert part.returncode == 0, part.stderr[-3000:]
-  rest = _main(tmp_path / "part", tok, "--config.num_steps=8")  # resumes at step 4
-  assert rest.returncode == 0, rest.stderr[-3000:]
-  assert "resumed from step 4" in rest.stderr
   from models.lm import load_model
-  a, b = load_model(str(tmp_path / "full" / "export")), load_model(
-      str(tmp_path / "part" / "export"))
+  a = load_model(str(tmp_path / "part" / "export"))
   assert a.config.vocab_size == 49152 and a.tokenizer is not None
-  assert max_diff(a.params, b.params) == 0.0
+  records = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
+  assert max(r["step"] for r in records) == 4
   gen = subprocess.run(
       [sys.executable, "-m", "decoding.generate", "--config=configs/generate.py",
-       f"--config.model={tmp_path / 'full' / 'export'}", "--prompt=Hello there",
+       f"--config.model={tmp_path / 'part' / 'export'}", "--prompt=Hello there",
        "--config.max_new_tokens=5", "--config.min_new_tokens=5"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert gen.returncode == 0, gen.stderr[-3000:]

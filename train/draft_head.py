@@ -189,13 +189,10 @@ def _digest(obj: Any) -> str:
 
 def target_fingerprint(name: str, params: Any) -> str:
   """The registry sha256 of a registered target, else the sha256 of its parameter bytes."""
-  from models import registry
+  from models import checkpoint, registry
   if name in registry.MODELS:
     return registry.MODELS[name].sha256
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(params):
-    h.update(np.asarray(jax.device_get(leaf)).tobytes())
-  return h.hexdigest()
+  return checkpoint.params_sha256(params)
 
 
 def cache_dir(dcfg: Any) -> str:
@@ -570,6 +567,32 @@ def train_variant(name: str, head: dh.EagleHead, out_w: dict, train: dict, heldo
   return params, results
 
 
+def compare_variants(base_cfg: dh.HeadConfig, out_w: dict, train: dict, heldout: dict,
+                     config: Any, workdir: str, summary: dict, log=print):
+  """Trains every variant of `config.variants` (`train_variant`, in workdir/<variant>) after
+  measuring an untrained head. Fills summary["untrained"], summary["variants"][name] and
+  summary["best"] (the most accepted drafts per held-out chain); returns
+  ({name: (head, params)}, best name)."""
+  untrained = dh.EagleHead(base_cfg)
+  summary["untrained"] = acceptance(untrained, dh.init_head_params(untrained, jax.random.key(0)),
+                                    out_w, heldout, config.eval.depth, config.eval.batch_size)
+  log(f"untrained head: {summary['untrained']}")
+  summary.setdefault("variants", {})
+  best, trained = None, {}
+  for vname in config.variants:
+    head = dh.EagleHead(base_cfg.replace(**VARIANTS[vname]))
+    hp, res = train_variant(vname, head, out_w, train, heldout, config,
+                            os.path.join(workdir, vname), log=log)
+    summary["variants"][vname] = res
+    trained[vname] = (head, hp)
+    score = res["heldout_acceptance_bf16"]["expected_accepted"]
+    if best is None or score > summary["variants"][best]["heldout_acceptance_bf16"][
+        "expected_accepted"]:
+      best = vname
+  summary["best"] = best
+  return trained, best
+
+
 _VOLATILE = ("variants", "eval", "ship", "log_every", "eval_every", "workdir")
 
 
@@ -653,23 +676,8 @@ def run(config: Any, log=print) -> dict:
   base_cfg = dh.HeadConfig(lm.config.replace(remat=False, scan_layers=False),
                            feature=config.head.feature,
                            partial_fraction=config.head.partial_fraction)
-  untrained = dh.EagleHead(base_cfg)
-  summary["untrained"] = acceptance(untrained, dh.init_head_params(untrained, jax.random.key(0)),
-                                    out_w, heldout, config.eval.depth, config.eval.batch_size)
-  log(f"untrained head: {summary['untrained']}")
-  best = None
-  trained = {}
-  for vname in config.variants:
-    head = dh.EagleHead(base_cfg.replace(**VARIANTS[vname]))
-    hp, res = train_variant(vname, head, out_w, train, heldout, config,
-                            os.path.join(workdir, vname), log=log)
-    summary["variants"][vname] = res
-    trained[vname] = (head, hp)
-    score = res["heldout_acceptance_bf16"]["expected_accepted"]
-    if best is None or score > summary["variants"][best]["heldout_acceptance_bf16"][
-        "expected_accepted"]:
-      best = vname
-  summary["best"] = best
+  trained, best = compare_variants(base_cfg, out_w, train, heldout, config, workdir, summary,
+                                   log)
   if config.ship.enabled and best is not None:
     head, hp = trained[best]
     res = summary["variants"][best]
