@@ -143,7 +143,8 @@ def main(argv=None):
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
     pick = np.concatenate([np.where(labels == c)[0][:2] for c in range(10)])
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    slug = "".join(ch if ch.isascii() and ch.isalnum() else "_"
+                   for ch in name.lower().replace("δ=", "delta")).strip("_")
     Image.fromarray(images.grid_image(imgs[pick], cols=10)).save(
         os.path.join(args.grids, f"fmnist_{slug}.png"))
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
