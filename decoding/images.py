@@ -99,9 +99,10 @@ def _drafter(model: ImageModel, s: ImageSettings):
                                 init_mode=s.init_mode, grid=lay.grid), None
   from decoding.eagle import EagleDrafter
   from models.image_ar import load_image_head
-  key = (s.eagle_head, id(model.params))
+  from models.checkpoint import params_sha256
+  key = (s.eagle_head, params_sha256(model.params))  # the head is tied to these parameters
   if key not in _HEADS:
-    _HEADS.clear()  # one head at a time: it is tied to one model's parameters
+    _HEADS.clear()  # one head at a time
     _HEADS[key] = load_image_head(model, s.eagle_head)
   head, hparams = _HEADS[key]
   return EagleDrafter(head, int(s.window), tree=bool(s.eagle_tree),
