@@ -1,17 +1,22 @@
 """Greedy decoding throughput against Hugging Face transformers and the memory roofline.
 
   python -m benchmarks.bench_decode [--runs 3] [--new-tokens 64] [--skip-hf] [--out BENCHMARKS.md]
+      [--model smollm2-135m-instruct] [--batch 16]
 
-Measured in one run, on the same weights (SmolLM2-135M-Instruct GGUF, dequantized):
-  * our greedy tokens/s at batch 1 and batch 16 (median of --runs warm runs);
+Measured in one run, on the same weights (by default SmolLM2-135M-Instruct GGUF, dequantized;
+`--model` takes any registered name, e.g. qwen2.5-coder-1.5b-instruct once installed):
+  * our greedy tokens/s at batch 1 and batch --batch (median of --runs warm runs), with the
+    layers stacked under a scan (the default layout) and with per-layer weights;
   * the first call (trace + compile + run) of the batch-1 loop;
   * Hugging Face transformers `generate` (greedy, fp32, batch 1) tokens/s;
   * the memory-bandwidth roofline: measured read bandwidth / bytes of weights read per token.
-The table is written into BENCHMARKS.md between markers, with the machine and the command.
+The table is written into BENCHMARKS.md between markers (`bench_decode`, or
+`bench_decode_<model>` for another model), with the machine and the command.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -22,7 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from decoding import generation
+from models import registry
 from models.lm import load_model
+
+DEFAULT = registry.DEFAULT_MODEL
 
 
 def cpu_name() -> str:
@@ -119,22 +127,32 @@ def main():
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--param-dtype", default="float32")
   ap.add_argument("--out", default="BENCHMARKS.md")
+  ap.add_argument("--model", default=DEFAULT)
+  ap.add_argument("--batch", type=int, default=16, help="the larger batch size measured")
   args = ap.parse_args()
+  if args.batch < 2 or args.runs < 1 or args.new_tokens < 1:
+    ap.error("--batch must be >= 2, --runs and --new-tokens >= 1")
 
   import dataclasses
   from models import transformer
   from models.lm import TransformerLM
-  model = load_model(param_dtype=args.param_dtype)
+  model = load_model(args.model, param_dtype=args.param_dtype)
   tok = model.tokenizer
   base = tok.encode_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])
   texts = ["Tell me a story.", "Explain gravity.", "Write a poem about rain.", "List fruits.",
            "What is 7 * 8?", "Describe Paris.", "How do plants grow?", "Name five rivers."]
   batch16 = [tok.encode_chat([{"role": "user", "content": texts[i % 8] + " " * (i // 8)}])
-             for i in range(16)]
+             for i in range(args.batch)]
   bw = measure_bandwidth(args.runs)
   wb = weight_bytes(model.params)
   roofline = bw / wb
 
+  # Hugging Face first, and its model freed before the per-layer copy of our weights is
+  # made: a 1.5B-parameter model in fp32 would not fit three times in memory.
+  hf_tps = None if args.skip_hf else time_hf(
+      base, args.new_tokens, args.runs, load_hf(args.model), eos_token_id=tok.eos_id,
+      pad_token_id=tok.pad_id)
+  gc.collect()
   unrolled_cfg = model.config.replace(scan_layers=False)
   layouts = {
       "scan_layers=True (default)": (model.lm, model.params),
@@ -147,27 +165,28 @@ def main():
     first1, med1, tps1 = time_ours(m, [base], args.new_tokens, args.runs)
     _, _, tps16 = time_ours(m, batch16, args.new_tokens, args.runs)
     rows.append((f"decodax greedy, batch 1, {name}", f"{tps1:.1f}", f"{100 * tps1 / roofline:.0f}%"))
-    rows.append((f"decodax greedy, batch 16 (total), {name}", f"{tps16:.1f}", "n/a"))
-    notes.append(f"- {name}: batch 16 / batch 1 throughput {tps16 / tps1:.1f}x; first call at "
+    rows.append((f"decodax greedy, batch {args.batch} (total), {name}", f"{tps16:.1f}", "n/a"))
+    notes.append(f"- {name}: batch {args.batch} / batch 1 throughput {tps16 / tps1:.1f}x; first call at "
                  f"batch 1 (trace + compile + {args.new_tokens} tokens) {first1:.1f} s, warm call "
                  f"{med1:.2f} s")
     if name.startswith("scan_layers=False"):
       best1 = tps1
-  hf_tps = None if args.skip_hf else time_hf(base, args.new_tokens, args.runs)
   rows.append(("Hugging Face transformers greedy, batch 1",
                "not run" if hf_tps is None else f"{hf_tps:.1f}",
                "n/a" if hf_tps is None else f"{100 * hf_tps / roofline:.0f}%"))
   rows.append(("memory roofline, batch 1", f"{roofline:.1f}", "100%"))
   machine = f"{cpu_name()}, {os.cpu_count()} cores, backend {jax.default_backend()}"
   lines = [
-      f"Machine: {machine}. jax {jax.__version__}. Weights {args.param_dtype} "
+      f"Model: {args.model}. Machine: {machine}. jax {jax.__version__}. Weights {args.param_dtype} "
       f"({wb / 1e6:.0f} MB read per token), compute float32. Median of {args.runs} warm runs, "
       f"{args.new_tokens} new tokens per row (min_new_tokens = max_new_tokens), prompt "
       f"{len(base)} tokens. Measured read bandwidth {bw / 1e9:.1f} GB/s.",
       "",
       f"Command: `python -m benchmarks.bench_decode --runs {args.runs} --new-tokens "
       f"{args.new_tokens}{' --skip-hf' if args.skip_hf else ''}"
-      f"{'' if args.param_dtype == 'float32' else ' --param-dtype ' + args.param_dtype}`",
+      f"{'' if args.param_dtype == 'float32' else ' --param-dtype ' + args.param_dtype}"
+      f"{'' if args.model == DEFAULT else ' --model ' + args.model}"
+      f"{'' if args.batch == 16 else f' --batch {args.batch}'}`",
       "",
       "| system | tokens/s | of roofline |",
       "|---|---|---|",
@@ -176,7 +195,8 @@ def main():
     lines.append(f"- decodax (scan_layers=False) / Hugging Face at batch 1: {best1 / hf_tps:.1f}x")
   table = "\n".join(lines)
   print(table)
-  write_table(args.out, table)
+  write_table(args.out, table, "bench_decode" if args.model == DEFAULT
+              else f"bench_decode_{args.model}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def main(argv=None):
     ap.error("--num_images must be a positive multiple of 10 (equal images per class)")
   if args.batch_size < 1 or args.runs < 1:
     ap.error("--batch_size and --runs must be >= 1")
+  if args.eagle_window < 1 and not args.no_eagle:
+    ap.error("--eagle_window must be >= 1 (use --no_eagle to skip the EAGLE rows)")
   deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
 
   from PIL import Image

@@ -3,7 +3,7 @@
   python -m benchmarks.bench_speculative [--methods prompt_lookup,self,...] [--tasks chat,code,copy]
       [--modes greedy,sample] [--batch_sizes 1,8] [--sample_batch_sizes 1]
       [--num_prompts 8] [--batch1_prompts 0] [--max_new_tokens 96]
-      [--runs 3] [--model smollm2-135m-instruct] [--skip_hf]
+      [--runs 3] [--model smollm2-135m-instruct] [--scan_layers 1] [--skip_hf]
 
 For every method (a drafter configuration), task and mode, against our own non-speculative
 decoding of the same prompts in the same run (`greedy`, or `sample` at the same temperature
@@ -57,6 +57,7 @@ CHAT = [
 # target models (the trained drafters exist for SmolLM2 only). Methods whose drafter is not
 # registered or whose trained weights are not installed are skipped with a note.
 SMOL = ("smollm2-135m-instruct",)
+QWEN = ("qwen2.5-coder-1.5b-instruct",)
 METHODS = {
     "prompt_lookup": dict(drafter="prompt_lookup", num_draft_tokens=10,
                           prompt_lookup_max_ngram=3),
@@ -73,8 +74,11 @@ METHODS = {
                           _models=SMOL),
     "distillspec": dict(drafter="model", draft_model="distillspec-smollm2-L4",
                         num_draft_tokens=4, _models=SMOL),
+    # the real draft/target pair: a chain of 4 drafts, and a DySpec tree of the same budget
     "qwen 0.5B draft": dict(drafter="model", draft_model="qwen2.5-coder-0.5b-instruct",
-                            num_draft_tokens=4, _models=("qwen2.5-coder-1.5b-instruct",)),
+                            num_draft_tokens=4, _models=QWEN),
+    "qwen 0.5B dyspec": dict(drafter="dyspec", draft_model="qwen2.5-coder-0.5b-instruct",
+                             tree_budget=4, tree_depth=4, tree_children=3, _models=QWEN),
 }
 
 
@@ -161,6 +165,10 @@ def main(argv=None):
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--scan_layers", type=int, default=1,
+                  help="1: layers stacked under a scan (the default layout); 0: per-layer "
+                       "weights (faster steps on CPU, longer compile; see bench_decode). A "
+                       "separate draft model is loaded in the target's layout.")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--bench_md", default="BENCHMARKS.md")
@@ -169,7 +177,7 @@ def main(argv=None):
                        "again (same task, mode, batch and method); each row keeps its own "
                        "run's baseline and records the command that measured it")
   args = ap.parse_args(argv)
-  model = load_model(args.model)
+  model = load_model(args.model, scan_layers=bool(args.scan_layers))
   out_path = args.out or f"results/speculative_{args.model}.json"
   rows, notes = [], []
   hf = None
@@ -268,7 +276,8 @@ def render(result: dict) -> str:
   a = result["args"]
   n = f"{a['num_prompts']} prompts per task" + (
       f" ({a['batch1_prompts']} at batch 1)" if a.get("batch1_prompts") else "")
-  lines = [f"{result['model']}, fp32, {n}, up to "
+  layout = "" if a.get("scan_layers", 1) else " with per-layer weights (scan_layers=False)"
+  lines = [f"{result['model']}, fp32{layout}, {n}, up to "
            f"{a['max_new_tokens']} new tokens (EOS stops), median of {a['runs']} warm runs, "
            f"{result['machine']}. tau = mean accepted tokens per target call; speedup = "
            "tokens/s over our own greedy (or sampling at T = "
@@ -278,6 +287,15 @@ def render(result: dict) -> str:
     ex = "" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
     lines.append(f"| {r['task']} | {r['method']} | {r['mode']} | {r['batch']} | {r['tau']:.2f} | "
                  f"{r['speedup']:.2f}x | {ex} |")
+  base = {}
+  for r in result["rows"]:
+    v = f"{r['baseline_tokens_per_s']:.1f}"
+    vals = base.setdefault(f"{r['task']} {r['mode']} b{r['batch']}", [])
+    if v not in vals:
+      vals.append(v)
+  if base:
+    lines += ["", "Our baseline (greedy or sampling, no drafts) in tokens/s, per configuration: "
+              + "; ".join(f"{k} {'/'.join(v)}" for k, v in base.items()) + "."]
   if result.get("hf_prompt_lookup"):
     h = result["hf_prompt_lookup"]
     lines += ["", f"Anchor, copy task, batch 1: Hugging Face transformers' prompt lookup "
@@ -302,7 +320,8 @@ def command_line(a) -> str:
   cmd = " ".join(f"--{k}={shlex.quote(str(v))}" for k, v in a.items()
                  if k in ("model", "methods", "tasks", "modes", "batch_sizes",
                           "sample_batch_sizes", "num_prompts", "batch1_prompts",
-                          "max_new_tokens", "runs"))
+                          "max_new_tokens", "runs")
+                 or (k == "scan_layers" and not v))
   return f"python -m benchmarks.bench_speculative {cmd}"
 
 

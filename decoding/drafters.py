@@ -242,7 +242,7 @@ def load_draft_model(name_or_path: str, lm, params=None, target_name: str = ""):
         raise GenerationError(f"cannot load draft_model {name_or_path!r}: {e}") from e
     return _MODEL_CACHE[key]
   try:
-    m = _cached_model(name_or_path, lm.config.dtype)
+    m = _cached_model(name_or_path, lm.config.dtype, lm.config.scan_layers)
   except (ValueError, FileNotFoundError) as e:
     raise GenerationError(f"cannot load draft_model {name_or_path!r}: {e}") from e
   if m.lm.vocab_size != lm.vocab_size:
@@ -254,11 +254,13 @@ def load_draft_model(name_or_path: str, lm, params=None, target_name: str = ""):
 _MODEL_CACHE: dict = {}
 
 
-def _cached_model(name: str, dtype):
+def _cached_model(name: str, dtype, scan_layers: bool = True):
+  """A registered model loaded once per (name, compute dtype, layer layout); the layout
+  follows the target's (per-layer weights decode faster on CPU, see `load_model`)."""
   from models.lm import load_model
-  key = (name, str(dtype))
+  key = (name, str(dtype), bool(scan_layers))
   if key not in _MODEL_CACHE:
-    _MODEL_CACHE[key] = load_model(name, dtype=dtype)
+    _MODEL_CACHE[key] = load_model(name, dtype=dtype, scan_layers=scan_layers)
   return _MODEL_CACHE[key]
 
 

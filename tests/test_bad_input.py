@@ -74,3 +74,17 @@ def test_bad_jsonl_lines(tmp_path):
       cli.read_requests(str(f))
   with pytest.raises(FileNotFoundError):
     cli.read_requests(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--eagle_window", "-1"], "--eagle_window must be >= 1"),
+    (["--eagle_window", "0"], "--eagle_window must be >= 1"),
+    (["--num_images", "15"], "multiple of 10"),
+    (["--runs", "0"], "--runs must be >= 1"),
+])
+def test_bench_images_rejects_bad_arguments(argv, match, capsys):
+  """The image benchmark refuses bad arguments before loading any model."""
+  from benchmarks import bench_images
+  with pytest.raises(SystemExit):
+    bench_images.main(argv)
+  assert match in capsys.readouterr().err
