@@ -177,6 +177,8 @@ def main(argv=None):
                        "again (same task, mode, batch and method); each row keeps its own "
                        "run's baseline and records the command that measured it")
   args = ap.parse_args(argv)
+  if args.scan_layers not in (0, 1):
+    ap.error(f"--scan_layers must be 0 or 1, got {args.scan_layers}")
   model = load_model(args.model, scan_layers=bool(args.scan_layers))
   out_path = args.out or f"results/speculative_{args.model}.json"
   rows, notes = [], []

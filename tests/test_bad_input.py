@@ -88,3 +88,11 @@ def test_bench_images_rejects_bad_arguments(argv, match, capsys):
   with pytest.raises(SystemExit):
     bench_images.main(argv)
   assert match in capsys.readouterr().err
+
+
+def test_bench_speculative_rejects_bad_layout(capsys):
+  """The speculative benchmark refuses a layout flag other than 0/1 before loading a model."""
+  from benchmarks import bench_speculative
+  with pytest.raises(SystemExit):
+    bench_speculative.main(["--scan_layers", "2"])
+  assert "--scan_layers must be 0 or 1" in capsys.readouterr().err
