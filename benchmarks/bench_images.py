@@ -105,7 +105,7 @@ def main(argv=None):
   from PIL import Image
   from decoding import images, lantern
   from models import image_ar, image_classifier
-  from train import datasets
+  from models import datasets
   model = image_ar.load_image_model(args.model)
   clf, clf_params, _ = image_classifier.load(image_ar.repo_path(args.classifier))
   test = datasets.load_arrays("fashion_mnist", "test")

@@ -95,7 +95,7 @@ def task_prompts(model, task: str, n: int) -> list[list[int]]:
       probs = [json.loads(line) for line in f][:n]
     return [model.tokenizer.encode(p["prompt"]) for p in probs]
   if task == "copy":
-    from train.text_data import corpus_texts
+    from models.datasets import corpus_texts
     passages = []
     for text in corpus_texts("test"):
       words = text.split()

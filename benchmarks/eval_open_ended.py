@@ -3,7 +3,7 @@
   python -m benchmarks.eval_open_ended [--prompts=16] [--new_tokens=64]
 
 Prompts are the first `prompt_tokens` tokens of the opening paragraph of chapters from the
-`test` split of the Jane Austen corpus (train/datasets/text_corpus.py); superposed
+`test` split of the Jane Austen corpus (models/datasets/text_corpus.py); superposed
 decoding's n-gram tables are built from the `train` split, so no prompt text is in them.
 Every strategy continues every prompt by exactly `new_tokens` tokens (no EOS) from its
 config in configs/ (greedy, nucleus sampling with p = 0.95, beam, diverse beam, momentum,
@@ -46,7 +46,7 @@ def strategy_configs(new_tokens: int, seed: int) -> dict:
 
 def chapter_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
   """First `length` tokens of the first paragraph of >= 200 characters of n test chapters."""
-  from train.text_data import corpus_texts
+  from models.datasets import corpus_texts
   prompts = []
   for text in corpus_texts("test"):
     paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= 200]

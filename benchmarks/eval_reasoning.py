@@ -19,7 +19,7 @@ import time
 import ml_collections
 import numpy as np
 
-from benchmarks import arithmetic
+from models.datasets import arithmetic
 from benchmarks import report
 from benchmarks.bench_decode import cpu_name
 from decoding import generation, scoring, selection

@@ -14,7 +14,7 @@ them held out for the acceptance metrics, plus 96 rows of 256 tokens of plain Au
 10 warmup steps, cosine decay to 10%, global-norm clipping 0.5 as in EAGLE), with EAGLE's
 loss weights (SmoothL1 + 0.1 CE; the CE on 48 random answer pairs per row and step) and
 input-feature noise U(-0.1, 0.1) (SmolLM2's feature RMS is 1.86). Partial alignment
-regresses half of the feature dimensions (hypothesis, see models/draft_head.py). The
+regresses half of the feature dimensions (hypothesis, see models/eagle_head.py). The
 winning variant is then trained again for 300 updates (same schedule shape) and shipped to
 checkpoints/eagle-smollm2-135m if it beats its 120-update run on the held-out chains.
 
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.seed = 0
   c.data.num_chat = 64  # CHAT_TEMPLATES x TOPICS, shuffled
-  c.data.num_arithmetic = 32  # benchmarks.arithmetic.problems(n, arithmetic_seed)
+  c.data.num_arithmetic = 32  # models.datasets.arithmetic.problems(n, arithmetic_seed)
   c.data.arithmetic_seed = 20240828  # not the benchmark's evaluation seed
   c.data.num_text = 32  # Austen passages (train split) in repeat / rewrite / ... requests
   c.data.num_code = 32  # code-writing requests (not HumanEval)

@@ -24,5 +24,5 @@ def get_config():
   c.ngram_alpha = 0.54  # log p~ = (1 - alpha) log p + alpha log p_ng
   c.ngram_weights = [0.01, 0.04, 0.15, 0.18, 0.12]  # w_c for context lengths 1..5
   c.ngram_penalty = 200.0  # subtracted when no kept token of a draft has n-gram support
-  c.ngram_corpus = "text_corpus/train"  # Jane Austen's novels (train/datasets/text_corpus.py)
+  c.ngram_corpus = "text_corpus/train"  # Jane Austen's novels (models/datasets/text_corpus.py)
   return c

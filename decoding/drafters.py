@@ -301,12 +301,12 @@ _HEAD_CACHE: dict = {}
 
 def _build_eagle(cfg, lm, params):
   from decoding.eagle import EagleDrafter
-  from models import draft_head
+  from models import eagle_head
   name = _get(cfg, "eagle_head", "eagle-smollm2-135m")
   key = (name, str(lm.config.dtype))
   if key not in _HEAD_CACHE:
     try:
-      _HEAD_CACHE[key] = draft_head.load_head(name, target_sha256=_target_sha(cfg),
+      _HEAD_CACHE[key] = eagle_head.load_head(name, target_sha256=_target_sha(cfg),
                                               dtype=lm.config.dtype)
     except (ValueError, FileNotFoundError) as e:
       raise GenerationError(f"cannot load EAGLE head {name!r}: {e}") from e

@@ -1,6 +1,6 @@
 """EAGLE feature drafting: chains and EAGLE-2 dynamic draft trees from a trained draft head.
 
-The head (`models.draft_head`, "EAGLE: Speculative Sampling Requires Rethinking Feature
+The head (`models.eagle_head`, "EAGLE: Speculative Sampling Requires Rethinking Feature
 Uncertainty", Li et al., 2024; FSPAD's options) maps the pair (f_t, x_{t+1}) of a target
 feature and the next token to f̂_{t+1}, whose logits through the target's LM head predict
 x_{t+2}. Drafting autoregresses on features: (f̂_{t+1}, d_{t+2}) is the next pair.
@@ -40,7 +40,7 @@ NEG = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class EagleDrafter(Drafter):
-  head: Any = None  # models.draft_head.EagleHead
+  head: Any = None  # models.eagle_head.EagleHead
   num_draft: int = 4
   tree: bool = False
   tree_budget: int = 16

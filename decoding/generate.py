@@ -87,7 +87,7 @@ def check_request(cfg, prompts_given: bool) -> None:
 
 def load(cfg):
   from models.lm import load_model
-  from decoding import sharding
+  from models import sharding
   import dataclasses
   model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers)

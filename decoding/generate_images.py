@@ -50,7 +50,7 @@ def run(cfg) -> dict:
   from PIL import Image
   from decoding import images
   from models import image_ar
-  from train.datasets.fashion_mnist import CLASS_NAMES
+  from models.datasets.fashion_mnist import CLASS_NAMES
   s = settings_from(cfg)
   if int(cfg.per_class) < 1 or int(cfg.batch_size) < 1:
     raise ValueError("per_class and batch_size must be >= 1")

@@ -35,7 +35,7 @@ with the model's tokenizer; `load_ngram_model(corpus, tokenizer)` builds them fo
 named corpus once, caches them on disk (`~/.cache/decodax/ngram/` or
 `$DECODAX_NGRAM_DIR`, an .npz keyed by corpus, tokenizer fingerprint and table format)
 and keeps them on the device for the rest of the process. The corpus is the project's
-offline English prose: Jane Austen's novels (`train.text_data.corpus_texts`, the
+offline English prose: Jane Austen's novels (`models.datasets.corpus_texts`, the
 `text_corpus` dataset), split `train` by default.
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models.datasets import corpus_texts
 
 Array = jax.Array
 
@@ -293,7 +295,6 @@ def corpus_documents(corpus: str) -> list[str]:
   """The documents of a named corpus (`CORPORA`)."""
   if corpus not in CORPORA:
     raise ValueError(f"unknown n-gram corpus {corpus!r}; available: {list(CORPORA)}")
-  from train.text_data import corpus_texts
   return corpus_texts(corpus.split("/", 1)[1])
 
 

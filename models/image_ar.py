@@ -121,6 +121,6 @@ def load_image_head(model: ImageModel, path: str = "checkpoints/eagle-image-fmni
                     param_dtype="float32"):
   """(EagleHead, params) of an image draft head (`train.image_draft_head`), checked against
   the sha256 of `model`'s parameters (a head only drafts well for the target it learned)."""
-  from models import checkpoint, draft_head
-  return draft_head.load_head(repo_path(path), target_sha256=checkpoint.params_sha256(
+  from models import checkpoint, eagle_head
+  return eagle_head.load_head(repo_path(path), target_sha256=checkpoint.params_sha256(
       model.params), param_dtype=param_dtype, dtype=model.lm.config.dtype)

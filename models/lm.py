@@ -41,7 +41,7 @@ class TransformerLM:
     cache = KVCache.init(self.config, batch_size, max_len)
     if self.mesh is None:
       return cache
-    from decoding import sharding
+    from models import sharding
     ns = lambda spec: jax.sharding.NamedSharding(self.mesh, spec)
     constrain = lambda x: jax.lax.with_sharding_constraint(
         x, ns(sharding.cache_spec(x.shape, self.mesh)))

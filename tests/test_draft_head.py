@@ -1,4 +1,4 @@
-"""The EAGLE / FSPAD draft head (models/draft_head.py) and its training (train/draft_head.py),
+"""The EAGLE / FSPAD draft head (models/eagle_head.py) and its training (train/draft_head.py),
 on tiny random models."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from models import checkpoint, draft_head as dh, registry, transformer
+from models import checkpoint, eagle_head as dh, registry, transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
 from train import data as data_lib

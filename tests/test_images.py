@@ -11,7 +11,7 @@ from models import image_ar, image_classifier, vqvae
 
 @pytest.fixture(scope="module")
 def fmnist_test():
-  from train import datasets
+  from models import datasets
   return datasets.load_arrays("fashion_mnist", "test")
 
 
@@ -142,7 +142,7 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains with
   LANTERN sampled in one batch or in two = the same images (per-image keys)."""
   from decoding import images
-  from models import checkpoint, draft_head as dh
+  from models import checkpoint, eagle_head as dh
   m = tiny_image_model
   head = dh.EagleHead(dh.HeadConfig(m.lm.config))
   head_path = str(tmp_path / "head")
@@ -169,7 +169,7 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
 
 
 def test_image_head_is_tied_to_its_model(tiny_image_model, tmp_path):
-  from models import checkpoint, draft_head as dh
+  from models import checkpoint, eagle_head as dh
   m = tiny_image_model
   head = dh.EagleHead(dh.HeadConfig(m.lm.config))
   dh.save_head(str(tmp_path), head, dh.init_head_params(head, jax.random.key(4)), {},

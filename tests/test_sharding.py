@@ -11,14 +11,15 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from decoding import sharding
+from models import sharding
 from models.config import tiny_config
 from models.transformer import init_params
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys
     import jax, ml_collections
-    from decoding import generation, sharding
+    from decoding import generation
+    from models import sharding
     from models.lm import load_model
     assert len(jax.devices()) == 8, jax.devices()
     m = load_model()

@@ -421,12 +421,12 @@ def test_eagle_chain_and_tree_are_exact_whatever_the_head():
   """An untrained (random) EAGLE head still gives exactly the greedy tokens on a ragged batch
   with context processors: exactness must not depend on the head at all."""
   from decoding.eagle import EagleDrafter
-  from models import draft_head
+  from models import eagle_head
   cfg = tiny_config(vocab_size=24, num_layers=2)
   lm = TransformerLM(cfg)
   params = jax.tree.map(lambda x: 3 * x, transformer.init_params(cfg, jax.random.PRNGKey(0)))
-  head = draft_head.EagleHead(draft_head.HeadConfig(cfg, feature_sampling=True))
-  hparams = draft_head.init_head_params(head, jax.random.PRNGKey(1))
+  head = eagle_head.EagleHead(eagle_head.HeadConfig(cfg, feature_sampling=True))
+  hparams = eagle_head.init_head_params(head, jax.random.PRNGKey(1))
   prompts, lens = _ragged(4, 8, 24, seed=4)
   eos = jnp.asarray([-1], jnp.int32)
   proc = processors.build(CONTEXT_CFG, [], sampling=False)

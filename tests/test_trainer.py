@@ -166,7 +166,7 @@ def test_schedule_warmup_then_cosine():
 
 SHARDED = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, ml_collections
-    from decoding import sharding
+    from models import sharding
     from models import transformer
     from models.config import tiny_config
     from train import data, lora, losses, optim, tasks, trainer

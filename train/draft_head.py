@@ -1,11 +1,11 @@
-"""Trains the EAGLE / FSPAD feature draft head (`models.draft_head`) on the target's own answers.
+"""Trains the EAGLE / FSPAD feature draft head (`models.eagle_head`) on the target's own answers.
 
     python -m train.draft_head --config=configs/eagle_smollm2.py [--config.num_steps=...]
 
 Pipeline (self-distillation, as EAGLE trains on the target's outputs):
 
 1. Prompts: a deterministic, seeded set of chat requests (`build_prompts`): instruction
-   templates x topics, arithmetic word problems from `benchmarks.arithmetic` (a seed other
+   templates x topics, arithmetic word problems from `models.datasets.arithmetic` (a seed other
    than the benchmark's), "repeat / rewrite / summarize / continue this text" requests
    around Jane Austen passages from the text corpus' train split, and code-writing requests
    written for this file (none taken from HumanEval).
@@ -47,7 +47,7 @@ Pipeline (self-distillation, as EAGLE trains on the target's outputs):
 Four variants share data, steps and schedule: `eagle` (base), `fs` (+feature sampling),
 `pad` (+partial alignment), `fs_pad` (both). Each writes `<workdir>/<variant>/`
 (metrics.jsonl, results.json); the best by expected chain acceptance (measured on the
-bf16-rounded parameters that are shipped) is saved with `models.draft_head.save_head`,
+bf16-rounded parameters that are shipped) is saved with `models.eagle_head.save_head`,
 after an optional longer run of it (`ship.num_steps`), kept if it does better.
 """
 from __future__ import annotations
@@ -69,7 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import draft_head as dh
+from models import eagle_head as dh
+from models.datasets import corpus_texts
 
 Array = jax.Array
 
@@ -162,7 +163,7 @@ def austen_passages(texts: Sequence[str], num: int, seed: int, min_words: int = 
 def build_prompts(dcfg: Any, corpus: Optional[Sequence[str]] = None) -> list[dict]:
   """The deterministic prompt set: dicts {"kind", "text"} (user messages), shuffled with
   `dcfg.seed`. `corpus` (Austen chapters) is needed when `dcfg.num_text > 0`."""
-  from benchmarks import arithmetic
+  from models.datasets import arithmetic
   rng = random.Random(dcfg.seed)
   chat = [t.format(topic=topic) for t in CHAT_TEMPLATES for topic in TOPICS]
   rng.shuffle(chat)
@@ -346,7 +347,7 @@ def eagle_loss(head: dh.EagleHead, w_cls: float = 0.1, noise: float = 0.1, beta:
   """`loss_fn((head_params, out_w), batch, key) -> (loss, metrics)` for the `Trainer`.
 
   batch: tokens [B, T], hidden [B, T, D], ebar [B, T, D], argmax [B, T], prompt_len [B],
-  length [B] (`target_arrays`). `out_w` is `models.draft_head.output_weights` (frozen).
+  length [B] (`target_arrays`). `out_w` is `models.eagle_head.output_weights` (frozen).
   Pairs s = 0..T-2; see the module docstring for the objective. The SmoothL1 term covers
   every answer pair. The [V]-sized LM-head matmul (the bulk of the step) runs only where
   the CE term needs it: with `ce_pairs = 0`, on each row's `window` pairs from
@@ -627,7 +628,7 @@ def run(config: Any, log=print) -> dict:
   log(f"target {name} sha256 {target_sha[:16]}..., {lm.config.num_layers} layers, "
       f"D={lm.config.hidden_size}, V={lm.config.vocab_size}")
   dcfg = config.data
-  corpus = text_data.corpus_texts("train") if dcfg.num_text else None
+  corpus = corpus_texts("train") if dcfg.num_text else None
   prompts = build_prompts(dcfg, corpus)
   log(f"{len(prompts)} prompts: " + ", ".join(
       f"{k} {sum(p['kind'] == k for p in prompts)}" for k in ("chat", "arithmetic", "text",

@@ -59,7 +59,7 @@ def validate(config: Any) -> None:
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Builds model, task and trainer from the config and trains; returns the results dict."""
   import jax
-  from decoding import sharding
+  from models import sharding
   from models import checkpoint
   from train import lora, model_setup, optim, tasks, trainer as trainer_lib
 

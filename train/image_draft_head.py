@@ -10,7 +10,7 @@ teacher-forced pass over Fashion-MNIST training images encoded by the shipped VQ
 images with their true class, not the target's own samples; our choice, as the text heads
 train on the target's greedy answers). Held-out rows come from the test split. Every variant
 in `config.variants` gets the same updates; the one with the most accepted drafts per
-held-out greedy chain is shipped (`models.draft_head.save_head`), tied to the target by the
+held-out greedy chain is shipped (`models.eagle_head.save_head`), tied to the target by the
 sha256 of its parameter bytes.
 
 At decoding time the head drafts from the conditional stream's features and the verifier
@@ -26,7 +26,7 @@ from typing import Any
 
 
 from models import checkpoint
-from models import draft_head as dh
+from models import eagle_head as dh
 from models import image_ar
 from train import draft_head as text_head
 from train import script
@@ -44,7 +44,7 @@ def validate(config: Any) -> None:
 def image_examples(model: image_ar.ImageModel, split: str, num: int) -> list[dict]:
   """The first `num` images of a Fashion-MNIST split as {prompt_ids: [class], answer_ids:
   codes} examples for `train.draft_head.target_arrays`."""
-  from train import datasets
+  from models import datasets
   from train.image_ar import encode_split
   arr = datasets.load_arrays("fashion_mnist", split)
   codes = encode_split(model.tokenizer, model.tokenizer_params, arr["image"][:num])

