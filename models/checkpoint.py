@@ -1,4 +1,6 @@
-"""Checkpoint loading: GGUF files (llama.cpp) and Hugging Face-layout safetensors.
+"""Checkpoint loading: GGUF files (llama.cpp) and Hugging Face-layout safetensors; file and
+parameter checksums; the ModelConfig <-> dict conversion artifact manifests store. (The folders
+the project writes are `models.artifacts`.)
 
 GGUF tensors are dequantized with the `gguf` package. llama.cpp's converter
 permutes the rows of the Q and K projections of `llama`-architecture models so
@@ -12,34 +14,35 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models.config import DTYPES, ModelConfig, SUPPORTED_ARCHITECTURES
-
-
-class ChecksumError(ValueError):
-  """The checkpoint's sha256 does not match the expected value."""
+from models.registry import ChecksumError  # re-exported: the error of every checksum check
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+  return sha256_files([path], chunk)
+
+
+def sha256_files(paths: Sequence[str], chunk: int = 1 << 22) -> str:
+  """The sha256 of the files' bytes concatenated in the given order (one file: its own
+  sha256), read in chunks."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        break
-      h.update(b)
+  for path in paths:
+    with open(path, "rb") as f:
+      while block := f.read(chunk):
+        h.update(block)
   return h.hexdigest()
 
 
 def params_sha256(params: Any) -> str:
-  """The sha256 of a parameter tree's leaf bytes, in tree order (ties a draft head to the
-  exact target it was trained on when the target is not a registered file)."""
-  import jax
+  """The sha256 of a parameter tree's leaf bytes, in tree order: the identity of weights
+  that were not loaded from a file (a random initialization, an in-memory model), where a
+  loaded model uses its file's checksum (`models.lm.LoadedModel.sha256`)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     h.update(np.asarray(jax.device_get(leaf)).tobytes())
@@ -247,6 +250,14 @@ def hf_config(cfg: dict, **overrides) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def safetensors_shards(directory: str) -> list[str]:
+  """The `*.safetensors` files of a Hugging Face folder, sorted by name (at least one)."""
+  shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+  if not shards:
+    raise FileNotFoundError(f"no .safetensors files in {directory}")
+  return [os.path.join(directory, n) for n in shards]
+
+
 def load_safetensors(directory: str, param_dtype=jnp.float32,
                      **config_overrides) -> tuple[ModelConfig, dict]:
   """Loads Hugging Face-layout weights: `config.json` plus `*.safetensors` shards."""
@@ -255,12 +266,9 @@ def load_safetensors(directory: str, param_dtype=jnp.float32,
   _require_file(cfg_path)
   with open(cfg_path) as f:
     config = hf_config(json.load(f), param_dtype=param_dtype, **config_overrides)
-  shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
-  if not shards:
-    raise FileNotFoundError(f"no .safetensors files in {directory}")
   tensors: dict[str, np.ndarray] = {}
-  for s in shards:
-    tensors.update(load_file(os.path.join(directory, s)))
+  for shard in safetensors_shards(directory):
+    tensors.update(load_file(shard))
 
   def get(name):
     if name not in tensors:
@@ -270,9 +278,7 @@ def load_safetensors(directory: str, param_dtype=jnp.float32,
   return config, _params_from_hf_like(get, config, param_dtype)
 
 
-# ------------------------------------------------------------- decodax checkpoints
-
-DECODAX_MANIFEST = "decodax_model.json"
+# ------------------------------------------------------------------- model configs
 
 
 def _dtype_name(dtype) -> str:
@@ -293,141 +299,3 @@ def config_from_dict(d: dict, **overrides) -> ModelConfig:
       d[k] = DTYPES[d[k]]
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: v for k, v in d.items() if k in known})
-
-
-def save_orbax_params(directory: str, tree: Any) -> str:
-  """Writes `tree` (arrays) with orbax to `directory/params`, replacing an earlier one; the
-  parameter half of the drafter checkpoints (self-drafts, GAD drafters, EAGLE heads), whose
-  manifests sit beside it. Returns the params folder."""
-  import orbax.checkpoint as ocp
-  params_dir = os.path.join(os.path.abspath(os.path.expanduser(directory)), "params")
-  os.makedirs(os.path.dirname(params_dir), exist_ok=True)
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(params_dir, tree)
-  ckptr.wait_until_finished()
-  ckptr.close()
-  return params_dir
-
-
-def restore_orbax_params(directory: str, like: Any, dtype=None) -> Any:
-  """Reads `directory/params` written by `save_orbax_params`, with the structure and shapes
-  of `like` (arrays or ShapeDtypeStructs) and their dtypes (or `dtype` for every leaf),
-  as jax arrays."""
-  import jax
-  import orbax.checkpoint as ocp
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), like)
-  ckptr = ocp.StandardCheckpointer()
-  restored = ckptr.restore(os.path.join(directory, "params"), abstract)
-  ckptr.close()
-  return jax.tree.map(jnp.asarray, restored)
-
-
-def repo_path(path: str) -> str:
-  """Relative paths are taken from the repository root (where checkpoints/ lives)."""
-  if os.path.isabs(path):
-    return path
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-
-
-def save_with_manifest(directory: str, params: Any, manifest_name: str, manifest: dict) -> str:
-  """`save_orbax_params` plus a JSON manifest (`manifest` with the parameter count added):
-  the layout of the small image models' checkpoints. Returns `directory`."""
-  import jax
-  save_orbax_params(directory, jax.device_get(params))
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  with open(os.path.join(directory, manifest_name), "w") as f:
-    json.dump({**manifest, "num_params": n}, f, indent=1, default=str)
-  return directory
-
-
-def read_manifest(directory: str, manifest_name: str, fmt: str, what: str) -> dict:
-  """The JSON manifest of a `save_with_manifest` folder, checked to be of format `fmt`."""
-  path = os.path.join(directory, manifest_name)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no {what} checkpoint at {directory!r} (missing {manifest_name})")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != fmt:
-    raise ValueError(f"{path}: not a {fmt} manifest")
-  return manifest
-
-
-def is_decodax_checkpoint(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, DECODAX_MANIFEST))
-
-
-def save_decodax(directory: str, config: ModelConfig, params: Any,
-                 tokenizer_metadata: Optional[dict] = None, instruct: bool = False,
-                 info: Optional[dict] = None) -> str:
-  """Writes a self-contained checkpoint folder that `load_model(directory)` reads back.
-
-  Layout: `decodax_model.json` (format, model config, instruct flag, free-form `info`
-  such as the training run, and the sha256 of the parameter file), `params.safetensors`
-  (the parameters, flattened with '/'-joined paths, stacked-layer layout) and, when
-  given, `tokenizer.json` holding the tokenizer's GGUF-style metadata.
-  """
-  from safetensors.numpy import save_file
-  import jax
-  from flax.traverse_util import flatten_dict
-  from models import transformer
-  os.makedirs(directory, exist_ok=True)
-  if not config.scan_layers:
-    params = transformer.stack_layers(params, config.num_layers)
-  flat = {"/".join(k): np.asarray(jax.device_get(v))
-          for k, v in flatten_dict(params).items()}
-  dtype_name = _dtype_name(config.param_dtype)
-  if dtype_name == "bfloat16":  # safetensors.numpy has no bf16: store the raw bits
-    flat = {k: np.asarray(v.astype(jnp.bfloat16)).view(np.uint16) for k, v in flat.items()}
-  params_path = os.path.join(directory, "params.safetensors")
-  save_file(flat, params_path)
-  manifest = {"format": "decodax", "version": 1, "config": config_to_dict(config),
-              "instruct": bool(instruct), "params_sha256": sha256_file(params_path),
-              "param_storage": dtype_name, "tokenizer": None, "info": info or {}}
-  if tokenizer_metadata is not None:
-    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-      json.dump(tokenizer_metadata, f)
-    manifest["tokenizer"] = "tokenizer.json"
-  with open(os.path.join(directory, DECODAX_MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  return directory
-
-
-def load_manifest(directory: str) -> dict:
-  """The JSON manifest of a `save_decodax` folder (config, info, ...), without the weights."""
-  with open(os.path.join(directory, DECODAX_MANIFEST)) as f:
-    return json.load(f)
-
-
-def load_decodax(directory: str, param_dtype=None,
-                 **config_overrides) -> tuple[ModelConfig, dict, Optional[dict], bool]:
-  """Reads a `save_decodax` folder: (config, params, tokenizer metadata or None, instruct).
-
-  The parameter file's sha256 is checked against the manifest (`ChecksumError`).
-  """
-  from safetensors.numpy import load_file
-  from flax.traverse_util import unflatten_dict
-  from models import transformer
-  manifest = load_manifest(directory)
-  if manifest.get("format") != "decodax":
-    raise ValueError(f"{directory}: not a decodax checkpoint manifest")
-  params_path = os.path.join(directory, "params.safetensors")
-  _require_file(params_path)
-  verify_checksum(params_path, manifest["params_sha256"])
-  stored = manifest["config"]
-  if param_dtype is not None:
-    config_overrides["param_dtype"] = param_dtype
-  config = config_from_dict(stored, **config_overrides)
-  flat = load_file(params_path)
-  if manifest.get("param_storage") == "bfloat16":
-    flat = {k: np.asarray(v.view(jnp.bfloat16)) for k, v in flat.items()}
-  params = unflatten_dict({tuple(k.split("/")): jnp.asarray(v, config.param_dtype)
-                           for k, v in flat.items()})
-  if not config.scan_layers:
-    params = transformer.unstack_layers(params, config.num_layers)
-  tok = None
-  if manifest.get("tokenizer"):
-    with open(os.path.join(directory, manifest["tokenizer"])) as f:
-      tok = json.load(f)
-  return config, params, tok, bool(manifest.get("instruct", False))

@@ -48,15 +48,13 @@ UNCONFIRMED), each switchable in `HeadConfig`:
 API: `EagleHead(HeadConfig(target_config, ...))` is hashable (a static jit argument);
 `head(head_params, target_params, features, tokens, positions, cache, attn_mask,
 cache_mask) -> HeadOutput(features, logits, cache)`; `head.init_cache(batch, max_len)`;
-`init_head_params(head, key)`; `save_head` / `load_head` (orbax) and the name registry
-`HEADS`.
+`init_head_params(head, key)`; `save_head` / `load_head` (an `eagle_head` artifact,
+`models.artifacts`; shipped heads are registered in `models.registry.ARTIFACTS`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -65,23 +63,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import checkpoint, registry, transformer
+from models import artifacts, checkpoint, transformer
+from models.artifacts import TargetMismatchError  # the error of a head loaded on another target
 from models.config import DTYPES, ModelConfig
 from models.kv_cache import KVCache
 
 Array = jax.Array
 
 FEATURES = ("hidden",)  # "hidden": final hidden state after the final norm (LM-head input)
-HEAD_MANIFEST = "draft_head.json"
-HEAD_FORMAT = "decodax-eagle-head"
 STORAGE_DTYPE = "bfloat16"  # the head parameters are stored in bf16 (loaded back as float32)
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = {"eagle-smollm2-135m": os.path.join(_REPO, "checkpoints", "eagle-smollm2-135m")}
-
-
-class TargetMismatchError(checkpoint.ChecksumError):
-  """A draft head was trained for a different target model than the one requested."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,92 +274,41 @@ def num_params(params: Any) -> int:
 # ------------------------------------------------------------------------ checkpoints
 
 
-def save_head(path: str, head: EagleHead, params: Any, metadata: Optional[dict] = None,
-              target_sha256: Optional[str] = None) -> str:
-  """Writes a head checkpoint folder: `params/` (orbax, parameters cast to bfloat16) and
-  `draft_head.json` (format, head config, parameter count, storage dtype, the sha256 of
-  the target checkpoint the head was trained on, and free-form `metadata` such as the
-  training run and its measured acceptance). Only the head's own parameters are stored.
-
-  `target_sha256` defaults to `metadata["target_sha256"]`, else the registry checksum of
-  `metadata["target"]` (a registered model name).
-  """
-  metadata = dict(metadata or {})
-  if target_sha256 is None:
-    target_sha256 = metadata.get("target_sha256")
-  if target_sha256 is None and metadata.get("target") in registry.MODELS:
-    target_sha256 = registry.MODELS[metadata["target"]].sha256
-  if target_sha256 is None:
-    raise ValueError("save_head needs the target's sha256 (target_sha256=, or metadata "
-                     "'target' naming a registered model)")
-  path = os.path.abspath(path)
-  stored = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[STORAGE_DTYPE]), params)
-  checkpoint.save_orbax_params(path, stored)
-  manifest = {"format": HEAD_FORMAT, "version": 1, "config": head.config.to_dict(),
-              "target_sha256": target_sha256.lower(), "param_storage": STORAGE_DTYPE,
-              "num_params": num_params(params), "metadata": metadata}
-  with open(os.path.join(path, HEAD_MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  return path
-
-
-def resolve_head(name_or_path: str) -> str:
-  if name_or_path in HEADS:
-    return HEADS[name_or_path]
-  if os.path.isdir(name_or_path):
-    return name_or_path
-  raise ValueError(f"unknown draft head {name_or_path!r}: not a registered name "
-                   f"({sorted(HEADS)}) and no such directory")
-
-
-def read_manifest(name_or_path: str) -> dict:
-  return checkpoint.read_manifest(resolve_head(name_or_path), HEAD_MANIFEST, HEAD_FORMAT,
-                                  "draft-head")
+def save_head(path: str, head: EagleHead, params: Any, info: Optional[dict] = None, *,
+              target_name: str, target_sha256: str) -> str:
+  """Writes an `eagle_head` artifact (`models.artifacts`): the head's own parameters (cast
+  to bfloat16; the target's embedding and LM head are not stored), the head config, the
+  target it was trained for (`target_name`, a registered name or path; `target_sha256`, its
+  `LoadedModel.sha256`; its architecture) and free-form `info` (the training run and its
+  measured acceptance). Returns the folder's absolute path."""
+  return artifacts.save_artifact(
+      path, "eagle_head", params, config=head.config.to_dict(), info=info,
+      target=artifacts.target_entry(target_name, target_sha256, head.config.target),
+      storage_dtype=STORAGE_DTYPE)
 
 
 def load_head(name_or_path: str, target: Optional[str] = None,
               target_sha256: Optional[str] = None, param_dtype=jnp.float32,
               **target_overrides) -> tuple[EagleHead, Any]:
-  """Loads a registered head name (`HEADS`) or a `save_head` folder: (EagleHead, params).
+  """Loads a registered head name or a `save_head` folder: (EagleHead, params).
 
-  The target check: the head is only valid on the target it was trained on, so the stored
-  target sha256 must equal `target_sha256` if given, else the registry checksum of `target`
-  (a registered model name), else that of the model named in the head's metadata
-  (`TargetMismatchError`, a `ChecksumError`, otherwise). `target_overrides` replace fields
-  of the stored target config (e.g. `dtype`, `matmul_precision`); `param_dtype` is the
-  dtype the bf16-stored parameters are returned in.
+  The target check: the head is only valid on the target it was trained on, so its
+  recorded target sha256 must equal `target_sha256` if given, else the checksum of the
+  registered model `target`, else that of the registered model the head names as its target
+  (`TargetMismatchError`, a `ChecksumError`, otherwise; ValueError when none of these is
+  known). `target_overrides` replace fields of the stored target config (e.g. `dtype`,
+  `matmul_precision`); `param_dtype` is the dtype the bf16-stored parameters are returned in.
   """
-  path = os.path.abspath(resolve_head(name_or_path))
-  manifest = read_manifest(path)
-  stored_sha = manifest["target_sha256"].lower()
-  if target_sha256 is not None:
-    expected, what = target_sha256.lower(), "the given target checksum"
-  else:
-    name = target if target is not None else manifest["metadata"].get("target")
-    if name not in registry.MODELS:
+  if target_sha256 is None:
+    _, manifest = artifacts.read_manifest(name_or_path, "eagle_head")
+    name = target if target is not None else manifest["target"]["name"]
+    target_sha256 = artifacts.registered_sha256(name)
+    if target_sha256 is None:
       raise ValueError(f"cannot check the draft head's target: {name!r} is not a registered "
-                       f"model ({sorted(registry.MODELS)}); pass target_sha256=")
-    expected, what = registry.MODELS[name].sha256.lower(), f"target model {name!r}"
-  if stored_sha != expected:
-    raise TargetMismatchError(
-        f"draft head {name_or_path!r} was trained on a target with sha256 {stored_sha}, but "
-        f"{what} has sha256 {expected}. A draft head only works with the exact target whose "
-        "features it was trained on: load the matching target or retrain the head "
-        "(python -m train.draft_head).")
+                       "model; pass target_sha256=")
+  manifest, stored = artifacts.load_artifact(name_or_path, "eagle_head",
+                                             target_sha256=target_sha256)
   param_dtype = DTYPES[param_dtype] if isinstance(param_dtype, str) else param_dtype
   target_overrides.setdefault("param_dtype", param_dtype)
-  config = HeadConfig.from_dict(manifest["config"], **target_overrides)
-  head = EagleHead(config)
-  shapes = jax.eval_shape(lambda: init_head_params(head, jax.random.PRNGKey(0)))
-  stored = checkpoint.restore_orbax_params(path, shapes, DTYPES[STORAGE_DTYPE])
-  params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), stored)
-  return head, params
-
-
-def checkpoint_bytes(name_or_path: str) -> int:
-  """Total size in bytes of the files of a head checkpoint folder."""
-  path = resolve_head(name_or_path)
-  total = 0
-  for root, _, files in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-  return total
+  head = EagleHead(HeadConfig.from_dict(manifest["config"], **target_overrides))
+  return head, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), stored)

@@ -9,22 +9,22 @@ token by it with probability `cond_dropout`). A sequence is [class, code_1, ...,
 decoding starts from the one-token prompt [class] and generates g*g tokens, which must all be
 codes (`code_processor` bans the class ids).
 
-A trained model is a decodax checkpoint folder (`checkpoint.save_decodax`, read by
-`models.lm.load_model`) whose `info` holds the token layout and the path of its tokenizer
-(`load_image_model` reads both).
+A trained model is an `lm` artifact (`models.lm.save_lm`, read by `models.lm.load_model`; the
+shipped one is registered as "image-ar-fmnist") whose `info` holds the token layout, with the
+class names, and the name or path of its VQ tokenizer (`load_image_model` reads both).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import vqvae
-from models.checkpoint import repo_path
-from models.lm import TransformerLM
+from models import artifacts, checkpoint, eagle_head, registry, vqvae
+from models.lm import TransformerLM, load_model
+from models.registry import repo_path  # re-exported: configs name shipped folders from the root
 
 Array = jax.Array
 
@@ -34,6 +34,13 @@ class ImageTokens:
   codebook_size: int  # K
   num_classes: int
   grid: int  # the image is grid x grid tokens
+  class_names: Sequence[str] = ()  # the name of each class (empty: unnamed)
+
+  def __post_init__(self):
+    # a tuple, so the layout stays hashable when it comes from a JSON list
+    object.__setattr__(self, "class_names", tuple(self.class_names))
+    if self.class_names and len(self.class_names) != self.num_classes:
+      raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
   @property
   def null_class(self) -> int:
@@ -62,7 +69,9 @@ class ImageTokens:
     return np.concatenate([cls[:, None], np.asarray(codes)], axis=1).astype(np.int32)
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d["class_names"] = list(self.class_names)
+    return d
 
 
 def code_mask(layout: ImageTokens) -> Array:
@@ -85,42 +94,57 @@ def cond_dropout_loss(base_loss, layout: ImageTokens, rate: float):
 
 @dataclasses.dataclass
 class ImageModel:
+  """A loaded image-token model with its VQ tokenizer. `sha256` identifies its weights (the
+  artifact's params sha256, what its EAGLE heads record as their target); None for a model
+  put together in memory, whose heads are tied to its parameter bytes instead."""
   lm: TransformerLM
   params: Any
   layout: ImageTokens
   tokenizer: vqvae.VQVAE
   tokenizer_params: Any
   info: dict
+  sha256: Optional[str] = None
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.layout.class_names
 
   def decode_images(self, codes: Array) -> np.ndarray:
     """uint8 images [B, H, W, C] from code rows [B, g*g]."""
     x = self.tokenizer.decode(self.tokenizer_params, jnp.asarray(codes))
     return np.asarray(jnp.round(x * 255.0)).astype(np.uint8)
 
+  @property
+  def weights_sha256(self) -> str:
+    """`sha256`, else the sha256 of the parameter bytes (`checkpoint.params_sha256`)."""
+    return self.sha256 or checkpoint.params_sha256(self.params)
 
-def load_image_model(path: str = "checkpoints/image-ar-fmnist", dtype="float32") -> ImageModel:
-  """The AR model folder, its token layout and its VQ-VAE tokenizer."""
-  from models import checkpoint
-  from models.lm import load_model
-  path = repo_path(path)
-  if not checkpoint.is_decodax_checkpoint(path):
-    raise FileNotFoundError(f"no image model at {path!r} (train one: python -m train.image_ar "
-                            "--config=configs/image_ar_fmnist.py)")
-  m = load_model(path, dtype=dtype)
-  info = checkpoint.load_manifest(path).get("info", {})
+
+def load_image_model(name_or_path: str = "image-ar-fmnist", dtype="float32") -> ImageModel:
+  """The AR model (a registered name or an `lm` artifact folder), its token layout and its
+  VQ-VAE tokenizer."""
+  try:
+    path, _, _ = registry.resolve(name_or_path)
+    _, manifest = artifacts.read_manifest(path, "lm")
+  except (ValueError, FileNotFoundError) as e:
+    if isinstance(e, artifacts.OutdatedFormatError):
+      raise
+    raise FileNotFoundError(f"no image model at {name_or_path!r} ({e}; train one: python -m "
+                            "train.image_ar --config=configs/image_ar_fmnist.py)") from e
+  info = manifest["info"]
   if "image_tokens" not in info or "tokenizer" not in info:
     raise ValueError(f"{path}: not an image-token model (its info has no image_tokens/tokenizer)")
+  m = load_model(path, dtype=dtype)
   layout = ImageTokens(**info["image_tokens"])
-  tok, tok_params, _ = vqvae.load(repo_path(info["tokenizer"]))
+  tok, tok_params, _ = vqvae.load(info["tokenizer"])
   if tok.config.codebook_size != layout.codebook_size or tok.config.grid != layout.grid:
     raise ValueError(f"{path}: tokenizer {info['tokenizer']} does not match the token layout")
-  return ImageModel(m.lm, m.params, layout, tok, tok_params, info)
+  return ImageModel(m.lm, m.params, layout, tok, tok_params, info, m.sha256)
 
 
-def load_image_head(model: ImageModel, path: str = "checkpoints/eagle-image-fmnist",
+def load_image_head(model: ImageModel, name_or_path: str = "eagle-image-fmnist",
                     param_dtype="float32"):
   """(EagleHead, params) of an image draft head (`train.image_draft_head`), checked against
-  the sha256 of `model`'s parameters (a head only drafts well for the target it learned)."""
-  from models import checkpoint, eagle_head
-  return eagle_head.load_head(repo_path(path), target_sha256=checkpoint.params_sha256(
-      model.params), param_dtype=param_dtype, dtype=model.lm.config.dtype)
+  `model.weights_sha256` (a head only drafts well for the target it learned)."""
+  return eagle_head.load_head(name_or_path, target_sha256=model.weights_sha256,
+                              param_dtype=param_dtype, dtype=model.lm.config.dtype)

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import artifacts
+
 Array = jax.Array
-MANIFEST = "classifier.json"
 
 
 class _CNN(nn.Module):
@@ -118,16 +119,14 @@ def fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
 
 
 def save(directory: str, model: ImageClassifier, params: dict, info: Optional[dict] = None) -> str:
-  from models import checkpoint
-  return checkpoint.save_with_manifest(directory, params, MANIFEST, {
-      "format": "decodax-image-classifier", "version": 1, "config": dataclasses.asdict(model),
-      "info": info or {}})
+  """Writes an `image_classifier` artifact (`models.artifacts`): the parameters (float32),
+  the classifier's sizes and free-form info (the training run and its test accuracy).
+  Returns the folder's absolute path."""
+  return artifacts.save_artifact(directory, "image_classifier", params,
+                                 config=dataclasses.asdict(model), info=info)
 
 
-def load(directory: str) -> tuple[ImageClassifier, dict, dict]:
-  from models import checkpoint
-  manifest = checkpoint.read_manifest(directory, MANIFEST, "decodax-image-classifier",
-                                      "classifier")
-  model = ImageClassifier(**manifest["config"])
-  like = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  return model, checkpoint.restore_orbax_params(directory, like), manifest
+def load(name_or_path: str) -> tuple[ImageClassifier, dict, dict]:
+  """(model, params, manifest) of a registered name or a `save` folder."""
+  manifest, params = artifacts.load_artifact(name_or_path, "image_classifier")
+  return ImageClassifier(**manifest["config"]), params, manifest

@@ -29,7 +29,7 @@ def _installed(module: str, filename: str) -> bool:
   return d is not None and os.path.isfile(os.path.join(d, filename))
 
 
-def missing_requirements(spec: registry.ModelSpec) -> list[str]:
+def missing_requirements(spec: registry.Artifact) -> list[str]:
   """The pip requirements of `spec` whose file is not installed yet."""
   if spec.parts:
     return [p.package for p in spec.parts if not _installed(p.module, p.filename)]

@@ -1,4 +1,5 @@
-"""The model boundary every decoding strategy talks to, and one-call model loading."""
+"""The model boundary every decoding strategy talks to, one-call model loading, language-model
+export (`save_lm`) and the DistillSpec self-draft loader (`load_self_draft`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,10 +7,12 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 
-from models import checkpoint, registry, transformer
+from models import artifacts, checkpoint, registry, sharding, transformer
 from models.config import DTYPES, ModelConfig
 from models.kv_cache import KVCache
+from models.tokenizer import Tokenizer
 
 Array = jax.Array
 
@@ -41,7 +44,6 @@ class TransformerLM:
     cache = KVCache.init(self.config, batch_size, max_len)
     if self.mesh is None:
       return cache
-    from models import sharding
     ns = lambda spec: jax.sharding.NamedSharding(self.mesh, spec)
     constrain = lambda x: jax.lax.with_sharding_constraint(
         x, ns(sharding.cache_spec(x.shape, self.mesh)))
@@ -76,19 +78,27 @@ class TransformerLM:
     return self.config.max_position_embeddings
 
 
+# Parameters a self-draft shares with its target (read from the target, never stored).
+SHARED_WITH_TARGET = ("embed", "lm_head")
+
+
 @dataclasses.dataclass
 class LoadedModel:
+  """A loaded language model. `sha256` identifies its weights (what drafters and heads record
+  as their target): a registered GGUF file's pinned sha256, an exported decodax folder's
+  verified params sha256, or computed at load from an unregistered .gguf file or from the
+  shards of a safetensors folder (`load_model` always sets it; None only for a model put
+  together in memory)."""
   name: str
   lm: TransformerLM
   params: Any
   tokenizer: Any  # models.tokenizer.Tokenizer or None
   instruct: bool
+  sha256: Optional[str]
 
   @property
   def config(self) -> ModelConfig:
     return self.lm.config
-
-
 
 
 def as_dtype(name_or_dtype) -> Any:
@@ -99,11 +109,39 @@ def as_dtype(name_or_dtype) -> Any:
   return name_or_dtype
 
 
+def save_lm(directory: str, config: ModelConfig, params: Any, *,
+            tokenizer_metadata: Optional[dict] = None, instruct: bool = False,
+            info: Optional[dict] = None) -> str:
+  """Exports a language model as an `lm` artifact (`models.artifacts`) that
+  `load_model(directory)` reads back: config {"model": the ModelConfig dict, "instruct"},
+  the parameters in the stacked-layer layout stored in `config.param_dtype`, the tokenizer's
+  GGUF-style metadata when given, and free-form `info` (the training run)."""
+  if not config.scan_layers:
+    params = transformer.stack_layers(params, config.num_layers)
+  return artifacts.save_artifact(
+      directory, "lm", params,
+      config={"model": checkpoint.config_to_dict(config), "instruct": bool(instruct)},
+      info=info, tokenizer=tokenizer_metadata, storage_dtype=config.param_dtype)
+
+
+def _load_export(path: str, param_dtype,
+                 overrides: dict) -> tuple[ModelConfig, Any, Optional[dict], bool, str]:
+  """(config, params, tokenizer metadata, instruct, params sha256) of an `lm` artifact."""
+  manifest, stored = artifacts.load_artifact(path, "lm")
+  config = checkpoint.config_from_dict(manifest["config"]["model"], param_dtype=param_dtype,
+                                       **overrides)
+  params = jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), stored)
+  if not config.scan_layers:
+    params = transformer.unstack_layers(params, config.num_layers)
+  return (config, params, artifacts.read_tokenizer(path, manifest),
+          bool(manifest["config"]["instruct"]), manifest["params"]["sha256"])
+
+
 def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
                param_dtype="float32", matmul_precision: str = "default",
                split_k: Optional[int] = None, scan_layers: bool = True) -> LoadedModel:
-  """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or a
-  decodax checkpoint folder (written by training, `checkpoint.save_decodax`).
+  """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or an
+  exported `lm` artifact folder (written by training, `save_lm`).
 
   `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
   compute is LayerCast). `scan_layers=True` stacks the layers under a scan (compile time
@@ -112,23 +150,47 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   (closer to fp64 and to PyTorch on CPU, but XLA:CPU runs the blocked form as a batched
   dot that is several times slower; see `transformer.matmul`).
   """
-  from models.tokenizer import Tokenizer
   path, sha, instruct = registry.resolve(name_or_path)
   dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
   if split_k is None:
     split_k = 1
   overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k,
                    scan_layers=scan_layers)
-  if os.path.isdir(path) and checkpoint.is_decodax_checkpoint(path):
-    config, params, tok_meta, instruct = checkpoint.load_decodax(
-        path, param_dtype=param_dtype, **overrides)
+  if os.path.isdir(path) and artifacts.holds_artifact(path):
+    config, params, tok_meta, instruct, weights_sha = _load_export(path, param_dtype, overrides)
     tok = Tokenizer(tok_meta) if tok_meta is not None else None
   elif os.path.isdir(path):
     config, params = checkpoint.load_safetensors(path, param_dtype=param_dtype, **overrides)
     tok = (Tokenizer.from_hf_dir(path)
            if os.path.exists(os.path.join(path, "tokenizer.json")) else None)
+    weights_sha = checkpoint.sha256_files(checkpoint.safetensors_shards(path))
   else:
-    config, params, reader = checkpoint.load_gguf(path, sha, param_dtype=param_dtype, **overrides)
+    config, params, _ = checkpoint.load_gguf(path, sha, param_dtype=param_dtype, **overrides)
     tok = Tokenizer.from_gguf(path)
+    # split models were verified when joined (sha is None then): the pinned digest still
+    # names their weights
+    registered = registry.MODELS.get(name_or_path)
+    weights_sha = registered.sha256.lower() if registered else checkpoint.sha256_file(path)
   return LoadedModel(name=name_or_path, lm=TransformerLM(config), params=params, tokenizer=tok,
-                     instruct=instruct)
+                     instruct=instruct, sha256=weights_sha)
+
+
+def load_self_draft(name_or_path: str, target: LoadedModel) -> tuple[TransformerLM, Any]:
+  """Rebuilds a DistillSpec self-draft (a `self_draft` artifact, `train.distillspec`) on the
+  target it was trained for: (draft_lm, draft_params), the target's first k layers replaced
+  by the trained ones, its final norm replaced, its embedding / LM head shared (not copied).
+
+  `TargetMismatchError` when the draft was trained for a target of another architecture or,
+  when `target.sha256` is set, of other weights. The trained layers are stored stacked and
+  come back in the target's layout and parameter dtypes.
+  """
+  manifest, trained = artifacts.load_artifact(
+      name_or_path, "self_draft", target_sha256=target.sha256, target_config=target.lm.config)
+  k = int(manifest["config"]["num_layers"])
+  draft_lm, dparams = target.lm.truncated(target.params, k)
+  if not draft_lm.config.scan_layers:
+    trained = transformer.unstack_layers(trained, k)
+  like = {n: v for n, v in dparams.items() if n not in SHARED_WITH_TARGET}
+  trained = jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
+  shared = {n: dparams[n] for n in SHARED_WITH_TARGET if n in dparams}
+  return draft_lm, {**shared, **trained}

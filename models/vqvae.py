@@ -29,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from models import artifacts
 
-MANIFEST = "vqvae.json"
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,18 +248,14 @@ def trainable_mask(params: dict) -> dict:
 
 
 def save(directory: str, model: VQVAE, params: dict, info: Optional[dict] = None) -> str:
-  """`params/` (orbax, float32) and `vqvae.json` (config, parameter count, free-form info
-  such as the training run and its measured reconstruction error and codebook usage)."""
-  from models import checkpoint
-  return checkpoint.save_with_manifest(directory, params, MANIFEST, {
-      "format": "decodax-vqvae", "version": 1, "config": model.config.to_dict(),
-      "info": info or {}})
+  """Writes a `vq_tokenizer` artifact (`models.artifacts`): the parameters (float32), the
+  VQ config and free-form info (the training run and its measured reconstruction error and
+  codebook usage). Returns the folder's absolute path."""
+  return artifacts.save_artifact(directory, "vq_tokenizer", params,
+                                 config=model.config.to_dict(), info=info)
 
 
-def load(directory: str) -> tuple[VQVAE, dict, dict]:
-  """(model, params, manifest) of a `save` folder."""
-  from models import checkpoint
-  manifest = checkpoint.read_manifest(directory, MANIFEST, "decodax-vqvae", "VQ-VAE")
-  model = VQVAE(VQConfig.from_dict(manifest["config"]))
-  like = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  return model, checkpoint.restore_orbax_params(directory, like), manifest
+def load(name_or_path: str) -> tuple[VQVAE, dict, dict]:
+  """(model, params, manifest) of a registered name or a `save` folder."""
+  manifest, params = artifacts.load_artifact(name_or_path, "vq_tokenizer")
+  return VQVAE(VQConfig.from_dict(manifest["config"])), params, manifest

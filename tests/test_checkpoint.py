@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import checkpoint, registry
-from models.lm import TransformerLM, load_model
+from models import artifacts, checkpoint, registry
+from models.lm import TransformerLM, load_model, save_lm
+from models.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -138,6 +139,29 @@ def test_unsupported_architecture(tmp_path):
 def test_default_model_checksum_is_verified(smollm):
   path, sha, _ = registry.resolve("smollm2-135m-instruct")
   assert checkpoint.sha256_file(path) == sha
+  assert smollm.sha256 == sha  # a registered model is named by its pinned checksum
+
+
+def test_loaded_model_sha256_of_unregistered_files(tmp_path, monkeypatch):
+  """An unregistered .gguf file or safetensors folder is named by the checksum of its
+  file(s), computed at load; an exported folder by its manifest's verified checksum."""
+  model = _tiny_hf("llama", True)
+  path = str(tmp_path / "m.gguf")
+  _write_gguf(model, "llama", path)
+  with monkeypatch.context() as patch:  # the tiny GGUF file carries no tokenizer
+    patch.setattr(Tokenizer, "from_gguf", staticmethod(lambda path: None))
+    assert load_model(path).sha256 == checkpoint.sha256_file(path)
+  folder = tmp_path / "hf"
+  model.save_pretrained(folder, safe_serialization=True)
+  shards = checkpoint.safetensors_shards(str(folder))
+  m = load_model(str(folder))
+  assert m.sha256 == checkpoint.sha256_files(shards) == checkpoint.sha256_file(shards[0])
+  export = save_lm(str(tmp_path / "export"), m.config, m.params, info={"note": "test"})
+  again = load_model(export)
+  _, manifest = artifacts.read_manifest(export, "lm")
+  assert again.sha256 == manifest["params"]["sha256"] == checkpoint.sha256_file(
+      str(tmp_path / "export" / "params.safetensors"))
+  jax.tree.map(np.testing.assert_array_equal, again.params, m.params)
 
 
 def test_layercast_equals_fp32_on_bf16_rounded_weights(smollm, prompt_ids):

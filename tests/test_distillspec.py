@@ -3,6 +3,8 @@ pair, the data sources, draft checkpoints and the training command end to end.""
 from __future__ import annotations
 
 import json
+import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from models import transformer
+from models import artifacts, transformer
 from models.config import tiny_config
-from models.lm import TransformerLM
+from models.lm import LoadedModel, TransformerLM, load_self_draft, save_lm
 from train import data, distillspec as ds, divergences as dv, losses, optim, tasks, trainer
 
 V = 32
@@ -235,9 +237,9 @@ def test_distill_data_mixes_sources_and_follows_the_draft(toy_target):
 # ------------------------------------------------------------------------------ checkpoints + run
 
 
-def _bundle(cfg, params, name="tiny"):
-  from train import model_setup
-  return model_setup.ModelBundle(TransformerLM(cfg), params, None, False, name)
+def _target(cfg, params, sha="ab" * 32):
+  """A target as `load_model` returns it (sha256: the checksum of its weights)."""
+  return LoadedModel("tiny", TransformerLM(cfg), params, None, False, sha)
 
 
 def test_self_draft_trains_only_layers_and_round_trips(tmp_path, monkeypatch):
@@ -246,33 +248,57 @@ def test_self_draft_trains_only_layers_and_round_trips(tmp_path, monkeypatch):
   dlm, trainable, assemble = ds.self_draft(TransformerLM(cfg), tparams, 2)
   assert sorted(trainable) == ["final_norm", "layers"] and dlm.config.num_layers == 2
   trained = jax.tree.map(lambda x: x + 0.01 * jnp.ones_like(x), trainable)
-  ds.save_draft(str(tmp_path / "d"), trained, dlm, target_name="tiny", target_config=cfg,
-                info={"note": "test"})
-  manifest = json.load(open(tmp_path / "d" / "draft.json"))
-  assert manifest["num_layers"] == 2 and manifest["trained"] == ["final_norm", "layers"]
+  ds.save_draft(str(tmp_path / "d"), trained, dlm, target_name="tiny", target_sha256="ab" * 32,
+                target_config=cfg, info={"note": "test"})
+  _, manifest = artifacts.read_manifest(str(tmp_path / "d"), "self_draft")
+  assert manifest["config"] == {"num_layers": 2, "trained": ["final_norm", "layers"]}
+  assert manifest["target"]["sha256"] == "ab" * 32 and manifest["info"] == {"note": "test"}
   tokens = jnp.asarray(tasks.synthetic_sequences(2, 10, V, seed=1))
   want = losses.sequence_logits(assemble(trained, tparams)["draft"], dlm.config, tokens)
   for scan in (True, False):  # the same draft from a stacked or an unstacked target
     tcfg = cfg.replace(scan_layers=scan)
     tp = tparams if scan else transformer.unstack_layers(tparams, cfg.num_layers)
-    lm2, p2 = ds.load_draft(str(tmp_path / "d"), _bundle(tcfg, tp))
+    lm2, p2 = load_self_draft(str(tmp_path / "d"), _target(tcfg, tp))
     assert lm2.config.num_layers == 2 and lm2.config.scan_layers == scan
     assert p2["embed"] is tp["embed"]  # shared with the target, not copied
     np.testing.assert_allclose(losses.sequence_logits(p2, lm2.config, tokens), want, atol=1e-5)
-  with pytest.raises(ValueError, match="architecture"):
-    ds.load_draft(str(tmp_path / "d"), _bundle(cfg.replace(intermediate_size=32), tparams))
-  manifest["target_sha256"] = "0" * 64  # trained for another checkpoint of the target
-  json.dump(manifest, open(tmp_path / "d" / "draft.json", "w"))
-  with pytest.raises(ValueError, match="sha256"):
-    ds.load_draft(str(tmp_path / "d"), _bundle(cfg, tparams, name="smollm2-135m-instruct"))
+  with pytest.raises(artifacts.TargetMismatchError, match="architecture"):
+    load_self_draft(str(tmp_path / "d"), _target(cfg.replace(intermediate_size=32), tparams))
+  with pytest.raises(artifacts.TargetMismatchError, match="sha256"):  # other weights
+    load_self_draft(str(tmp_path / "d"), _target(cfg, tparams, sha="0" * 64))
   monkeypatch.setenv("DECODAX_DRAFTS_DIR", str(tmp_path / "empty"))
   with pytest.raises(FileNotFoundError, match="train.distillspec"):  # named, not produced yet
-    ds.load_draft("distillspec-smollm2-L4", _bundle(cfg, tparams))
+    load_self_draft("distillspec-smollm2-L4", _target(cfg, tparams))
+
+
+def test_transition_load_draft_checks_a_registered_target_name(tmp_path):
+  """`train.distillspec.load_draft` (what decoding/ calls until it uses load_self_draft):
+  a target given by name is checked against the registered checksum of that name."""
+  cfg = tiny_config(vocab_size=V, num_layers=4)
+  tparams = _init(cfg, 7)
+  dlm, trainable, _ = ds.self_draft(TransformerLM(cfg), tparams, 2)
+  ds.save_draft(str(tmp_path / "d"), trainable, dlm, target_name="tiny",
+                target_sha256="ab" * 32, target_config=cfg)
+  bundle = lambda name: types.SimpleNamespace(lm=TransformerLM(cfg), params=tparams, name=name)
+  assert ds.load_draft(str(tmp_path / "d"), bundle("tiny"))[0].config.num_layers == 2
+  with pytest.raises(ValueError, match="sha256"):
+    ds.load_draft(str(tmp_path / "d"), bundle("smollm2-135m-instruct"))
+  # decoding/ sends every folder holding DRAFT_MANIFEST here: an exported model is a
+  # separate draft model, which must share the target's vocabulary
+  small = tiny_config(vocab_size=V, num_layers=1)
+  save_lm(str(tmp_path / "lm"), small, _init(small, 8))
+  assert os.path.isfile(tmp_path / "lm" / ds.DRAFT_MANIFEST)
+  lm, params = ds.load_draft(str(tmp_path / "lm"), bundle("tiny"))
+  assert lm.config.num_layers == 1 and lm.config.scan_layers
+  other = tiny_config(vocab_size=2 * V, num_layers=1)
+  save_lm(str(tmp_path / "other"), other, _init(other, 9))
+  with pytest.raises(ValueError, match="vocabulary"):
+    ds.load_draft(str(tmp_path / "other"), bundle("tiny"))
 
 
 def test_training_command_end_to_end(tmp_path, monkeypatch):
   """configs/distillspec_smollm2.py on a tiny random target with synthetic prompts, fixed
-  rows and on-policy rows: trains, reports before/after, saves a draft that load_draft
+  rows and on-policy rows: trains, reports before/after, saves a draft that load_self_draft
   reads back."""
   from configs import distillspec_smollm2
   from train import model_setup
@@ -300,7 +326,7 @@ def test_training_command_end_to_end(tmp_path, monkeypatch):
   assert [r["step"] for r in records] == [2, 4, 6] and "acceptance" in records[-1]
   assert results["draft_path"] == str(tmp_path / "drafts" / "toy-L1")
   target = model_setup.build(c.model, seed=c.seed)
-  lm, params = ds.load_draft(results["draft_path"], target)
+  lm, params = load_self_draft(results["draft_path"], target)
   assert lm.config.num_layers == 1
   rows = np.load(tmp_path / "run" / "eval_rows.npz")
   again = ds.expected_acceptance(target.lm, target.params, lm, params, rows["sampled_tokens"],

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from models import checkpoint, eagle_head as dh, registry, transformer
+from models import artifacts, checkpoint, eagle_head as dh, registry, transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
 from train import data as data_lib
@@ -165,12 +165,17 @@ def test_training_reduces_loss_and_raises_agreement():
 def test_save_load_round_trip_and_target_check(tmp_path):
   tp, head, hp = _setup()
   path = str(tmp_path / "head")
-  dh.save_head(path, head, hp, {"target": "smollm2-135m-instruct", "note": "test"})
-  head2, hp2 = dh.load_head(path)
+  dh.save_head(path, head, hp, {"note": "test"}, target_name="smollm2-135m-instruct",
+               target_sha256=SHA)
+  head2, hp2 = dh.load_head(path)  # checked against the registered target it names
   assert head2 == head and hash(head2) == hash(head)
   rounded = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), hp)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), rounded, hp2)
-  assert dh.read_manifest(path)["param_storage"] == "bfloat16"
+  _, manifest = artifacts.read_manifest(path, "eagle_head")
+  assert manifest["params"]["storage_dtype"] == "bfloat16"
+  assert manifest["target"] == {"name": "smollm2-135m-instruct", "sha256": SHA,
+                                "architecture": artifacts.architecture(TARGET)}
+  assert manifest["info"] == {"note": "test"}
   feats, toks, pos = _inputs(1, 5)
   np.testing.assert_allclose(head2(hp2, tp, feats, toks, pos, None).logits,
                              head(rounded, tp, feats, toks, pos, None).logits, atol=1e-5)
@@ -179,7 +184,7 @@ def test_save_load_round_trip_and_target_check(tmp_path):
   with pytest.raises(dh.TargetMismatchError, match="was trained on a target with sha256"):
     dh.load_head(path, target_sha256="0" * 64)
   assert issubclass(dh.TargetMismatchError, checkpoint.ChecksumError)
-  with pytest.raises(ValueError, match="unknown draft head"):
+  with pytest.raises(ValueError, match="unknown model or artifact"):
     dh.load_head(str(tmp_path / "missing"))
 
 
@@ -190,7 +195,8 @@ def test_config_validation_and_registry():
     dh.HeadConfig(TARGET, partial_alignment=True, partial_fraction=0.0)
   assert HEAD.config.aligned_dims == 24
   assert dh.HeadConfig(TARGET).aligned_dims == 32
-  assert "eagle-smollm2-135m" in dh.HEADS
+  shipped = registry.ARTIFACTS["eagle-smollm2-135m"]
+  assert shipped.kind == "eagle_head" and shipped.target == "smollm2-135m-instruct"
   untied = TARGET.replace(tie_word_embeddings=False)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   tp = {"embed": {"table": jax.random.normal(k1, (32, 48))},  # all the head reads

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from decoding import core, gad, processors, sampling, speculative, verify
-from models import transformer
+from models import artifacts, transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
 
@@ -45,6 +45,14 @@ def _drafter(tparams, k=3, layers=2, seed=1):
   return d, dparams
 
 
+def _load_trained(path, target_lm, target_params):
+  """A trained drafter read back for `target_lm`: (GadDrafter, dparams)."""
+  from train import gad as train_gad
+  manifest, trained = artifacts.load_artifact(path, "gad_drafter",
+                                              target_config=target_lm.config)
+  return train_gad.drafter_from_artifact(manifest, trained, target_lm, target_params)
+
+
 def _prompts(lengths, P, seed=0):
   rng = np.random.default_rng(seed)
   prompts = np.zeros((len(lengths), P), np.int32)
@@ -63,10 +71,9 @@ def _greedy(tparams, prompts, prompt_len, eos, processor, max_new):
 def test_vanilla_gad_and_gad_plus_beta_one_are_greedy_decoding(tparams, trained):
   """Ragged prompts, EOS, a context-reading processor; an untrained drafter (which gets
   nothing accepted) and a trained one."""
-  from train import gad as train_gad
   processor, reads = PENALTY, True
   config, results = trained
-  drafter, dparams = train_gad.load_gad_drafter(results["drafter_path"], TARGET, tparams)
+  drafter, dparams = _load_trained(results["drafter_path"], TARGET, tparams)
   prompts, prompt_len = _prompts([3, 8, 1, 5], 8)
   eos = jnp.asarray([7], jnp.int32)
   max_new = 24
@@ -204,10 +211,25 @@ def test_training_raises_block_accuracy_and_round_trips(trained):
   assert after["accepted"] > before["accepted"] + 1.0  # of 3
   # the saved drafter (trained parameters only) reloads for the same target
   target = model_setup.build(config.model, seed=config.seed)
-  drafter, dparams = train_gad.load_gad_drafter(results["drafter_path"], target.lm, target.params)
+  manifest, trained_params = artifacts.load_artifact(
+      results["drafter_path"], "gad_drafter", target_sha256=target.sha256,
+      target_config=target.config)
+  assert manifest["config"] == {"num_layers": 2, "num_draft": 3, "slot_embeddings": True}
+  assert manifest["target"]["name"] == "tiny" and manifest["target"]["sha256"] == target.sha256
+  drafter, dparams = train_gad.drafter_from_artifact(manifest, trained_params, target.lm,
+                                                     target.params)
   assert (drafter.num_draft, drafter.num_layers) == (3, 2)
   assert set(dparams) == {"body", "mask", "slots"} and "embed" not in dparams["body"]
   assert float(jnp.abs(dparams["slots"]).sum()) > 0  # trained, not the zero init
+  with pytest.raises(artifacts.TargetMismatchError, match="architecture"):
+    artifacts.load_artifact(results["drafter_path"], "gad_drafter",
+                            target_config=target.config.replace(hidden_size=16))
+  with pytest.raises(artifacts.TargetMismatchError, match="sha256"):  # other weights
+    artifacts.load_artifact(results["drafter_path"], "gad_drafter", target_sha256="0" * 64)
+  # what decoding/ calls until it reads the artifact itself (TRANSITION wrapper)
+  drafter, _ = train_gad.load_gad_drafter(results["drafter_path"], target.lm, target.params,
+                                          num_draft=2)
+  assert (drafter.num_draft, drafter.masks) == (2, 3)
   with pytest.raises(ValueError, match="architecture"):
     other = TransformerLM(target.config.replace(hidden_size=16))
     train_gad.load_gad_drafter(results["drafter_path"], other, target.params)

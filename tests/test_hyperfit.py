@@ -67,4 +67,4 @@ def test_ditto_task_runs_end_to_end(tmp_path, smollm):
   for when in ("before", "after"):
     assert len(results[when]["self_reinforcement"]) == 10
   assert results["before"]["self_reinforcement"] != results["after"]["self_reinforcement"]
-  assert (tmp_path / "export" / "decodax_model.json").exists()
+  assert (tmp_path / "export" / "manifest.json").exists()  # an `lm` artifact

@@ -7,12 +7,23 @@ import os
 import numpy as np
 import pytest
 
-from models import image_ar
+from models import artifacts, image_ar
+from models.datasets.fashion_mnist import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
 def model():
   return image_ar.load_image_model()
+
+
+def test_shipped_model_names_its_classes_and_its_weights(model):
+  assert model.class_names == CLASS_NAMES  # from the manifest: no dataset module needed
+  _, manifest = artifacts.read_manifest("image-ar-fmnist", "lm")
+  assert model.sha256 == manifest["params"]["sha256"]
+  # the shipped head is tied to that checksum, not to the bytes of the parameter leaves
+  _, head = artifacts.read_manifest("eagle-image-fmnist", "eagle_head")
+  assert head["target"]["name"] == "image-ar-fmnist"
+  assert head["target"]["sha256"] == model.sha256 == model.weights_sha256
 
 
 def test_cli_images_show_the_requested_class(model, tmp_path):
@@ -51,6 +62,9 @@ def test_image_head_trainer_and_shipped_head(model, tmp_path):
   summary = image_draft_head.run(c, str(tmp_path / "run"))
   assert summary["best"] == "eagle" and os.path.isdir(tmp_path / "head")
   image_ar.load_image_head(model, str(tmp_path / "head"))  # tied to this model: loads
+  _, manifest = artifacts.read_manifest(str(tmp_path / "head"), "eagle_head")
+  assert manifest["target"]["name"] == "image-ar-fmnist"  # the registered name of the path
+  assert manifest["target"]["sha256"] == model.sha256
   shipped = image_ar.load_image_head(model)[0]
   assert shipped.vocab_size == model.layout.vocab_size
   labels = np.arange(10)

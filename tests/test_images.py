@@ -101,6 +101,16 @@ def test_image_tokens_layout():
   assert rows.shape == (1, 50) and rows[0, 0] == 259 and rows[0, 1:].tolist() == list(range(49))
 
 
+def test_image_tokens_carry_their_class_names():
+  names = [f"class {i}" for i in range(3)]
+  lay = image_ar.ImageTokens(codebook_size=16, num_classes=3, grid=3, class_names=names)
+  assert lay.class_names == tuple(names) and hash(lay)  # a JSON list becomes a tuple
+  assert image_ar.ImageTokens(**lay.to_dict()) == lay  # what a manifest stores round-trips
+  assert lay.to_dict()["class_names"] == names
+  with pytest.raises(ValueError, match="2 class names for 3 classes"):
+    image_ar.ImageTokens(codebook_size=16, num_classes=3, grid=3, class_names=names[:2])
+
+
 def test_condition_dropout_replaces_the_class_token():
   lay = image_ar.ImageTokens(codebook_size=8, num_classes=2, grid=2)
   seen = {}
@@ -142,12 +152,12 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains with
   LANTERN sampled in one batch or in two = the same images (per-image keys)."""
   from decoding import images
-  from models import checkpoint, eagle_head as dh
+  from models import eagle_head as dh
   m = tiny_image_model
   head = dh.EagleHead(dh.HeadConfig(m.lm.config))
   head_path = str(tmp_path / "head")
   dh.save_head(head_path, head, dh.init_head_params(head, jax.random.key(4)), {},
-               target_sha256=checkpoint.params_sha256(m.params))
+               target_name="tiny", target_sha256=m.weights_sha256)
   labels = np.asarray([0, 1, 2, 1, 0])
   greedy = images.ImageSettings(strategy="ar", do_sample=False, cfg_scale=2.0)
   ar = images.generate_codes(m, labels, greedy, batch_size=5)
@@ -172,7 +182,10 @@ def test_image_head_is_tied_to_its_model(tiny_image_model, tmp_path):
   from models import checkpoint, eagle_head as dh
   m = tiny_image_model
   head = dh.EagleHead(dh.HeadConfig(m.lm.config))
+  assert m.sha256 is None  # in memory: tied to its parameter bytes
+  assert m.weights_sha256 == checkpoint.params_sha256(m.params)
   dh.save_head(str(tmp_path), head, dh.init_head_params(head, jax.random.key(4)), {},
+               target_name="tiny",
                target_sha256=checkpoint.params_sha256(jax.tree.map(lambda x: x + 1, m.params)))
   with pytest.raises(dh.TargetMismatchError):
     image_ar.load_image_head(m, str(tmp_path))

@@ -19,9 +19,9 @@ SHA = hashlib.sha256(b"".join(PIECES)).hexdigest()
 NAME = "fake-split-model"
 
 
-def _spec(sha: str = SHA) -> registry.ModelSpec:
-  return registry.ModelSpec(
-      name=NAME, sha256=sha, instruct=True,
+def _spec(sha: str = SHA) -> registry.Artifact:
+  return registry.Artifact(
+      name=NAME, kind="lm", sha256=sha, instruct=True,
       parts=registry._numbered_parts("fake-part", "fake_part", "1.0", len(PIECES)))
 
 

@@ -19,7 +19,8 @@ Here:
     (`self_draft`): the target's first k layers + final norm + output head
     (`TransformerLM.truncated`). Only the k layers and the final norm are trained; the
     embedding / tied head stay the target's, so a saved draft stores only the trained
-    layers and is rebuilt from the target + that checkpoint (`save_draft`, `load_draft`);
+    layers and is rebuilt from the target + that artifact (`save_draft`,
+    `models.lm.load_self_draft`);
   * `DistillData` mixes three data sources row by row in every batch: fixed text (the
     `text_corpus` rows of `train.text_data`), target-generated and draft-generated
     (on-policy) continuations of prompts, sampled with the decoding core
@@ -36,7 +37,6 @@ Run `python -m train.distillspec --config=configs/distillspec_smollm2.py [--work
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -47,14 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding import core, processors, sampling
-from models import checkpoint, registry, transformer
-from models.lm import TransformerLM
+from models import artifacts, lm as lm_lib, registry, transformer
+from models.lm import SHARED_WITH_TARGET, TransformerLM
 from train import divergences, losses
 
 Array = jax.Array
 
 SOURCES = ("fixed", "target", "draft")  # data sources, in the order their rows fill a batch
-FROZEN_HEAD = ("embed", "lm_head")  # self-draft parameters shared with the target, not trained
+FROZEN_HEAD = SHARED_WITH_TARGET  # self-draft parameters shared with the target, not trained
 
 
 # ------------------------------------------------------------------------------ the draft
@@ -521,124 +521,47 @@ def loss_mask_of(rows: Mapping[str, np.ndarray]) -> np.ndarray:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-@dataclasses.dataclass(frozen=True)
-class DraftSpec:
-  """A named distilled draft: where the training command writes it and what it drafts for."""
-  name: str
-  target: str  # registered target model (models.registry.MODELS)
-  num_layers: int
-  config: str  # the config that produces it
-
-  @property
-  def path(self) -> str:
-    return os.path.join(drafts_dir(), self.name)
-
-
-DRAFTS = {
-    "distillspec-smollm2-L4": DraftSpec(
-        name="distillspec-smollm2-L4", target="smollm2-135m-instruct", num_layers=4,
-        config="configs/distillspec_smollm2.py"),
-}
-
-DRAFT_MANIFEST = "draft.json"
-
-
-def drafts_dir() -> str:
-  """Where named drafts live: $DECODAX_DRAFTS_DIR, else ~/.cache/decodax/drafts. The
-  checkpoints are not shipped in git; the training command produces them."""
-  return os.environ.get("DECODAX_DRAFTS_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "decodax", "drafts")
-
-
-def resolve_draft(path_or_name: str) -> str:
-  if path_or_name in DRAFTS:
-    spec = DRAFTS[path_or_name]
-    if not os.path.isfile(os.path.join(spec.path, DRAFT_MANIFEST)):
-      raise FileNotFoundError(
-          f"draft {path_or_name!r} is not at {spec.path}; produce it with "
-          f"`python -m train.distillspec --config={spec.config}`")
-    return spec.path
-  if os.path.isfile(os.path.join(path_or_name, DRAFT_MANIFEST)):
-    return path_or_name
-  raise ValueError(f"unknown draft {path_or_name!r}: not a registered name ({sorted(DRAFTS)}) "
-                   f"and no {DRAFT_MANIFEST} in such a directory")
-
-
-def _target_name(target_model) -> Optional[str]:
-  return getattr(target_model, "name", None) or getattr(target_model, "source", None)
-
-
-def target_sha256(name: Optional[str]) -> Optional[str]:
-  """The registered checkpoint sha256 of a target model name (None for unregistered ones)."""
-  spec = registry.MODELS.get(name) if name else None
-  return spec.sha256 if spec is not None else None
-
-
-_ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "intermediate_size", "tie_word_embeddings", "qkv_bias",
-                "architecture")
-
-
-def _stacked(trainable: Any, config) -> Any:
-  """The trained subtree in the stacked-layer layout (what a checkpoint stores)."""
-  if config.scan_layers:
-    return trainable
-  return transformer.stack_layers(trainable, config.num_layers)
-
-
-def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *,
-               target_name: Optional[str], target_config, info: Optional[dict] = None) -> str:
-  """Writes a self-draft: `params/` (orbax: only the trained layers and final norm,
-  stacked-layer layout) and `draft.json` (the number of layers, the target's name, registered
-  sha256 and architecture, and free-form `info` such as the training settings and results).
-  An existing draft in `directory` is replaced."""
-  directory = os.path.abspath(os.path.expanduser(directory))
-  tree = jax.device_get(_stacked(trainable, draft_lm.config))
-  checkpoint.save_orbax_params(directory, tree)
-  manifest = {
-      "format": "decodax-draft", "version": 1, "kind": "self-draft",
-      "num_layers": int(draft_lm.config.num_layers), "trained": sorted(tree),
-      "target": target_name, "target_sha256": target_sha256(target_name),
-      "target_config": {f: getattr(target_config, f) for f in _ARCH_FIELDS},
-      "info": info or {},
-  }
-  with open(os.path.join(directory, DRAFT_MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  return directory
-
-
-def load_draft(path_or_name: str, target_model) -> tuple[TransformerLM, Any]:
-  """Rebuilds a distilled self-draft from its checkpoint and the target it was trained for.
-
-  `target_model`: the loaded target (`models.lm.LoadedModel` or `train.model_setup`
-  bundle: `.lm`, `.params`, and `.name` / `.source`). Raises ValueError when the draft was
-  trained for another target (different registered sha256 or architecture). Returns
-  (draft_lm, draft_params): the target's first k layers replaced by the trained ones, its
-  final norm replaced, its embedding / head shared (not copied).
-  """
-  path = os.path.abspath(resolve_draft(path_or_name))
-  with open(os.path.join(path, DRAFT_MANIFEST)) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "decodax-draft":
-    raise ValueError(f"{path}: not a decodax draft manifest")
-  lm, tparams = target_model.lm, target_model.params
-  arch = {f: getattr(lm.config, f) for f in _ARCH_FIELDS}
-  saved_arch = manifest["target_config"]
-  if arch != saved_arch:
-    diff = {k: (saved_arch.get(k), v) for k, v in arch.items() if saved_arch.get(k) != v}
-    raise ValueError(f"draft {path_or_name!r} was trained for another target architecture "
-                     f"(saved, given): {diff}")
-  want, have = manifest.get("target_sha256"), target_sha256(_target_name(target_model))
-  if want and have and want != have:
-    raise ValueError(f"draft {path_or_name!r} was trained for target sha256 {want} "
-                     f"({manifest.get('target')}), the given target is {have}")
-  k = int(manifest["num_layers"])
-  draft_lm, dparams = lm.truncated(tparams, k)
-  like = _stacked({n: v for n, v in dparams.items() if n not in FROZEN_HEAD}, draft_lm.config)
-  restored = checkpoint.restore_orbax_params(path, like)
+def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *, target_name: str,
+               target_sha256: str, target_config, info: Optional[dict] = None) -> str:
+  """Writes a `self_draft` artifact (`models.artifacts`), read back by
+  `models.lm.load_self_draft`: only the trained layers and final norm (stacked-layer
+  layout), config {"num_layers", "trained"}, the target it was trained for (`target_name`,
+  `target_sha256` = its `LoadedModel.sha256`, the architecture of `target_config`) and
+  free-form `info` (the training settings and results). Replaces an earlier draft there."""
+  tree = trainable
   if not draft_lm.config.scan_layers:
-    restored = transformer.unstack_layers(restored, k)
-  return draft_lm, {**{n: dparams[n] for n in FROZEN_HEAD if n in dparams}, **restored}
+    tree = transformer.stack_layers(trainable, draft_lm.config.num_layers)
+  return artifacts.save_artifact(
+      directory, "self_draft", tree,
+      config={"num_layers": int(draft_lm.config.num_layers), "trained": sorted(tree)},
+      target=artifacts.target_entry(target_name, target_sha256, target_config), info=info)
+
+
+# TRANSITION: remove when decoding/ uses models.lm.load_self_draft and models.registry.ARTIFACTS
+DRAFTS = {name: a for name, a in registry.ARTIFACTS.items() if a.kind == "self_draft"}
+# TRANSITION: remove when decoding/ uses models.artifacts (a folder holding artifacts.MANIFEST)
+DRAFT_MANIFEST = artifacts.MANIFEST
+
+
+# TRANSITION: remove when decoding/ uses models.lm.load_self_draft
+def load_draft(path_or_name: str, target_model) -> tuple[TransformerLM, Any]:
+  """`models.lm.load_self_draft` for a target given as (`.lm`, `.params`, `.name`): the
+  target's sha256 is its `.sha256`, else the registered checksum of its name (unchecked
+  when neither is known). An exported language model (decoding routes every folder with
+  `DRAFT_MANIFEST` here) loads as a separate draft model with the target's vocabulary."""
+  _, manifest = artifacts.read_manifest(path_or_name)
+  lm, params = target_model.lm, target_model.params
+  if manifest["kind"] == "lm":
+    m = lm_lib.load_model(path_or_name, dtype=lm.config.dtype, scan_layers=lm.config.scan_layers)
+    if m.lm.vocab_size != lm.vocab_size:
+      raise ValueError(f"draft_model {path_or_name!r} has vocabulary size {m.lm.vocab_size}, "
+                       f"the target {lm.vocab_size}: drafts must use the target's tokenizer")
+    return m.lm, m.params
+  name = getattr(target_model, "name", None) or getattr(target_model, "source", None)
+  sha = getattr(target_model, "sha256", None) or (
+      artifacts.registered_sha256(name) if name else None)
+  target = lm_lib.LoadedModel(name or "", lm, params, None, False, sha)
+  return lm_lib.load_self_draft(path_or_name, target)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -821,10 +744,9 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
       "mix": data.rows, "refresh_every": d.refresh_every, "gen_len": N, "prompt_len": P,
       "batch_size": config.batch_size, "learning_rate": config.optimizer.learning_rate}
   if d.save_name:
-    out_dir = d.save_dir or (DRAFTS[d.save_name].path if d.save_name in DRAFTS
-                             else os.path.join(drafts_dir(), d.save_name))
+    out_dir = d.save_dir or registry.artifact_dir(d.save_name)
     save_draft(out_dir, state.params, draft_lm, target_name=config.model.name,
-               target_config=target.config,
+               target_sha256=target.sha256, target_config=target.config,
                info={"config": d.to_dict(), "steps": num_steps, "before": results["before"],
                      "after": results["after"], "fingerprint": fp})
     results["draft_path"] = out_dir

@@ -69,8 +69,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import eagle_head as dh
+from models import artifacts, eagle_head as dh, registry
 from models.datasets import corpus_texts
+from train import model_setup
 
 Array = jax.Array
 
@@ -186,14 +187,6 @@ def build_prompts(dcfg: Any, corpus: Optional[Sequence[str]] = None) -> list[dic
 
 def _digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def target_fingerprint(name: str, params: Any) -> str:
-  """The registry sha256 of a registered target, else the sha256 of its parameter bytes."""
-  from models import checkpoint, registry
-  if name in registry.MODELS:
-    return registry.MODELS[name].sha256
-  return checkpoint.params_sha256(params)
 
 
 def cache_dir(dcfg: Any) -> str:
@@ -609,11 +602,11 @@ def _last_train_record(path: str) -> Optional[dict]:
 
 
 def load_target(mcfg: Any, seed: int):
-  """(lm, params, tokenizer, name) of the target: a registered model / path, or "tiny"
-  (a random tiny Llama with SmolLM2's tokenizer, for smoke runs)."""
-  from train import model_setup
+  """(lm, params, tokenizer, name, sha256) of the target: a registered model / path, or
+  "tiny" (a random tiny Llama with SmolLM2's tokenizer, for smoke runs); sha256 identifies
+  its weights (`train.model_setup.ModelBundle.sha256`)."""
   bundle = model_setup.build(mcfg, seed=seed)
-  return bundle.lm, bundle.params, bundle.tokenizer, mcfg.name
+  return bundle.lm, bundle.params, bundle.tokenizer, mcfg.name, bundle.sha256
 
 
 def run(config: Any, log=print) -> dict:
@@ -623,8 +616,7 @@ def run(config: Any, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
-  lm, params, tok, name = load_target(config.model, config.seed)
-  target_sha = target_fingerprint(name, params)
+  lm, params, tok, name, target_sha = load_target(config.model, config.seed)
   log(f"target {name} sha256 {target_sha[:16]}..., {lm.config.num_layers} layers, "
       f"D={lm.config.hidden_size}, V={lm.config.vocab_size}")
   dcfg = config.data
@@ -701,11 +693,9 @@ def run(config: Any, log=print) -> dict:
             "heldout_acceptance": res["heldout_acceptance_bf16"],
             "loss": {"w_cls": config.loss.w_cls, "noise": config.loss.noise,
                      "smooth_l1_beta": config.loss.beta}}
-    path = config.ship.path
-    if not os.path.isabs(path):
-      path = os.path.join(dh._REPO, path)
-    dh.save_head(path, head, hp, meta, target_sha256=target_sha)
-    summary["shipped"] = {"path": path, "bytes": dh.checkpoint_bytes(path)}
+    path = registry.repo_path(config.ship.path)
+    dh.save_head(path, head, hp, meta, target_name=name, target_sha256=target_sha)
+    summary["shipped"] = {"path": path, "bytes": artifacts.artifact_bytes(path)}
     log(f"shipped {best} to {path} ({summary['shipped']['bytes']} bytes)")
   summary["total_seconds"] = time.perf_counter() - t_start
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -3,22 +3,28 @@
 
 `run(config, workdir)` resumes from the last checkpoint in `workdir/checkpoints` if there is
 one, and writes `workdir/metrics.jsonl`, `workdir/config.json`, `workdir/results.json` (the
-task's before/after report, when enabled) and `workdir/export/`, a decodax checkpoint
-folder that `load_model(workdir/export)` and the decoding CLI (`--config.model=...`) read.
+task's before/after report, when enabled) and `workdir/export/`, an `lm` artifact folder
+(`models.lm.save_lm`) that `load_model(workdir/export)` and the decoding CLI
+(`--config.model=...`) read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from typing import Any
 
+import jax
 from absl import logging
+
+from models import sharding
+from models.lm import save_lm
+from train import ditto, lora, model_setup, optim, tasks, trainer as trainer_lib
 
 
 def validate(config: Any) -> None:
   """Config errors, raised before any model is loaded or compiled."""
-  from train import optim, tasks
   optim.validate(config.optimizer)
   if config.task not in tasks.TASKS:
     raise ValueError(f"unknown task {config.task!r}; choose from {sorted(tasks.TASKS)}")
@@ -40,7 +46,6 @@ def validate(config: Any) -> None:
     if int(config[name]) < 0:
       raise ValueError(f"{name} must be >= 0, got {config[name]}")
   if config.task == "ditto":
-    from train import ditto
     ditto.validate(config.ditto.gamma, config.ditto.variant, config.ditto.rate)
     if config.data.source != "text_corpus":
       raise ValueError("task 'ditto' needs data.source='text_corpus' (sentences of real text)")
@@ -58,11 +63,6 @@ def validate(config: Any) -> None:
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Builds model, task and trainer from the config and trains; returns the results dict."""
-  import jax
-  from models import sharding
-  from models import checkpoint
-  from train import lora, model_setup, optim, tasks, trainer as trainer_lib
-
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -124,7 +124,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   with open(results_path, "w") as f:
     json.dump(results, f, indent=1)
   if config.get("export", True):
-    checkpoint.save_decodax(
+    save_lm(
         os.path.join(workdir, "export"), model.config.replace(remat=False), final,
         tokenizer_metadata=model_setup.tokenizer_metadata(model.tokenizer),
         instruct=model.instruct,
@@ -140,6 +140,5 @@ VOLATILE = ("num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_ev
 def fingerprint(config: Any) -> str:
   """sha256 (16 hex digits) of the settings that determine the trained parameters: all of
   the config except run length, logging/checkpoint cadence, evaluation and the mesh."""
-  import hashlib
   d = {k: v for k, v in config.to_dict().items() if k not in VOLATILE}
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

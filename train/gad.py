@@ -35,12 +35,12 @@ would accept there; counted on cuts with k labels) and `block_accuracy` (all k c
 
 `python -m train.gad --config=configs/gad_smollm2.py [--workdir=DIR]` trains, measures
 vanilla GAD and GAD++ against greedy decoding on held-out chat prompts before and after,
-and saves the drafter (name "gad-smollm2" -> ~/.cache/decodax/drafts/gad-smollm2, not in
-git); `load_gad_drafter` rebuilds it.
+and saves the drafter (a `gad_drafter` artifact, registered as "gad-smollm2" ->
+~/.cache/decodax/drafts/gad-smollm2, not in git); `models.artifacts.load_artifact` reads it
+and `drafter_from_artifact` rebuilds it on the target.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -53,9 +53,8 @@ from absl import logging
 
 from decoding import gad, processors, sampling, speculative
 from decoding import core
-from models import checkpoint, registry
+from models import artifacts, registry, transformer
 from models.lm import TransformerLM
-from train.distillspec import drafts_dir  # one folder for every trained drafter
 
 Array = jax.Array
 IDENTITY = processors.chain()  # one object: a static argument of the jitted loops
@@ -334,112 +333,57 @@ def evaluate_blocks(metrics_fn, trainable, rows: dict, batch_size: int, seed: in
 # ------------------------------------------------------------------------------ checkpoints
 
 
-@dataclasses.dataclass(frozen=True)
-class GadSpec:
-  """A named trained drafter: where the training command writes it and for which target."""
-  name: str
-  target: str  # registered target model (models.registry.MODELS)
-  config: str  # the config that produces it
-
-  @property
-  def path(self) -> str:
-    return os.path.join(drafts_dir(), self.name)
-
-
-GAD_DRAFTS = {
-    "gad-smollm2": GadSpec(name="gad-smollm2", target="smollm2-135m-instruct",
-                           config="configs/gad_smollm2.py"),
-}
-
-MANIFEST = "gad.json"
-_ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "intermediate_size", "tie_word_embeddings", "qkv_bias",
-                "architecture")
-
-
-def resolve(name_or_path: str) -> str:
-  if name_or_path in GAD_DRAFTS:
-    spec = GAD_DRAFTS[name_or_path]
-    if not os.path.isfile(os.path.join(spec.path, MANIFEST)):
-      raise FileNotFoundError(f"GAD drafter {name_or_path!r} is not at {spec.path}; produce it "
-                              f"with `python -m train.gad --config={spec.config}`")
-    return spec.path
-  if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), MANIFEST)):
-    return os.path.expanduser(name_or_path)
-  raise ValueError(f"unknown GAD drafter {name_or_path!r}: not a registered name "
-                   f"({sorted(GAD_DRAFTS)}) and no {MANIFEST} in such a directory")
-
-
-def _target_sha256(name: Optional[str]) -> Optional[str]:
-  spec = registry.MODELS.get(name) if name else None
-  return spec.sha256 if spec is not None else None
-
-
-def _stacked(dparams: dict, config) -> dict:
-  """The body in the stacked-layer layout (what a checkpoint stores)."""
-  from models import transformer
-  if config.scan_layers:
-    return dparams
-  return {**dparams, "body": transformer.stack_layers(dparams["body"], config.num_layers)}
-
-
 def save_gad_drafter(directory: str, dparams: dict, drafter: gad.GadDrafter, *,
-                     target_name: Optional[str], info: Optional[dict] = None) -> str:
-  """Writes `params/` (orbax: the trained parameters only: body layers + final norm in the
-  stacked layout, mask and slot embeddings) and `gad.json` (block size, depth, the target's
-  name, registered sha256 and architecture, and free-form `info`). Replaces a previous one."""
-  directory = os.path.abspath(os.path.expanduser(directory))
-  tree = jax.device_get(_stacked(dparams, drafter.lm.config))
-  checkpoint.save_orbax_params(directory, tree)
-  tcfg = drafter.target_lm.config
-  manifest = {
-      "format": "decodax-gad-drafter", "version": 1, "num_layers": int(drafter.num_layers),
-      "num_draft": int(drafter.num_draft), "slot_embeddings": "slots" in dparams,
-      "target": target_name, "target_sha256": _target_sha256(target_name),
-      "target_config": {f: getattr(tcfg, f) for f in _ARCH_FIELDS}, "info": info or {}}
-  with open(os.path.join(directory, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, default=str)
-  return directory
+                     target_name: str, target_sha256: str, info: Optional[dict] = None) -> str:
+  """Writes a `gad_drafter` artifact (`models.artifacts`): the trained parameters only (body
+  layers + final norm in the stacked layout, mask and slot embeddings), config {"num_layers",
+  "num_draft" (the block size), "slot_embeddings"}, the target it was trained for
+  (`target_name`, `target_sha256` = its `LoadedModel.sha256`, its architecture) and
+  free-form `info`. Replaces an earlier drafter there."""
+  tree = dparams
+  if not drafter.lm.config.scan_layers:
+    tree = {**dparams, "body": transformer.stack_layers(dparams["body"], drafter.num_layers)}
+  return artifacts.save_artifact(
+      directory, "gad_drafter", tree,
+      config={"num_layers": int(drafter.num_layers), "num_draft": int(drafter.num_draft),
+              "slot_embeddings": "slots" in dparams},
+      target=artifacts.target_entry(target_name, target_sha256, drafter.target_lm.config),
+      info=info)
 
 
-def load_gad_drafter(name_or_path: str, target_lm: TransformerLM, target_params: Any, *,
-                     target_name: Optional[str] = None,
-                     num_draft: Optional[int] = None) -> tuple[gad.GadDrafter, dict]:
-  """Rebuilds a trained drafter for `target_lm` / `target_params`: (GadDrafter, dparams).
+def drafter_from_artifact(manifest: dict, trained: dict, target_lm: TransformerLM,
+                          target_params: Any, num_draft: Optional[int] = None
+                          ) -> tuple[gad.GadDrafter, dict]:
+  """(GadDrafter, dparams) for `target_lm` from a loaded `gad_drafter` artifact.
 
   `num_draft`: drafts per call (default: the trained block size k; a smaller value still
-  feeds the k trained masks and keeps the first `num_draft` slots). Raises ValueError when
-  the drafter was trained for another architecture, or (when `target_name` is given and
-  registered) for a checkpoint with another sha256."""
-  from models import transformer
-  path = os.path.abspath(resolve(name_or_path))
-  with open(os.path.join(path, MANIFEST)) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "decodax-gad-drafter":
-    raise ValueError(f"{path}: not a decodax GAD drafter manifest")
-  arch = {f: getattr(target_lm.config, f) for f in _ARCH_FIELDS}
-  saved = manifest["target_config"]
-  if arch != saved:
-    diff = {k: (saved.get(k), v) for k, v in arch.items() if saved.get(k) != v}
-    raise ValueError(f"GAD drafter {name_or_path!r} was trained for another target "
-                     f"architecture (saved, given): {diff}")
-  want, have = manifest.get("target_sha256"), _target_sha256(target_name)
-  if want and have and want != have:
-    raise ValueError(f"GAD drafter {name_or_path!r} was trained for target sha256 {want} "
-                     f"({manifest.get('target')}), the given target is {have}")
-  k = int(manifest["num_draft"])
+  feeds the k trained masks and keeps the first `num_draft` slots). The body comes back in
+  the target's layer layout and every leaf in the dtype of the freshly initialized drafter's.
+  """
+  cfg = manifest["config"]
+  k = int(cfg["num_draft"])
   n = k if num_draft is None else int(num_draft)
   if not 1 <= n <= k:
     raise ValueError(f"num_draft must be in [1, {k}] (the trained block size), got {num_draft}")
-  drafter = gad.GadDrafter(target_lm=target_lm, num_layers=int(manifest["num_layers"]),
+  drafter = gad.GadDrafter(target_lm=target_lm, num_layers=int(cfg["num_layers"]),
                            num_draft=n, num_masks=k if n < k else 0)
-  like = gad.init_params(target_lm, target_params, drafter.num_layers, k,
-                         bool(manifest["slot_embeddings"]))
-  like = _stacked(like, drafter.lm.config)
-  restored = checkpoint.restore_orbax_params(path, like)
   if not drafter.lm.config.scan_layers:
-    restored["body"] = transformer.unstack_layers(restored["body"], drafter.num_layers)
-  return drafter, restored
+    trained = {**trained, "body": transformer.unstack_layers(trained["body"], drafter.num_layers)}
+  like = gad.init_params(target_lm, target_params, drafter.num_layers, k,
+                         bool(cfg["slot_embeddings"]))
+  return drafter, jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
+
+
+# TRANSITION: remove when decoding/ uses models.artifacts.load_artifact(name, "gad_drafter", ...)
+def load_gad_drafter(name_or_path: str, target_lm: TransformerLM, target_params: Any, *,
+                     target_name: Optional[str] = None,
+                     num_draft: Optional[int] = None) -> tuple[gad.GadDrafter, dict]:
+  """`load_artifact(name_or_path, "gad_drafter")` checked against the target's architecture
+  and (when `target_name` is registered) its checksum, then `drafter_from_artifact`."""
+  sha = artifacts.registered_sha256(target_name) if target_name else None
+  manifest, trained = artifacts.load_artifact(name_or_path, "gad_drafter", target_sha256=sha,
+                                              target_config=target_lm.config)
+  return drafter_from_artifact(manifest, trained, target_lm, target_params, num_draft)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -597,9 +541,9 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
                          "gen_len": int(g.gen_len), "batch_size": config.batch_size,
                          "learning_rate": config.optimizer.learning_rate}
   if g.save_name:
-    out_dir = g.save_dir or (GAD_DRAFTS[g.save_name].path if g.save_name in GAD_DRAFTS
-                             else os.path.join(drafts_dir(), g.save_name))
+    out_dir = g.save_dir or registry.artifact_dir(g.save_name)
     save_gad_drafter(out_dir, state.params, drafter, target_name=config.model.name,
+                     target_sha256=target.sha256,
                      info={"config": g.to_dict(), "steps": num_steps, "fingerprint": fp,
                            "after": results["after"]})
     results["drafter_path"] = out_dir

@@ -5,14 +5,13 @@
 Encodes Fashion-MNIST (train and test splits, through the tfds builder) with the shipped VQ-VAE,
 trains a Llama decoder on [class, codes] rows with condition dropout, and reports the test NLL
 per image token (nats and bits) with the true class and with the null class (how much the
-condition is worth). With `ship.enabled` the model is written as a decodax checkpoint whose info
-names the tokenizer and the token layout.
+condition is worth). With `ship.enabled` the model is written as an `lm` artifact
+(`models.lm.save_lm`) whose info names the tokenizer and the token layout, with the class names.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -20,22 +19,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import image_ar, vqvae
+from models import artifacts, datasets, image_ar, registry, transformer, vqvae
 from models.config import ModelConfig
-from train import script
+from models.datasets.fashion_mnist import CLASS_NAMES
+from models.lm import save_lm
+from train import data as data_lib, losses, optim, script, trainer as trainer_lib
 
 
 def validate(config: Any) -> None:
-  from train import optim
   optim.validate(config.optimizer)
   for name in ("batch_size", "num_steps", "num_classes"):
     if int(config[name]) < 1:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
   if not 0.0 <= float(config.cond_dropout) < 1.0:
     raise ValueError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
-  if not os.path.isfile(os.path.join(image_ar.repo_path(config.tokenizer), vqvae.MANIFEST)):
-    raise ValueError(f"tokenizer {config.tokenizer!r} not found (python -m train.vqvae "
-                     "--config=configs/vqvae_fmnist.py)")
+  try:
+    artifacts.read_manifest(config.tokenizer, "vq_tokenizer")
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"tokenizer {config.tokenizer!r} not found or unreadable ({e}); produce "
+                     "it with python -m train.vqvae --config=configs/vqvae_fmnist.py") from e
 
 
 def encode_split(tok: vqvae.VQVAE, tok_params, images: np.ndarray,
@@ -46,14 +48,12 @@ def encode_split(tok: vqvae.VQVAE, tok_params, images: np.ndarray,
 
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
-  from models import checkpoint
-  from train import data as data_lib, datasets, losses, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
   workdir = script.prepare_workdir(config, workdir)
-  tok, tok_params, _ = vqvae.load(image_ar.repo_path(config.tokenizer))
+  tok, tok_params, _ = vqvae.load(config.tokenizer)
   layout = image_ar.ImageTokens(tok.config.codebook_size, int(config.num_classes),
-                                tok.config.grid)
+                                tok.config.grid, CLASS_NAMES)  # the data is Fashion-MNIST
   rows = {}
   for split in ("train", "test"):
     arr = datasets.load_arrays("fashion_mnist", split)
@@ -61,7 +61,6 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   mcfg = ModelConfig(vocab_size=layout.vocab_size, **dict(config.model))
   if mcfg.max_position_embeddings < 1 + layout.num_tokens:
     raise ValueError("model.max_position_embeddings is shorter than a sequence")
-  from models import transformer
   key = jax.random.PRNGKey(int(config.seed))
   params = transformer.init_params(mcfg, key)
   nll = losses.next_token_loss(mcfg)
@@ -89,8 +88,8 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
             "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
             "num_steps": int(config.num_steps), "train_seconds": time.perf_counter() - t0}
   if config.ship.enabled:
-    path = image_ar.repo_path(config.ship.path)
-    checkpoint.save_decodax(path, mcfg, params, info={
+    path = registry.repo_path(config.ship.path)
+    save_lm(path, mcfg, params, info={
         "image_tokens": layout.to_dict(), "tokenizer": config.tokenizer,
         "trained_with": "python -m train.image_ar --config=configs/image_ar_fmnist.py",
         **result})

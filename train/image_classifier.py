@@ -14,12 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from models import image_ar, image_classifier
-from train import script
+from models import datasets, image_classifier, registry
+from train import data as data_lib, optim, script, trainer as trainer_lib
 
 
 def validate(config: Any) -> None:
-  from train import optim
   optim.validate(config.optimizer)
   for name in ("batch_size", "num_steps", "feature_dim"):
     if int(config[name]) < 1:
@@ -27,7 +26,6 @@ def validate(config: Any) -> None:
 
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
-  from train import data as data_lib, datasets, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
   workdir = script.prepare_workdir(config, workdir)
@@ -53,7 +51,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
             "fid_train10k_vs_test": image_classifier.fid(f_train, f_test),
             "num_steps": int(config.num_steps), "train_seconds": time.perf_counter() - t0}
   if config.ship.enabled:
-    path = image_ar.repo_path(config.ship.path)
+    path = registry.repo_path(config.ship.path)
     image_classifier.save(path, model, params, info={
         "trained_with": "python -m train.image_classifier --config=configs/classifier_fmnist.py",
         **result})

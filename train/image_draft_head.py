@@ -10,8 +10,8 @@ teacher-forced pass over Fashion-MNIST training images encoded by the shipped VQ
 images with their true class, not the target's own samples; our choice, as the text heads
 train on the target's greedy answers). Held-out rows come from the test split. Every variant
 in `config.variants` gets the same updates; the one with the most accepted drafts per
-held-out greedy chain is shipped (`models.eagle_head.save_head`), tied to the target by the
-sha256 of its parameter bytes.
+held-out greedy chain is shipped (`models.eagle_head.save_head`), tied to the target by its
+artifact's params sha256 (`models.image_ar.ImageModel.sha256`).
 
 At decoding time the head drafts from the conditional stream's features and the verifier
 checks the drafts against the guided distribution (`decoding.images`, strategy "eagle").
@@ -24,12 +24,12 @@ import sys
 import time
 from typing import Any
 
-
-from models import checkpoint
+from models import datasets
 from models import eagle_head as dh
-from models import image_ar
+from models import image_ar, registry
 from train import draft_head as text_head
 from train import script
+from train.image_ar import encode_split
 
 
 def validate(config: Any) -> None:
@@ -44,8 +44,6 @@ def validate(config: Any) -> None:
 def image_examples(model: image_ar.ImageModel, split: str, num: int) -> list[dict]:
   """The first `num` images of a Fashion-MNIST split as {prompt_ids: [class], answer_ids:
   codes} examples for `train.draft_head.target_arrays`."""
-  from models import datasets
-  from train.image_ar import encode_split
   arr = datasets.load_arrays("fashion_mnist", split)
   codes = encode_split(model.tokenizer, model.tokenizer_params, arr["image"][:num])
   rows = model.layout.sequences(arr["label"][:num], codes)
@@ -58,7 +56,9 @@ def run(config: Any, workdir: str) -> dict:
   workdir = script.prepare_workdir(config, workdir)
   model = image_ar.load_image_model(config.model)
   lm, params = model.lm, model.params
-  sha = checkpoint.params_sha256(params)
+  sha = model.weights_sha256
+  entry = registry.entry_for(config.model)  # the target's registered name, if it has one
+  target_name = entry.name if entry is not None else config.model
   seq_len = 1 + model.layout.num_tokens
   log = lambda s: print(s, flush=True)
   arrays = {}
@@ -70,7 +70,7 @@ def run(config: Any, workdir: str) -> dict:
   out_w = dh.output_weights(params, dh.HeadConfig(lm.config))
   base = dh.HeadConfig(lm.config.replace(remat=False, scan_layers=False),
                        partial_fraction=float(config.partial_fraction))
-  summary = {"target": config.model, "target_sha256": sha, "train_rows": int(config.num_train),
+  summary = {"target": target_name, "target_sha256": sha, "train_rows": int(config.num_train),
              "heldout_rows": int(config.num_heldout), "feature_seconds": feat_s,
              "variants": {}}
   trained, best = text_head.compare_variants(base, out_w, arrays["train"], arrays["test"],
@@ -78,12 +78,12 @@ def run(config: Any, workdir: str) -> dict:
   if config.ship.enabled:
     head, hp = trained[best]
     res = summary["variants"][best]
-    meta = {"target": config.model, "variant": best, "options": text_head.VARIANTS[best],
+    meta = {"target": target_name, "variant": best, "options": text_head.VARIANTS[best],
             "trained_by": " ".join(["python -m train.image_draft_head"] + sys.argv[1:]),
             "steps": res["steps"], "train_rows": int(config.num_train),
             "heldout_acceptance": res["heldout_acceptance_bf16"]}
     path = image_ar.repo_path(config.ship.path)
-    dh.save_head(path, head, hp, meta, target_sha256=sha)
+    dh.save_head(path, head, hp, meta, target_name=target_name, target_sha256=sha)
     summary["shipped"] = path
   summary["total_seconds"] = time.perf_counter() - t0
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -9,22 +9,28 @@ size then sets the model's).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
 
-from models import checkpoint, registry, transformer
+from models import artifacts, checkpoint, registry, transformer
 from models.config import ModelConfig, tiny_config
 from models.lm import TransformerLM, as_dtype, load_model
+from models.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
 class ModelBundle:
+  """The model a run trains or distills from. `sha256` identifies its weights (what drafters
+  record as their target): the loaded model's `LoadedModel.sha256`, or the sha256 of the
+  parameter bytes of a randomly initialized one (`checkpoint.params_sha256`)."""
   lm: TransformerLM
   params: Any
   tokenizer: Any  # models.tokenizer.Tokenizer or None
   instruct: bool
   source: str
+  sha256: str
 
   @property
   def config(self) -> ModelConfig:
@@ -32,10 +38,10 @@ class ModelBundle:
 
 
 def _tokenizer_for(name: str):
-  from models.tokenizer import Tokenizer
   path, _, _ = registry.resolve(name)
-  if checkpoint.is_decodax_checkpoint(path):
-    meta = checkpoint.load_decodax(path)[2]
+  if os.path.isdir(path):  # an exported model: the tokenizer metadata stored beside it
+    folder, manifest = artifacts.read_manifest(path, "lm")
+    meta = artifacts.read_tokenizer(folder, manifest)
     return Tokenizer(meta) if meta is not None else None
   return Tokenizer.from_gguf(path)
 
@@ -57,13 +63,15 @@ def build(mcfg: Any, seed: int = 0) -> ModelBundle:
     config = tiny_config(dtype=dtype, param_dtype=param_dtype, scan_layers=scan, remat=remat,
                          **overrides)
     params = transformer.init_params(config, jax.random.PRNGKey(seed))
-    return ModelBundle(TransformerLM(config), params, tok, False, "tiny")
+    return ModelBundle(TransformerLM(config), params, tok, False, "tiny",
+                       checkpoint.params_sha256(params))
   m = load_model(name, dtype=dtype, param_dtype=param_dtype, scan_layers=scan)
   config = m.config.replace(remat=remat)
-  params = m.params
+  params, sha = m.params, m.sha256
   if init == "random":
     params = transformer.init_params(config, jax.random.PRNGKey(seed))
-  return ModelBundle(TransformerLM(config), params, m.tokenizer, m.instruct, name)
+    sha = checkpoint.params_sha256(params)
+  return ModelBundle(TransformerLM(config), params, m.tokenizer, m.instruct, name, sha)
 
 
 def tokenizer_metadata(tok) -> Optional[dict]:

@@ -18,13 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from models import vqvae
-from train import script
+from models import datasets, registry, vqvae
+from train import data as data_lib, optim, script, trainer as trainer_lib
 
 
 def validate(config: Any) -> None:
-  from train import optim
   vqvae.VQConfig(**{k: (tuple(v) if k == "hidden" else v) for k, v in config.vq.items()})
   optim.validate(config.optimizer)
   for name in ("batch_size", "num_steps"):
@@ -61,8 +61,6 @@ def code_statistics(model: vqvae.VQVAE, params: dict, images: np.ndarray,
 
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
-  import optax
-  from train import data as data_lib, datasets, optim, trainer as trainer_lib
   validate(config)
   t0 = time.perf_counter()
   workdir = script.prepare_workdir(config, workdir)
@@ -94,8 +92,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   result = {"test": stats, "num_steps": int(config.num_steps),
             "train_seconds": time.perf_counter() - t0, "workdir": workdir}
   if config.ship.enabled:
-    from models.checkpoint import repo_path
-    path = repo_path(config.ship.path)
+    path = registry.repo_path(config.ship.path)
     vqvae.save(path, model, params, info={"trained_with": "python -m train.vqvae "
                                           "--config=configs/vqvae_fmnist.py", **result,
                                           "workdir": None})
