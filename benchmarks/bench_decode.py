@@ -24,9 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from decoding import generation
+from decoding.greedy import Greedy
+from decoding.runner import generate
+from decoding.strategy import Target
 from models import registry
 from models.lm import load_model
 
@@ -61,16 +62,16 @@ def weight_bytes(params) -> int:
 
 
 def time_ours(model, prompts, n_new: int, runs: int):
-  cfg = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=n_new,
-                                       min_new_tokens=n_new, batch_size=len(prompts), seed=0))
-  eos, pad = [model.tokenizer.eos_id], model.tokenizer.pad_id
+  settings = Greedy(max_new_tokens=n_new, min_new_tokens=n_new)
+  target = Target(model.lm, model.params, eos_ids=(model.tokenizer.eos_id,),
+                  pad_id=model.tokenizer.pad_id)
   t = time.perf_counter()
-  generation.generate(model.lm, model.params, prompts, cfg, eos, pad)
+  generate(target, prompts, settings, batch_size=len(prompts))
   first = time.perf_counter() - t
   times = []
   for _ in range(runs):
     t = time.perf_counter()
-    out = generation.generate(model.lm, model.params, prompts, cfg, eos, pad)
+    out = generate(target, prompts, settings, batch_size=len(prompts))
     times.append(time.perf_counter() - t)
   assert all(len(o.output_ids) == n_new for o in out)
   med = statistics.median(times)

@@ -17,7 +17,6 @@ PNG grid per method (two images per class) under docs/images/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -26,30 +25,32 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 
 from benchmarks.bench_decode import cpu_name, write_table
+from decoding.image_strategies import ImageAR, ImageEagle, ImageSJD, generate_codes, grid_image
+from decoding.registry import strategy_of
+from decoding.strategy import Resources
+from models import datasets, image_ar, image_classifier
 
 MARKER = "bench_images"
 
 
 def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
-            eagle_window: int = 0) -> list:
-  """(name, seed, ImageSettings) rows; EAGLE rows when `eagle_window` > 0."""
-  from decoding.images import ImageSettings
-  base = ImageSettings(cfg_scale=cfg_scale, top_k=top_k, window=window)
-  out = [("AR", 0, base), ("AR, seed 1", 1, base),
-         ("SJD (random init)", 0, dataclasses.replace(base, strategy="sjd")),
-         ("SJD (spatial init)", 0, dataclasses.replace(base, strategy="sjd",
-                                                       init_mode="spatial"))]
+            eagle_window: int = 0, lantern_k: int = 16) -> list:
+  """(name, seed, image settings) rows; EAGLE rows when `eagle_window` > 0."""
+  ar = ImageAR(cfg_scale=cfg_scale, top_k=top_k)
+  sjd = ImageSJD(cfg_scale=cfg_scale, top_k=top_k, window=window, lantern_k=lantern_k)
+  out = [("AR", 0, ar), ("AR, seed 1", 1, ar), ("SJD (random init)", 0, sjd),
+         ("SJD (spatial init)", 0, sjd.replace(init_mode="spatial"))]
   for d in deltas:
-    out.append((f"SJD + LANTERN δ={d:g}", 0,
-                dataclasses.replace(base, strategy="sjd", lantern_delta=float(d))))
+    out.append((f"SJD + LANTERN δ={d:g}", 0, sjd.replace(lantern_delta=float(d))))
   if eagle_window:
-    eagle = dataclasses.replace(base, strategy="eagle", window=eagle_window)
+    eagle = ImageEagle(cfg_scale=cfg_scale, top_k=top_k, window=eagle_window,
+                       lantern_k=lantern_k)
     out.append((f"EAGLE chain of {eagle_window}", 0, eagle))
     for d in deltas:
-      out.append((f"EAGLE + LANTERN δ={d:g}", 0,
-                  dataclasses.replace(eagle, lantern_delta=float(d))))
+      out.append((f"EAGLE + LANTERN δ={d:g}", 0, eagle.replace(lantern_delta=float(d))))
   return out
 
 
@@ -102,10 +103,6 @@ def main(argv=None):
     ap.error("--eagle_window must be >= 1 (use --no_eagle to skip the EAGLE rows)")
   deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
 
-  from PIL import Image
-  from decoding import images, lantern
-  from models import image_ar, image_classifier
-  from models import datasets
   model = image_ar.load_image_model(args.model)
   clf, clf_params, _ = image_classifier.load(image_ar.repo_path(args.classifier))
   test = datasets.load_arrays("fashion_mnist", "test")
@@ -114,19 +111,16 @@ def main(argv=None):
   f_train, _ = clf.features_and_predictions(clf_params, train["image"][:10000])
   labels = np.repeat(np.arange(10), args.num_images // 10)
   bs = min(args.batch_size, len(labels))
-  neighbors = lantern.neighbor_table(model.tokenizer_params["vq"]["codebook"], args.lantern_k,
-                                     model.layout.vocab_size)
+  resources = Resources()  # the LANTERN table and the head, loaded once
   rows, ar_seconds = [], None
   os.makedirs(args.grids, exist_ok=True)
   for name, seed, s in methods(deltas, args.window, args.cfg_scale, args.top_k,
-                               0 if args.no_eagle else args.eagle_window):
-    s = dataclasses.replace(s, lantern_k=args.lantern_k)
-    nb = neighbors if s.lantern_delta > 0 else None
-    images.generate_codes(model, labels[:bs], s, seed, bs, neighbors=nb)  # compile
+                               0 if args.no_eagle else args.eagle_window, args.lantern_k):
+    generate_codes(model, labels[:bs], s, seed, bs, resources=resources)  # compile
     times, out = [], None
     for _ in range(args.runs):
       t = time.perf_counter()
-      out = images.generate_codes(model, labels, s, seed, bs, neighbors=nb)
+      out = generate_codes(model, labels, s, seed, bs, resources=resources)
       times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
     imgs = np.concatenate([model.decode_images(out["codes"][i:i + 500])
@@ -136,7 +130,8 @@ def main(argv=None):
     calls = np.maximum(out["forward_passes"] - 1, 1)
     if name == "AR":
       ar_seconds = seconds
-    row = {"method": name, "seed": seed, "settings": dataclasses.asdict(s),
+    row = {"method": name, "seed": seed,
+           "settings": {"strategy": strategy_of(s).name, **s.to_flat()},
            "forward_passes": passes, "tokens_per_pass": model.layout.num_tokens / passes,
            "accepted_per_call": float(np.mean(out["accepted_drafts"] / calls)),
            "seconds": seconds, "seconds_runs": times, "speedup": ar_seconds / seconds,
@@ -147,7 +142,7 @@ def main(argv=None):
     pick = np.concatenate([np.where(labels == c)[0][:2] for c in range(10)])
     slug = "".join(ch if ch.isascii() and ch.isalnum() else "_"
                    for ch in name.lower().replace("δ=", "delta")).strip("_")
-    Image.fromarray(images.grid_image(imgs[pick], cols=10)).save(
+    Image.fromarray(grid_image(imgs[pick], cols=10)).save(
         os.path.join(args.grids, f"fmnist_{slug}.png"))
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,

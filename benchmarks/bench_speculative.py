@@ -8,7 +8,7 @@
 For every method (a drafter configuration), task and mode, against our own non-speculative
 decoding of the same prompts in the same run (`greedy`, or `sample` at the same temperature
 and seed):
-  * tau: mean accepted tokens per target call (`decoding/speculative.py` defines it: tokens
+  * tau: mean accepted tokens per target call (`decoding/speculative/loop.py` defines it: tokens
     emitted by verification calls / verification calls, summed over rows);
   * speedup: tokens/s of the method / tokens/s of the baseline, both the median of --runs
     warm runs (compiles excluded), generation stopping at EOS or --max_new_tokens;
@@ -36,8 +36,13 @@ import time
 
 from benchmarks.bench_decode import cpu_name, write_table
 from configs import generate as generate_cfg
-from decoding import drafters, generation
-from decoding.generate import encode_text, eos_and_pad
+from decoding.cli import settings_from_config
+from decoding.errors import GenerationError
+from decoding.generate import encode_text
+from decoding.runner import generate
+from decoding.speculative.strategy import DRAFTERS
+from decoding.strategy import Resources, Target
+from models.datasets import corpus_texts
 from models.lm import load_model
 
 MARKER = "bench_speculative"
@@ -95,7 +100,6 @@ def task_prompts(model, task: str, n: int) -> list[list[int]]:
       probs = [json.loads(line) for line in f][:n]
     return [model.tokenizer.encode(p["prompt"]) for p in probs]
   if task == "copy":
-    from models.datasets import corpus_texts
     passages = []
     for text in corpus_texts("test"):
       words = text.split()
@@ -113,18 +117,17 @@ def task_prompts(model, task: str, n: int) -> list[list[int]]:
   raise ValueError(f"unknown task {task!r}")
 
 
-def run_once(model, prompts, cfg):
-  eos, pad = eos_and_pad(model)
+def run_once(target, prompts, settings, batch_size, resources):
   t = time.perf_counter()
-  out = generation.generate(model.lm, model.params, prompts, cfg, eos, pad)
+  out = generate(target, prompts, settings, seed=0, batch_size=batch_size, resources=resources)
   return time.perf_counter() - t, out
 
 
-def timed(model, prompts, cfg, runs):
-  run_once(model, prompts, cfg)  # compile
+def timed(target, prompts, settings, batch_size, resources, runs):
+  run_once(target, prompts, settings, batch_size, resources)  # compile
   times, out = [], None
   for _ in range(runs):
-    dt, out = run_once(model, prompts, cfg)
+    dt, out = run_once(target, prompts, settings, batch_size, resources)
     times.append(dt)
   return statistics.median(times), out
 
@@ -191,10 +194,11 @@ def main(argv=None):
             for r in earlier["rows"]]
     hf = earlier.get("hf_prompt_lookup")
     notes = list(earlier.get("notes", []))
+  target, resources = Target.of(model), Resources()
   if not args.skip_hf and "copy" in args.tasks.split(","):
-    eos, pad = eos_and_pad(model)
     copy = task_prompts(model, "copy", args.num_prompts)[:args.batch1_prompts or None]
-    g_s, pl_s = hf_prompt_lookup(args.model, copy, args.max_new_tokens, args.runs, eos, pad)
+    g_s, pl_s = hf_prompt_lookup(args.model, copy, args.max_new_tokens, args.runs,
+                                 list(target.eos_ids), target.pad_id)
     hf = dict(greedy_seconds=g_s, prompt_lookup_seconds=pl_s, speedup=g_s / pl_s)
     print(f"HF prompt lookup: {hf}", flush=True)
   for task in args.tasks.split(","):
@@ -204,14 +208,12 @@ def main(argv=None):
           args.batch_sizes)
       for bs in [int(b) for b in sizes.split(",")]:
         prompts = all_prompts[:args.batch1_prompts] if bs == 1 and args.batch1_prompts else all_prompts
-        base = generate_cfg.get_config()
-        base.max_new_tokens, base.batch_size, base.seed = args.max_new_tokens, bs, 0
-        base.strategy = "greedy" if mode == "greedy" else "sample"
+        base = dict(strategy="greedy" if mode == "greedy" else "sample",
+                    max_new_tokens=args.max_new_tokens)
         if mode == "sample":
-          base.temperature = args.temperature
-        if task == "code":
-          base.chat_template = False
-        b_sec, b_out = timed(model, prompts, base, args.runs)
+          base["temperature"] = args.temperature
+        b_sec, b_out = timed(target, prompts, settings_from_config(base), bs, resources,
+                             args.runs)
         b_tok = sum(len(g.output_ids) for g in b_out)
         print(f"[{task} {mode} b{bs}] baseline {b_tok / b_sec:.1f} tok/s", flush=True)
         for name in args.methods.split(","):
@@ -219,17 +221,14 @@ def main(argv=None):
           if (mode not in over.pop("_modes", (mode,))
               or args.model not in over.pop("_models", (args.model,))):
             continue
-          if over["drafter"] not in drafters.DRAFTERS:
+          if over["drafter"] not in DRAFTERS:
             notes.append(f"{name}: drafter {over['drafter']!r} not available")
             continue
-          cfg = base.copy_and_resolve_references()
-          cfg.strategy = "speculative"
-          cfg.do_sample = mode == "sample"
-          for k, v in over.items():
-            cfg[k] = v
+          flat = dict(base, strategy="speculative", do_sample=mode == "sample", **over)
           try:
-            sec, out = timed(model, prompts, cfg, args.runs)
-          except (generation.GenerationError, FileNotFoundError) as e:
+            sec, out = timed(target, prompts, settings_from_config(flat), bs, resources,
+                             args.runs)
+          except (GenerationError, FileNotFoundError) as e:
             notes.append(f"{name}: {e}")
             continue
           tok = sum(len(g.output_ids) for g in out)

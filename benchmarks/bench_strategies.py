@@ -3,7 +3,7 @@
   python -m benchmarks.bench_strategies [--runs 3] [--new-tokens 64] [--skip-hf]
 
 One chat prompt, batch 1, exactly --new-tokens new tokens per returned sequence (no EOS
-stop), each strategy from its configs/ file; the median of --runs warm runs (compiles
+stop), each strategy with its settings' defaults; the median of --runs warm runs (compiles
 excluded). "tokens/s" counts the tokens of the returned (best) sequence, so it is the
 speed at which a user gets one answer; strategies that explore more (beams, drafts,
 samples) pay for it there. Also measured in the same run:
@@ -19,8 +19,11 @@ import statistics
 import time
 
 from benchmarks.bench_decode import cpu_name, load_hf, time_hf, write_table
-from benchmarks.eval_open_ended import strategy_configs
-from decoding import generation
+from benchmarks.eval_open_ended import strategy_settings
+from decoding.best_of_n import BestOfN
+from decoding.runner import generate
+from decoding.self_agreement import SelfAgreement
+from decoding.strategy import Resources, Target
 from models.lm import load_model
 
 MARKER = "bench_strategies"
@@ -47,20 +50,15 @@ def main(argv=None):
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   prompt = tok.encode_chat([{"role": "user", "content": "Tell me a short story about a fox."}])
-  cfgs = strategy_configs(n, seed=0)
-  from configs import best_of_n, self_agreement
-  cfgs["best-of-N (N = 4, self-certainty)"] = best_of_n.get_config()
-  cfgs["best-of-N (N = 4, self-certainty)"].num_samples = 4
-  cfgs["self-agreement (m = 4)"] = self_agreement.get_config()
-  cfgs["self-agreement (m = 4)"].num_paths = 4
-  for key in ("best-of-N (N = 4, self-certainty)", "self-agreement (m = 4)"):
-    c = cfgs[key]
-    c.max_new_tokens, c.min_new_tokens, c.batch_size = n, 0, 8
-  cfgs["self-agreement (m = 4)"].agreement_max_new_tokens = n
+  cfgs = strategy_settings(n)
+  cfgs["best-of-N (N = 4, self-certainty)"] = BestOfN(num_samples=4, max_new_tokens=n)
+  cfgs["self-agreement (m = 4)"] = SelfAgreement(num_paths=4, max_new_tokens=n,
+                                                 agreement_max_new_tokens=n)
+  target = Target(model.lm, model.params, eos_ids=(), pad_id=2, tokenizer=tok)
+  resources = Resources()
 
-  def run(cfg, prompts=(prompt,)):
-    gens = generation.generate(model.lm, model.params, list(prompts), cfg, eos_ids=[], pad_id=2,
-                               tokenizer=tok)
+  def run(settings, prompts=(prompt,)):
+    gens = generate(target, list(prompts), settings, seed=0, batch_size=8, resources=resources)
     assert all(len(g.output_ids) == n for g in gens)
     return gens
 
@@ -78,8 +76,7 @@ def main(argv=None):
   # Superposed (k = 3) vs 3 sampling runs, as in the paper's comparison.
   sample_cfg = cfgs["top-p (0.95)"]
   three_sequential = 3 * secs["top-p (0.95)"]
-  sample_cfg3 = sample_cfg.copy_and_resolve_references()
-  sample_cfg3.num_return_sequences = 3
+  sample_cfg3 = sample_cfg.replace(num_return_sequences=3)
   batch3 = timed(lambda: run(sample_cfg3), args.runs)
   sup = secs["superposed"]
   lines += ["", f"Superposed decoding, k = 3 drafts in one pass: {sup:.2f} s. Three separate "

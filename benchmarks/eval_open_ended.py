@@ -21,32 +21,31 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.bench_decode import cpu_name
-from decoding import generation, scoring
+from decoding import scoring
+from decoding.beam_search import Beam, DiverseBeam
+from decoding.greedy import Greedy
+from decoding.momentum import Momentum
+from decoding.runner import generate
+from decoding.sampling import Sample
+from decoding.strategy import Resources, Target
+from decoding.superposed import Superposed
+from models.datasets import corpus_texts
+from models.lm import load_model
 from train import evaluation
 
 MARKER = "open_ended"
 
 
-def strategy_configs(new_tokens: int, seed: int) -> dict:
-  """name -> generation config, each from its configs/ file with the shared length settings."""
-  from configs import beam, diverse_beam, generate, momentum, superposed
-  cfgs = {}
-  cfgs["greedy"] = generate.get_config()
-  cfgs["top-p (0.95)"] = generate.get_config()
-  cfgs["top-p (0.95)"].strategy, cfgs["top-p (0.95)"].top_p = "sample", 0.95
-  cfgs["beam"] = beam.get_config()
-  cfgs["diverse beam"] = diverse_beam.get_config()
-  cfgs["momentum"] = momentum.get_config()
-  cfgs["superposed"] = superposed.get_config()
-  for c in cfgs.values():
-    c.max_new_tokens, c.min_new_tokens, c.seed, c.num_return_sequences = new_tokens, 0, seed, 1
-    c.batch_size = 8
-  return cfgs
+def strategy_settings(new_tokens: int) -> dict:
+  """name -> settings: each strategy's defaults with the shared length, one output per prompt."""
+  n = dict(max_new_tokens=new_tokens)
+  return {"greedy": Greedy(**n), "top-p (0.95)": Sample(top_p=0.95, **n), "beam": Beam(**n),
+          "diverse beam": DiverseBeam(num_return_sequences=1, **n), "momentum": Momentum(**n),
+          "superposed": Superposed(num_return_sequences=1, **n)}
 
 
 def chapter_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
   """First `length` tokens of the first paragraph of >= 200 characters of n test chapters."""
-  from models.datasets import corpus_texts
   prompts = []
   for text in corpus_texts("test"):
     paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= 200]
@@ -88,17 +87,18 @@ def main(argv=None) -> dict:
   done = report.render_only(args, render, MARKER)
   if done is not None:
     return done
-  from models.lm import load_model
   model = load_model("smollm2-135m-instruct")
   prompts = chapter_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
   t0 = time.time()
   metrics, samples = {}, {}
-  for name, cfg in strategy_configs(args.new_tokens, args.seed).items():
+  target = Target(model.lm, model.params, eos_ids=(), pad_id=2, tokenizer=model.tokenizer)
+  resources = Resources()
+  for name, settings in strategy_settings(args.new_tokens).items():
     if args.only and name not in args.only.split(","):
       continue
     ts = time.time()
-    gens = generation.generate(model.lm, model.params, prompts, cfg, eos_ids=[], pad_id=2,
-                               tokenizer=model.tokenizer)
+    gens = generate(target, prompts, settings, seed=args.seed, batch_size=8,
+                    resources=resources)
     outs = [g.output_ids for g in gens if g.rank == 0]
     scored = scoring.score_continuations(model.lm, model.params, prompts, outs)
     metrics[name] = {f"rep-{n}": 100 * evaluation.ngram_repetition(outs, n) for n in (2, 3, 4)}

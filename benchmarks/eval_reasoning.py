@@ -4,9 +4,9 @@
 
 Greedy decoding versus best-of-N selection (majority vote, self-certainty, Borda,
 likelihood) and self-agreement at N = 1, 4, 8, 16, on problems the project generates
-(benchmarks/arithmetic.py, fixed seed), plus the AUROC of G-NLL and self-certainty as
+(models/datasets/arithmetic.py, fixed seed), plus the AUROC of G-NLL and self-certainty as
 predictors of a greedy answer's correctness. The N samples per problem are drawn once;
-the first N of them are exactly what `strategy="best_of_n", num_samples=N` draws (a
+the first N of them are exactly what `BestOfN(num_samples=N)` draws (a
 sample's key depends on its index only), so every N reuses them. Writes
 results/reasoning_smollm2.json and the table between the markers in README.md.
 """
@@ -16,13 +16,19 @@ import argparse
 import sys
 import time
 
-import ml_collections
 import numpy as np
 
-from models.datasets import arithmetic
 from benchmarks import report
 from benchmarks.bench_decode import cpu_name
-from decoding import generation, scoring, selection
+from decoding import best_of_n, scoring
+from decoding.answers import last_number
+from decoding.greedy import Greedy
+from decoding.runner import generate
+from decoding.sampling import Sample
+from decoding.self_agreement import SelfAgreement, self_agreement
+from decoding.strategy import Resources, Target
+from models.datasets import arithmetic
+from models.lm import load_model
 
 MARKER = "reasoning"
 
@@ -30,7 +36,7 @@ MARKER = "reasoning"
 def render(result: dict) -> str:
   """The README table of a result dict (as written to the JSON file)."""
   md = [f"SmolLM2-135M-Instruct (fp32), {result['problems']} generated arithmetic word problems "
-        f"(`benchmarks/arithmetic.py`, seed {result['seed']}), sampling at T = {result['temperature']}, "
+        f"(`models/datasets/arithmetic.py`, seed {result['seed']}), sampling at T = {result['temperature']}, "
         f"up to {result['max_new_tokens']} new tokens, answers = last number in the response. "
         f"Greedy accuracy **{result['greedy_accuracy']:.3f}**; a single sample is right "
         f"{result['sample_accuracy']:.3f} of the time.", "",
@@ -59,25 +65,25 @@ def main(argv=None) -> dict:
   done = report.render_only(args, render, MARKER)
   if done is not None:
     return done
-  from models.lm import load_model
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   probs = arithmetic.problems(args.problems, seed=args.seed)
   prompts = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
-  extract = selection.last_number
-  base = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-              temperature=args.temperature)
+  extract = last_number
+  target = Target(model.lm, model.params, eos_ids=(2,), pad_id=2, tokenizer=tok)
+  run = dict(seed=args.seed, batch_size=args.batch_size, resources=Resources())
+  stage = lambda p, settings, **kw: generate(target, p, settings, **{**run, **kw})
   t0 = time.time()
 
-  greedy = generation.generate(model.lm, model.params, prompts,
-                               ml_collections.ConfigDict(dict(base, strategy="greedy")), [2], 2)
+  greedy = generate(target, prompts, Greedy(max_new_tokens=args.max_new_tokens), **run)
   text = lambda g: tok.decode(g.output_ids, skip_special_tokens=True)
   greedy_ok = [arithmetic.is_correct(extract(text(g)), p) for g, p in zip(greedy, probs)]
   print(f"greedy done ({time.time() - t0:.0f}s): accuracy {np.mean(greedy_ok):.3f}", flush=True)
 
-  groups = selection.sample_candidates(
-      model.lm, model.params, prompts, ml_collections.ConfigDict(dict(base, strategy="sample")),
-      [2], 2, num_samples=args.max_samples)
+  samples = generate(target, prompts, Sample(max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature,
+                                             num_return_sequences=args.max_samples), **run)
+  groups = best_of_n.group_by_prompt(samples, len(prompts))
   answers = [[extract(text(c)) for c in cands] for cands in groups]
   sample_ok = [[arithmetic.is_correct(a, p) for a in ans] for ans, p in zip(answers, probs)]
   print(f"sampling done ({time.time() - t0:.0f}s): per-sample accuracy "
@@ -90,14 +96,13 @@ def main(argv=None) -> dict:
     for rule in ("majority", "self_certainty", "borda", "likelihood"):
       ok = []
       for cands, ans, p in zip(groups, answers, probs):
-        idx, _ = selection.select(cands[:n], rule, ans[:n], borda_power=0.5)
+        idx, _ = best_of_n.select(cands[:n], rule, ans[:n], borda_power=0.5)
         ok.append(arithmetic.is_correct(ans[idx], p))
       row[rule] = float(np.mean(ok))
-    cfg = ml_collections.ConfigDict(dict(base, strategy="self_agreement", num_paths=n,
-                                         agreement_max_new_tokens=64))
-    finals = selection.self_agreement(model.lm, model.params, prompts, cfg, [2], 2,
-                                      tokenizer=tok, extract=extract,
-                                      paths=[c[:n] for c in groups])
+    settings = SelfAgreement(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             num_paths=n, agreement_max_new_tokens=64)
+    finals = self_agreement(settings, target, prompts, stage, extract=extract,
+                            paths=[c[:n] for c in groups])
     row["self_agreement"] = float(np.mean([arithmetic.is_correct(g.extras["answer"], p)
                                            for g, p in zip(finals, probs)]))
     table[n] = row

@@ -2,19 +2,16 @@
 
   python -m decoding.generate --config=configs/self_agreement.py \
       --prompt="Tom has 3 apples and buys 5 more. How many apples does he have?"
+
+The defaults live in `SelfAgreement` (decoding/self_agreement.py): m = 8 paths at temperature
+0.7 of up to 128 tokens, a greedy answer of up to 64 tokens, and the agreement prompt
+templates `DEFAULT_AGREEMENT_TEMPLATE` / `DEFAULT_PATH_TEMPLATE` (override them with
+`agreement_template` / `agreement_path_template`).
 """
 from configs import generate as base
-from decoding import selection
 
 
 def get_config():
   c = base.get_config()
   c.strategy = "self_agreement"
-  c.num_paths = 8  # m
-  c.temperature = 0.7  # stage 1 sampling
-  c.max_new_tokens = 128  # per reasoning path
-  c.agreement_max_new_tokens = 64  # the final greedy answer
-  c.agreement_template = selection.DEFAULT_AGREEMENT_TEMPLATE  # {question} {num_paths} {paths}
-  c.agreement_path_template = selection.DEFAULT_PATH_TEMPLATE  # {i} {path}
-  c.answer_extractor = "last_number"  # only to report answers in the output
   return c

@@ -1,11 +1,12 @@
 """Lossless speculative decoding for `python -m decoding.generate --config=configs/speculative.py`.
 
 Pick the drafter with `--config.drafter=NAME`: `self` (the target's first `draft_layers`
-layers + head), `model` (a separate `draft_model`), `prompt_lookup` (drafts copied from
-the prompt, IAD), `dyspec` (a DySpec token tree from the self-draft or `draft_model`),
-`gad` and `eagle` (trained drafters). Greedy by default: the output is token for token
+layers + head, the default), `model` (a separate `draft_model`), `prompt_lookup` (drafts
+copied from the prompt, IAD), `dyspec` (a DySpec token tree from the self-draft or
+`draft_model`), `gad` and `eagle` (trained drafters); each drafter's fields and defaults are
+its settings type (decoding/speculative/). Greedy by default: the output is token for token
 that of `--config.strategy=greedy`; `--config.do_sample=True` samples from the same
-distribution as `--config.strategy=sample`. See decoding/speculative.py.
+distribution as `--config.strategy=sample`.
 """
 from configs import generate as base
 
@@ -13,7 +14,4 @@ from configs import generate as base
 def get_config():
   c = base.get_config()
   c.strategy = "speculative"
-  c.drafter = "self"
-  c.num_draft_tokens = 4
-  c.draft_layers = 4
   return c

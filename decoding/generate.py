@@ -7,20 +7,32 @@
 Single-prompt mode prints the completion. Batch mode reads JSON lines with either
 `{"prompt": str}` (chat template applied for instruct models unless
 `--config.chat_template=False`) or `{"prompt_ids": [int]}` (used as given: no template,
-no BOS), and writes one line per output sequence (num_return_sequences per input) with
-`index` (input line), `rank`, `prompt_ids`, `output_ids`, `text`, `token_logprobs`,
-`score`, and strategy-specific fields (`gnll` for greedy, `self_certainty`, ...). A line's output depends only on its content, its line
-number and the seed, not on the batch it was run in.
+no BOS), and writes one line per output sequence (num_return_sequences per input): every
+field of `decoding.results.Generation` (index, rank, prompt_ids, output_ids,
+token_logprobs, processed_logprobs, token_entropy, finished, score, score_kind,
+self_certainty, gnll) plus `text`, the input `prompt` text when one was given, and the
+strategy's extras. A line's output depends only on its content, its line number and the
+seed, not on the batch it was run in. The config is mapped to the strategy's settings once
+(`decoding.cli`); bad values are reported in one line before anything is loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from typing import Optional, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm import tqdm
+
+from decoding import cli
+from decoding.errors import GenerationError
+from decoding.runner import generate, validate_prompts
+from decoding.strategy import Resources, Target
+from models import registry, sharding
+from models.lm import load_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py",
                                           "Generation config file.")
@@ -55,6 +67,9 @@ def read_requests(path: str) -> list[dict]:
 
 
 def encode_text(model, text: str, cfg) -> list[int]:
+  """Token ids of a text prompt: the chat template for instruct models (with the
+  `system_prompt` message when one is set, else the template's own default), plain
+  encoding otherwise."""
   tok = model.tokenizer
   if tok is None:
     raise ValueError("this checkpoint has no tokenizer: give prompt_ids instead of text")
@@ -65,30 +80,21 @@ def encode_text(model, text: str, cfg) -> list[int]:
   return tok.encode(text)
 
 
-def eos_and_pad(model) -> tuple[list[int], int]:
-  tok = model.tokenizer
-  eos = [tok.eos_id] if tok is not None and tok.eos_id is not None else []
-  pad = tok.pad_id if tok is not None and tok.pad_id is not None else (eos[0] if eos else 0)
-  return eos, pad
-
-
-def check_request(cfg, prompts_given: bool) -> None:
-  """Everything that can be checked before loading or compiling anything."""
-  from decoding import generation
-  from models import registry
-  generation.validate_config(cfg)
+def check_request(cfg, prompts_given: bool):
+  """Everything that can be checked before loading or compiling anything; returns the
+  strategy's settings."""
+  settings = cli.settings_from_config(cfg, "text")
   if cfg.model not in registry.MODELS and not os.path.exists(cfg.model):
-    raise generation.GenerationError(
+    raise GenerationError(
         f"unknown model {cfg.model!r}: not a registered name ({sorted(registry.MODELS)}) "
         "and no such file or directory")
   if not prompts_given:
-    raise generation.GenerationError("give --prompt=TEXT or --input=FILE.jsonl --output=FILE.jsonl")
+    raise GenerationError("give --prompt=TEXT or --input=FILE.jsonl --output=FILE.jsonl")
+  return settings
 
 
 def load(cfg):
-  from models.lm import load_model
-  from models import sharding
-  import dataclasses
+  """The model of the config, placed on the config's device mesh: (model, shard function)."""
   model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers)
   shard = None
@@ -102,37 +108,31 @@ def load(cfg):
 
 def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Optional[str],
         out=sys.stdout) -> list[dict]:
-  from decoding import generation
-  check_request(cfg, prompt is not None or input_path is not None)
+  settings = check_request(cfg, prompt is not None or input_path is not None)
   if input_path is not None and output_path is None:
-    raise generation.GenerationError("--input needs --output")
+    raise GenerationError("--input needs --output")
   requests = read_requests(input_path) if input_path else [{"prompt": prompt}]
   model, shard = load(cfg)
   prompts = [r["prompt_ids"] if "prompt_ids" in r else encode_text(model, r["prompt"], cfg)
              for r in requests]
-  generation.validate_prompts(prompts, model.lm.vocab_size)
-  eos, pad = eos_and_pad(model)
+  validate_prompts(prompts, model.lm.vocab_size)
+  target, resources = Target.of(model), Resources()
   results = []
   bs = int(cfg.batch_size)
   chunks = range(0, len(prompts), bs)
   if input_path is not None:
-    from tqdm import tqdm
     chunks = tqdm(chunks, desc="generating", unit="batch", file=sys.stderr)
   for start in chunks:
-    gens = generation.generate(model.lm, model.params, prompts[start:start + bs], cfg, eos, pad,
-                               row_ids=range(start, min(start + bs, len(prompts))), shard=shard,
-                               tokenizer=model.tokenizer)
+    gens = generate(target, prompts[start:start + bs], settings, seed=cfg.seed, batch_size=bs,
+                    max_cache_len=cfg.max_cache_len,
+                    row_ids=range(start, min(start + bs, len(prompts))), shard=shard,
+                    resources=resources)
     for g in gens:
+      g.index += start
       text = model.tokenizer.decode(g.output_ids, skip_special_tokens=True) if (
           model.tokenizer is not None) else ""
-      r = dict(index=start + g.index, rank=g.rank, prompt_ids=g.prompt_ids,
-               output_ids=g.output_ids, text=text, token_logprobs=g.token_logprobs,
-               score=g.score)
-      for key in ("self_certainty", "gnll"):
-        if getattr(g, key) is not None:
-          r[key] = getattr(g, key)
-      r.update({k: v for k, v in g.extras.items() if _jsonable(v)})
-      results.append(r)
+      given = {"prompt": requests[g.index]["prompt"]} if "prompt" in requests[g.index] else {}
+      results.append(g.to_json(text=text, **given))
   if output_path is not None:
     with open(output_path, "w") as f:
       for r in results:
@@ -141,25 +141,15 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
     print(results[0]["text"], file=out)
   else:
     for r in results:
-      print(f"--- sequence {r['rank']} (score {r['score']:.3f})", file=out)
+      print(f"--- sequence {r['rank']} (score {r['score']:.3f}, {r['score_kind']})", file=out)
       print(r["text"], file=out)
   return results
-
-
-def _jsonable(v) -> bool:
-  try:
-    json.dumps(v)
-    return True
-  except (TypeError, ValueError):
-    return False
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
   logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probing INFO lines
-  from decoding.generation import GenerationError
   try:
     run(_CONFIG.value, _PROMPT.value, _INPUT.value, _OUTPUT.value)
   except (GenerationError, FileNotFoundError, ValueError) as e:
@@ -168,4 +158,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,10 +4,11 @@
   python -m decoding.generate_images --config=configs/generate_images.py --config.strategy=sjd
 
 Writes `out_dir/class_<id>_<name>.png` (per_class images in a row, 2x scale) and
-`out_dir/summary.json`: the settings, and per class the mean forward passes per image, accepted
-draft tokens per image, mean tokens per forward pass, and the generation time (the first,
-compiling, batch is run twice so the time is a warm one). Bad settings are reported before
-anything is loaded or compiled.
+`out_dir/summary.json`: the strategy, its settings and the config; `seconds`, the wall time of
+generating all the images (the first, compiling, batch is run once beforehand, so it is a warm
+time); and per class the mean forward passes of the model per image (the prefill plus one per
+decoding step or verification call), the accepted draft tokens per image and the mean tokens
+per forward pass. Bad settings are reported in one line before anything is loaded or compiled.
 """
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ import sys
 import numpy as np
 from absl import app
 from ml_collections import config_flags
+from PIL import Image
 
+from decoding import cli, registry
+from decoding.errors import GenerationError
+from decoding.image_strategies import generate_codes, generate_images, grid_image
+from decoding.strategy import Resources
+from models.image_ar import load_image_model
 
 
 def parse_classes(spec: str, num_classes: int = 10) -> list[int]:
@@ -34,48 +41,39 @@ def parse_classes(spec: str, num_classes: int = 10) -> list[int]:
   return out
 
 
-def settings_from(cfg):
-  from decoding.images import ImageSettings
-  s = ImageSettings(strategy=cfg.strategy, do_sample=bool(cfg.do_sample),
-                    cfg_scale=float(cfg.cfg_scale), temperature=float(cfg.temperature),
-                    top_k=int(cfg.top_k), window=int(cfg.window), init_mode=cfg.init_mode,
-                    lantern_delta=float(cfg.lantern_delta), lantern_k=int(cfg.lantern_k),
-                    eagle_head=cfg.eagle_head, eagle_tree=bool(cfg.eagle_tree),
-                    tree_budget=int(cfg.tree_budget))
-  s.validate()
-  return s
-
-
 def run(cfg) -> dict:
-  from PIL import Image
-  from decoding import images
-  from models import image_ar
-  from models.datasets.fashion_mnist import CLASS_NAMES
-  s = settings_from(cfg)
+  settings = cli.settings_from_config(cfg, "image")
   if int(cfg.per_class) < 1 or int(cfg.batch_size) < 1:
     raise ValueError("per_class and batch_size must be >= 1")
-  classes = parse_classes(cfg.classes)
-  model = image_ar.load_image_model(cfg.model)
+  model = load_image_model(cfg.model)
+  classes = parse_classes(cfg.classes, model.layout.num_classes)
   os.makedirs(cfg.out_dir, exist_ok=True)
   labels = np.repeat(classes, int(cfg.per_class))
   bs = min(int(cfg.batch_size), len(labels))
-  images.generate_codes(model, labels[:bs], s, int(cfg.seed), bs)  # compile
-  out = images.generate_images(model, labels, s, int(cfg.seed), bs)
-  summary = {"settings": dict(cfg), "images": int(len(labels)), "seconds": out["seconds"],
+  resources = Resources()
+  generate_codes(model, labels[:bs], settings, int(cfg.seed), bs, resources=resources)  # compile
+  out = generate_images(model, labels, settings, int(cfg.seed), bs, resources=resources)
+  summary = {"strategy": registry.strategy_of(settings).name, "settings": settings.to_flat(),
+             "config": cli.as_dict(cfg), "images": int(len(labels)), "seconds": out["seconds"],
              "tokens_per_image": model.layout.num_tokens, "classes": {}}
   for c in classes:
     sel = labels == c
-    name = CLASS_NAMES[c].replace("/", "-").replace(" ", "_").lower()
-    path = os.path.join(cfg.out_dir, f"class_{c}_{name}.png")
-    Image.fromarray(images.grid_image(out["images"][sel], cols=int(cfg.per_class))).save(path)
+    name = model.class_names[c]
+    path = os.path.join(cfg.out_dir, f"class_{c}_{file_name(name)}.png")
+    Image.fromarray(grid_image(out["images"][sel], cols=int(cfg.per_class))).save(path)
     fp = out["forward_passes"][sel]
-    summary["classes"][CLASS_NAMES[c]] = {
+    summary["classes"][name] = {
         "png": path, "forward_passes_per_image": float(fp.mean()),
         "accepted_drafts_per_image": float(out["accepted_drafts"][sel].mean()),
         "tokens_per_forward_pass": float(model.layout.num_tokens / fp.mean())}
   with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
   return summary
+
+
+def file_name(class_name: str) -> str:
+  """An ASCII file-name form of a class name ("T-shirt/top" -> "t-shirt-top")."""
+  return class_name.replace("/", "-").replace(" ", "_").lower()
 
 
 def main() -> None:
@@ -88,12 +86,12 @@ def main() -> None:
     del argv
     try:
       summary = run(config.value)
-    except (ValueError, FileNotFoundError) as e:
+    except (GenerationError, ValueError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
 
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

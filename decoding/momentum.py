@@ -47,16 +47,18 @@ k = 2000 "for 4-gram block". k larger than the vocabulary means the whole vocabu
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import core, generation, processors, sampling
-from decoding.processors import LogitsProcessor, ProcessorContext
+from decoding import processors, token_loop
+from decoding.processors import ProcessorContext
+from decoding.settings import Penalties, check_choice, check_int, check_real, settings
+from decoding.strategy import Strategy
 
 Array = jax.Array
 INF = math.inf
@@ -135,46 +137,46 @@ def momentum_scores(logits: Array, ctx: ProcessorContext, penalty: Array, top_k:
   return jnp.full((B, V), -jnp.inf, jnp.float32).at[rows[:, None], ids].set(s)
 
 
-@functools.lru_cache(maxsize=256)
-def build_processor(user: LogitsProcessor, alpha: float, top_k: int, max_ngram: int,
-                    resistance: str) -> LogitsProcessor:
-  """The user's processors followed by momentum scoring; cached so equal configs give
-  the same function (the jitted loop takes it as a static argument)."""
-  penalty = penalty_table(alpha, resistance, max_ngram)
+@dataclasses.dataclass(frozen=True)
+class MomentumScores(processors.Processor):
+  """The momentum scores as a logits processor, composed after the user's processors."""
+  alpha: float
+  top_k: int
+  max_ngram: int
+  resistance: str
+  reads_context: ClassVar[bool] = True
 
-  def momentum(logits: Array, ctx: ProcessorContext) -> Array:
-    return momentum_scores(logits, ctx, jnp.asarray(penalty), top_k, max_ngram)
-  return processors.chain(user, momentum)
-
-
-def _params(cfg) -> tuple[float, int, int, str]:
-  get = generation._get
-  return (get(cfg, "momentum_alpha", 0.2), get(cfg, "momentum_top_k", 5),
-          get(cfg, "momentum_max_ngram", 5), get(cfg, "momentum_resistance", "ours"))
+  def __call__(self, logits: Array, ctx: ProcessorContext) -> Array:
+    penalty = jnp.asarray(penalty_table(self.alpha, self.resistance, self.max_ngram))
+    return momentum_scores(logits, ctx, penalty, self.top_k, self.max_ngram)
 
 
-def validate(cfg) -> None:
-  alpha, k, n, name = _params(cfg)
-  if name not in RESISTANCES:
-    raise generation.GenerationError(
-        f"unknown momentum_resistance {name!r}; available: {sorted(RESISTANCES)}")
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-      or not 0 <= alpha < INF:
-    raise generation.GenerationError(f"momentum_alpha must be a finite number >= 0, got {alpha!r}")
-  for key, value, low in (("momentum_top_k", k, 1), ("momentum_max_ngram", n, 2)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise generation.GenerationError(f"{key} must be an integer >= {low}, got {value!r}")
+@settings
+class Momentum(Penalties):
+  """Momentum decoding; defaults from the reference code (alpha = 0.2 in `inference.py`,
+  loops up to 5-grams, resistance "ours", k = 5 candidates as in its `test.py`)."""
+  momentum_alpha: float = 0.2
+  momentum_top_k: int = 5
+  momentum_max_ngram: int = 5
+  momentum_resistance: str = "ours"  # see RESISTANCES
+
+  def validate(self) -> None:
+    super().validate()
+    check_choice("momentum_resistance", self.momentum_resistance, sorted(RESISTANCES))
+    check_real("momentum_alpha", self.momentum_alpha, 0.0)
+    check_int("momentum_top_k", self.momentum_top_k, 1)
+    check_int("momentum_max_ngram", self.momentum_max_ngram, 2)
+
+  def logits_processor(self, eos_ids) -> processors.Chain:
+    return processors.chain(self.penalty_processors(eos_ids), MomentumScores(
+        float(self.momentum_alpha), int(self.momentum_top_k), int(self.momentum_max_ngram),
+        str(self.momentum_resistance)))
 
 
-def run(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_ids: Array, cfg,
-        pad_id: int, max_new_tokens: int, cache_len: int) -> core.DecodeResult:
-  alpha, k, n, name = _params(cfg)
-  user = processors.build(cfg, [int(e) for e in np.asarray(eos_ids)], sampling=False)
-  proc = build_processor(user, float(alpha), int(k), int(n), str(name))
-  return core.decode(lm, params, prompts, prompt_len, row_keys, eos_ids, processor=proc,
-                     select=sampling.greedy_select, pad_id=pad_id,
-                     max_new_tokens=max_new_tokens, cache_len=cache_len)
+def prepare(s: Momentum, target, resources):
+  return token_loop.runner(target, s.logits_processor(target.eos_ids),
+                           token_loop.greedy_select, s.max_new_tokens)
 
 
-generation.register_strategy(generation.Strategy("momentum", run, sampling=False,
-                                                 validate=validate))
+STRATEGY = Strategy("momentum", Momentum, "momentum decoding over the token graph",
+                    prepare=prepare)

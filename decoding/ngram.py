@@ -32,9 +32,8 @@ fixed-size, so one compiled program serves any table of the same shapes.
 
 Tables are built on the host with numpy (`build_ngram_model`) from documents tokenized
 with the model's tokenizer; `load_ngram_model(corpus, tokenizer)` builds them for a
-named corpus once, caches them on disk (`~/.cache/decodax/ngram/` or
-`$DECODAX_NGRAM_DIR`, an .npz keyed by corpus, tokenizer fingerprint and table format)
-and keeps them on the device for the rest of the process. The corpus is the project's
+named corpus once and caches them on disk (`~/.cache/decodax/ngram/` or
+`$DECODAX_NGRAM_DIR`, an .npz keyed by corpus, tokenizer fingerprint and table format). The corpus is the project's
 offline English prose: Jane Austen's novels (`models.datasets.corpus_texts`, the
 `text_corpus` dataset), split `train` by default.
 """
@@ -44,7 +43,6 @@ import hashlib
 import json
 import os
 import tempfile
-import threading
 import time
 import zipfile
 from typing import Iterable, Optional, Sequence
@@ -308,54 +306,39 @@ def cache_path(corpus: str, fingerprint: str, max_context: int = MAX_CONTEXT) ->
   return os.path.join(cache_dir(), name)
 
 
-_MODELS: dict[tuple, NGramModel] = {}
-_FINGERPRINTS: dict[int, tuple] = {}
-_LOCK = threading.Lock()
-last_build_seconds: Optional[float] = None  # host build time of the last table built
+def load_tables(corpus: str, tokenizer, max_context: int = MAX_CONTEXT
+                ) -> tuple[dict[str, np.ndarray], Optional[float]]:
+  """Host tables of `corpus` tokenized with `tokenizer`, and the seconds it took to build
+  them (None when read from the disk cache, `cache_path`).
 
-
-def _fingerprint_cached(tokenizer) -> str:
-  got = _FINGERPRINTS.get(id(tokenizer))
-  if got is None or got[0] is not tokenizer:
-    got = (tokenizer, tokenizer_fingerprint(tokenizer))
-    _FINGERPRINTS[id(tokenizer)] = got
-  return got[1]
+  Otherwise they are built (every document tokenized without special tokens, then
+  counted) and saved. The Austen train split with SmolLM2's tokenizer (0.82M tokens)
+  gives 2.95M n-grams, 79 MB on disk and on the device; building took 5.5 s on 2 shared
+  CPU cores (tokenizing about 3.5 s, counting about 2 s), loading the .npz 0.1-0.2 s.
+  """
+  path = cache_path(corpus, tokenizer_fingerprint(tokenizer), max_context)
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        tables = {k: f[k] for k in f.files}
+      if int(tables["meta"][2]) == FORMAT_VERSION:
+        return tables, None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: rebuild
+      pass
+  start = time.perf_counter()
+  docs = _encode(tokenizer, corpus_documents(corpus))
+  tables = build_tables(docs, _vocab_size(tokenizer), max_context)
+  seconds = time.perf_counter() - start
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, **tables)
+  os.replace(tmp, path)  # atomic: concurrent builders never read a partial file
+  return tables, seconds
 
 
 def load_ngram_model(corpus: str, tokenizer, max_context: int = MAX_CONTEXT) -> NGramModel:
-  """The count tables of `corpus` tokenized with `tokenizer`, on the device.
-
-  Looked up in a per-process cache, then on disk (`cache_path`), else built (tokenize
-  every document without special tokens, count, save; `last_build_seconds` records the
-  time). The Austen train split with SmolLM2's tokenizer (0.82M tokens) gives 2.95M
-  n-grams, 79 MB on disk and on the device; building took 5.5 s on 2 shared CPU cores
-  (tokenizing about 3.5 s, counting about 2 s), loading the .npz 0.1-0.2 s.
-  """
-  global last_build_seconds
-  key = (corpus, _fingerprint_cached(tokenizer), max_context)
-  with _LOCK:
-    if key in _MODELS:
-      return _MODELS[key]
-    path = cache_path(*key)
-    tables = None
-    if os.path.exists(path):
-      try:
-        with np.load(path) as f:
-          tables = {k: f[k] for k in f.files}
-        if int(tables["meta"][2]) != FORMAT_VERSION:
-          tables = None
-      except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: rebuild
-        tables = None
-    if tables is None:
-      start = time.perf_counter()
-      docs = _encode(tokenizer, corpus_documents(corpus))
-      tables = build_tables(docs, _vocab_size(tokenizer), max_context)
-      last_build_seconds = time.perf_counter() - start
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **tables)
-      os.replace(tmp, path)
-    model = model_from_tables(tables)
-    _MODELS[key] = model
-    return model
+  """The count tables of `corpus` tokenized with `tokenizer`, on the device (built or read
+  from the disk cache by `load_tables`; callers keep the result, e.g. in a
+  `decoding.strategy.Resources`)."""
+  return model_from_tables(load_tables(corpus, tokenizer, max_context)[0])

@@ -1,18 +1,38 @@
-"""Greedy decoding and ancestral sampling: the two token selectors of the core loop."""
+"""Ancestral sampling after Hugging Face's processors and warpers.
+
+Each step draws one token per row from softmax(processed logits) with the row's own key
+folded with the step. `num_return_sequences = R` samples per prompt come from one prefill
+(the prompt's cache is copied to its R rows); sample r of a row uses the row's key folded
+with r (r >= 1), so sample 0 is what R = 1 gives.
+"""
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import ClassVar
 
-Array = jax.Array
-
-
-def greedy_select(logits: Array, keys: Array) -> Array:
-  """argmax of the processed logits ([B, V] -> [B]); ties go to the lowest id, as in torch."""
-  del keys
-  return jnp.argmax(logits, axis=-1)
+from decoding import processors, token_loop
+from decoding.settings import Penalties, Warpers, check_int, settings
+from decoding.strategy import Strategy
 
 
-def sample_select(logits: Array, keys: Array) -> Array:
-  """One categorical draw per row from softmax(processed logits), with that row's own key."""
-  return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits)
+@settings
+class Sample(Penalties, Warpers):
+  """Ancestral sampling (Hugging Face's `do_sample=True`, `num_beams=1`)."""
+  num_return_sequences: int = 1
+  sampling: ClassVar[bool] = True
+
+  def validate(self) -> None:
+    super().validate()
+    check_int("num_return_sequences", self.num_return_sequences, 1)
+
+  def logits_processor(self, eos_ids) -> processors.Chain:
+    return processors.chain(self.penalty_processors(eos_ids), self.warper_processors())
+
+
+def prepare(s: Sample, target, resources):
+  return token_loop.runner(target, s.logits_processor(target.eos_ids),
+                           token_loop.sample_select, s.max_new_tokens)
+
+
+STRATEGY = Strategy("sample", Sample, "ancestral sampling after the Hugging Face warpers; "
+                    "num_return_sequences samples per prompt", prepare=prepare,
+                    rows_per_prompt=lambda s: s.num_return_sequences)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import flax.struct
@@ -38,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import core
-from decoding.generation import GenerationError, bucket, validate_prompts
+from decoding.errors import GenerationError
+from decoding.records import distribution_stats
+from decoding.results import self_certainty
+from decoding.runner import bucket, validate_prompts
 
 Array = jax.Array
 
@@ -84,19 +85,11 @@ class ContinuationScore:
     return bool(np.all(self.rank == 0))
 
 
-def self_certainty(mean_logp: np.ndarray, vocab_size: int) -> float:
-  """SC = (1/n) sum_t KL(U || p_t) = -(1/n) sum_t mean_logp_t - log V, in float64 on the host."""
-  mean_logp = np.asarray(mean_logp, np.float64)
-  if mean_logp.size == 0:
-    return float("nan")
-  return float(-mean_logp.mean() - math.log(vocab_size))
-
-
 def stats_from_logits(logits: Array, tokens: Array, temperature: float = 1.0) -> TokenStats:
   """Statistics of softmax(logits / T) at each position. logits [B, C, V], tokens [B, C]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   tok_lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-  entropy, mean_logp = core.distribution_stats(logp)
+  entropy, mean_logp = distribution_stats(logp)
   rank = jnp.sum(logp > tok_lp[..., None], axis=-1).astype(jnp.int32)
   return TokenStats(token_logprobs=tok_lp, entropy=entropy, mean_logp=mean_logp,
                     max_logp=logp.max(axis=-1), rank=rank)

@@ -9,13 +9,13 @@ Hugging Face GenerationConfig names the command line uses (`decoding.cli` maps a
 config to a settings object by name), so a field means the same thing everywhere.
 
 Field groups (mixed into the strategies' types):
-  Settings   max_new_tokens, the field every strategy has;
-  Penalties  min_new_tokens, repetition_penalty, no_repeat_ngram_size: processors that
-             read the decoded context and apply to greedy and sampled decoding alike;
-  Warpers    temperature, top_k, top_p, min_p: they reshape the distribution for sampling;
-  Sampled    do_sample plus the warpers, for strategies with a greedy and a sampled mode
-             (beam search, speculative decoding): warpers away from their neutral values
-             are an error unless do_sample=True.
+  TextSettings  max_new_tokens, the field every text strategy has;
+  Penalties     min_new_tokens, repetition_penalty, no_repeat_ngram_size: processors that
+                read the decoded context and apply to greedy and sampled decoding alike;
+  Warpers       temperature, top_k, top_p, min_p: they reshape the distribution for sampling;
+  Sampled       do_sample plus the warpers, for strategies with a greedy and a sampled mode
+                (beam search, speculative decoding, images): warpers away from their
+                neutral values are an error unless do_sample=True.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from decoding import processors
 from decoding.errors import GenerationError, nearest
 
 
@@ -42,6 +43,10 @@ def settings(cls):
       if key not in names:
         raise GenerationError(f"{cls.__name__} has no field {key!r}{nearest(key, names)}; "
                               f"its fields: {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls)[len(args):] if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+      raise GenerationError(f"{cls.__name__} needs {', '.join(missing)}")
     init(self, *args, **kwargs)
 
   cls.__init__ = checked_init
@@ -50,6 +55,10 @@ def settings(cls):
 
 def field_names(settings_type) -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(settings_type))
+
+
+def _plain(v: Any) -> Any:
+  return list(v) if isinstance(v, tuple) else v
 
 
 # ------------------------------------------------------------------------------ checks
@@ -96,33 +105,64 @@ def check_choice(name: str, v: Any, choices) -> None:
 # ------------------------------------------------------------------------------ groups
 
 
-@settings
-class Settings:
-  """Base of every strategy's settings."""
-  max_new_tokens: int = 64
-
-  # True for strategies that draw random numbers in every mode (sampling); types with a
-  # `do_sample` field answer per instance through `samples`.
-  sampling: ClassVar[bool] = False
-
-  @property
-  def samples(self) -> bool:
-    """Whether decoding draws random numbers (the seed matters)."""
-    return bool(getattr(self, "do_sample", self.sampling))
+class Validated:
+  """Settings objects validate themselves on construction (`validate`, extended by each
+  type with `super().validate()` first) and are replaced, never mutated."""
 
   def __post_init__(self):
     self.validate()
 
   def validate(self) -> None:
-    check_int("max_new_tokens", self.max_new_tokens, 1)
+    pass
 
   def replace(self, **changes):
     """A copy with `changes` applied (validated like a new object)."""
     return dataclasses.replace(self, **changes)
 
+  # The flat, Hugging Face-named form of the command line (`decoding.cli`). Types with
+  # nested settings (a drafter's) override these three.
+
+  @classmethod
+  def flat_fields(cls) -> tuple[str, ...]:
+    """The flat config fields these settings read."""
+    return field_names(cls)
+
+  @classmethod
+  def from_flat(cls, fields: dict):
+    """These settings from flat config fields (all of them in `flat_fields`)."""
+    return cls(**fields)
+
+  def to_flat(self) -> dict:
+    """The flat config fields of these settings (JSON-able values)."""
+    return {f: _plain(getattr(self, f)) for f in field_names(type(self))}
+
 
 @settings
-class Penalties(Settings):
+class Settings(Validated):
+  """Base of every strategy's settings type."""
+
+  # True for strategies that draw random numbers (sampling); types with a `do_sample`
+  # field override `samples` per instance.
+  sampling: ClassVar[bool] = False
+
+  @property
+  def samples(self) -> bool:
+    """Whether decoding draws random numbers (the seed matters)."""
+    return self.sampling
+
+
+@settings
+class TextSettings(Settings):
+  """Base of the text strategies' settings."""
+  max_new_tokens: int = 64
+
+  def validate(self) -> None:
+    super().validate()
+    check_int("max_new_tokens", self.max_new_tokens, 1)
+
+
+@settings
+class Penalties(TextSettings):
   """Processors that read the row's context (`decoding.processors`)."""
   min_new_tokens: int = 0
   repetition_penalty: float = 1.0
@@ -133,6 +173,10 @@ class Penalties(Settings):
     check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
     check_real("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
     check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+
+  def penalty_processors(self, eos_ids) -> processors.Chain:
+    return processors.penalties(self.min_new_tokens, self.repetition_penalty,
+                                self.no_repeat_ngram_size, eos_ids)
 
 
 @settings
@@ -152,6 +196,10 @@ class Warpers(Settings):
     check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
     check_real("min_p", self.min_p, 0.0, 1.0)
 
+  def warper_processors(self, min_tokens_to_keep: int = 1) -> processors.Chain:
+    return processors.warpers(self.temperature, self.top_k, self.top_p, self.min_p,
+                              min_tokens_to_keep)
+
   def warped(self) -> dict:
     """The warpers set away from their neutral values."""
     return {k: getattr(self, k) for k, v in self.NEUTRAL.items() if getattr(self, k) != v}
@@ -162,10 +210,22 @@ class Sampled(Warpers):
   """A greedy mode and, with do_sample=True, a sampled mode using the warpers."""
   do_sample: bool = False
 
+  @property
+  def samples(self) -> bool:
+    return bool(self.do_sample)
+
   def validate(self) -> None:
     super().validate()
     check_bool("do_sample", self.do_sample)
     if not self.do_sample and self.warped():
       name, value = next(iter(self.warped().items()))
       raise GenerationError(f"{name}={value!r} only applies when sampling: set do_sample=True "
-                            f"(greedy mode ignores the warpers)")
+                            "(without it the warpers are not used)")
+
+
+def convert(s: Settings, settings_type, **overrides):
+  """A `settings_type` object with the fields it shares with `s`, then `overrides` (e.g.
+  the sampling stage of best-of-N from its settings)."""
+  names = set(field_names(settings_type))
+  shared = {k: getattr(s, k) for k in field_names(type(s)) if k in names}
+  return settings_type(**{**shared, **overrides})

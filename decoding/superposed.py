@@ -31,7 +31,7 @@ superposition of the drafts. At step t, with next-token logits z of that sequenc
    average score per token s / length (the reference's `eval.py` ranks them by the
    perplexity exp(-s / length)); the best R = num_return_sequences are returned.
 
-What a returned draft reports (`core.DecodeResult` with a draft axis, best first):
+What a returned draft reports (`decoding.records.DecodeResult` with a draft axis, best first):
 * `scores`: the draft score s (sum of `processed_logprobs`); exp(-s / length) is the
   perplexity the reference ranks by (`extras["perplexity"]` of `Generation`).
 * `processed_logprobs`: each token's score increment log p~^(i)(v) (temperature, top-m
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import Optional
 
 import flax.struct
@@ -73,21 +72,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import core, generation, ngram
+from decoding import ngram
+from decoding.errors import GenerationError
+from decoding.prefill import new_cache, prefill
+from decoding.records import DecodeResult, TokenRecord, distribution_stats
+from decoding.settings import (TextSettings, check_choice, check_int, check_real, is_int, is_real,
+                               settings)
+from decoding.strategy import Strategy
 from models.kv_cache import KVCache
 
 Array = jax.Array
-
-# Defaults of `params/p15_d3_mixed.json` in the reference code (n-gram penalty: the
-# `Superpose` default; corpus: the project's offline prose corpus).
-DEFAULTS = dict(num_drafts=3, ngram_alpha=0.54, temperature=0.06, num_token_sample=9,
-                ngram_weights=(0.01, 0.04, 0.15, 0.18, 0.12), ngram_penalty=200.0,
-                ngram_corpus=ngram.DEFAULT_CORPUS)
-
-# Hugging Face options that act on one sequence's logits; superposed decoding has its own
-# temperature and top-m and does not apply them (value given -> neutral value).
-_UNSUPPORTED = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                    no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1)
+# n-gram weights w_c for context lengths 1..5 (the reference's `params/p15_d3_mixed.json`)
+NGRAM_WEIGHTS = (0.01, 0.04, 0.15, 0.18, 0.12)
 
 
 @flax.struct.dataclass
@@ -100,17 +96,14 @@ class SuperposedState:
   logits: Array  # [B, V] float32: next-token logits of the superposed sequence
   cache: KVCache
   history: Array  # [B, k, H] int32: last H tokens of prompt + alive draft, most recent last
-  alive_tokens: Array  # [B, k, N] int32
-  alive_logprobs: Array  # [B, k, N] float32: log p_model(token), shared distribution
-  alive_smoothed: Array  # [B, k, N] float32: score increments log p~(token)
+  # Per-token records [B, k, N]: token_logprobs are log p_model(token) of the shared
+  # distribution, processed_logprobs the score increments log p~(token), and the entropy
+  # and mean log-prob those of the shared distribution at each step.
+  alive: TokenRecord
   alive_scores: Array  # [B, k] float32
-  fin_tokens: Array  # [B, k, N] int32
-  fin_logprobs: Array  # [B, k, N] float32
-  fin_smoothed: Array  # [B, k, N] float32
+  fin: TokenRecord
   fin_scores: Array  # [B, k] float32, -inf for empty slots
   fin_lengths: Array  # [B, k] int32
-  token_entropy: Array  # [B, N] float32: entropy of the shared distribution per step
-  token_mean_logp: Array  # [B, N] float32
 
 
 def draft_weights(scores: Array) -> Array:
@@ -158,31 +151,27 @@ def _init(lm, params, model: ngram.NGramModel, prompts, prompt_len, k, max_new_t
           cache_len, pad_id) -> SuperposedState:
   B, P = prompts.shape
   N, H = max_new_tokens, model.max_context
-  cache = jax.lax.optimization_barrier(lm.init_cache(B, cache_len))
-  logits, cache = core.prefill(lm, params, prompts, prompt_len, cache)
+  logits, cache = prefill(lm, params, prompts, prompt_len, new_cache(lm, B, cache_len))
   idx = prompt_len[:, None] - H + jnp.arange(H)[None]
   last = jnp.take_along_axis(prompts, jnp.clip(idx, 0, P - 1), axis=1)
   history = jnp.broadcast_to(jnp.where(idx >= 0, last, 0)[:, None], (B, k, H))
-  zeros = jnp.zeros((B, k, N), jnp.float32)
-  pads = jnp.full((B, k, N), pad_id, jnp.int32)
+  empty = TokenRecord.empty((B, k, N), pad_id)
   scores = jnp.full((B, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
   return SuperposedState(
       step=jnp.zeros((), jnp.int32), done=jnp.zeros((B,), bool),
       num_steps=jnp.zeros((B,), jnp.int32), prompt_len=prompt_len, logits=logits, cache=cache,
-      history=history.astype(jnp.int32), alive_tokens=pads, alive_logprobs=zeros,
-      alive_smoothed=zeros, alive_scores=scores, fin_tokens=pads, fin_logprobs=zeros,
-      fin_smoothed=zeros, fin_scores=jnp.full((B, k), -jnp.inf, jnp.float32),
-      fin_lengths=jnp.zeros((B, k), jnp.int32),
-      token_entropy=jnp.zeros((B, N), jnp.float32), token_mean_logp=jnp.zeros((B, N), jnp.float32))
+      history=history.astype(jnp.int32), alive=empty, alive_scores=scores, fin=empty,
+      fin_scores=jnp.full((B, k), -jnp.inf, jnp.float32),
+      fin_lengths=jnp.zeros((B, k), jnp.int32))
 
 
 def _step(lm, params, model, st: SuperposedState, eos_ids, alpha, temperature, weights, penalty,
           m: int, max_new_tokens: int) -> SuperposedState:
-  B, k, N = st.alive_tokens.shape
+  B, k, N = st.alive.tokens.shape
   t = st.step
   active = ~st.done
   raw_logp = jax.nn.log_softmax(st.logits, axis=-1)
-  entropy, mean_logp = core.distribution_stats(raw_logp)
+  entropy, mean_logp = distribution_stats(raw_logp)  # [B]: shared by every draft
   top_z, top_ids = jax.lax.top_k(st.logits / temperature, m)  # [B, m]
   model_logp = top_z - jax.nn.logsumexp(top_z, axis=-1, keepdims=True)
   raw_top = jnp.take_along_axis(raw_logp, top_ids, axis=-1)
@@ -197,29 +186,27 @@ def _step(lm, params, model, st: SuperposedState, eos_ids, alpha, temperature, w
   cand_smoothed = jnp.take_along_axis(smoothed.reshape(B, k * m), flat_idx, axis=1)
   cand_raw = jnp.take_along_axis(raw_top, j, axis=1)
   is_eos = jnp.any(tok[:, :, None] == eos_ids[None, None, :], axis=-1)
-  cand_tokens = _take(st.alive_tokens, parent).at[:, :, t].set(tok)
-  cand_logprobs = _take(st.alive_logprobs, parent).at[:, :, t].set(cand_raw)
-  cand_smoothed_all = _take(st.alive_smoothed, parent).at[:, :, t].set(cand_smoothed)
+  shared = lambda x: jnp.broadcast_to(x[:, None, None], (B, 2 * k, 1))
+  step_rec = TokenRecord(tokens=tok[..., None], token_logprobs=cand_raw[..., None],
+                         processed_logprobs=cand_smoothed[..., None],
+                         token_entropy=shared(entropy), token_mean_logp=shared(mean_logp))
+  cands = jax.tree.map(lambda x: _take(x, parent), st.alive).write(t, step_rec)  # [B, 2k, N]
   cand_history = jnp.concatenate([_take(st.history, parent)[:, :, 1:], tok[:, :, None]], axis=2)
 
   # Alive: the k best candidates not ending in EOS.
   alive_scores, sel = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, cand_scores), k)
-  alive = (_take(cand_tokens, sel), _take(cand_logprobs, sel), _take(cand_smoothed_all, sel),
-           _take(cand_history, sel), alive_scores)
+  alive = (jax.tree.map(lambda x: _take(x, sel), cands), _take(cand_history, sel), alive_scores)
 
   # Finished: the k best of the old finished drafts and the EOS candidates.
   fin_key = jnp.concatenate([st.fin_scores, jnp.where(is_eos, cand_scores, -jnp.inf)], axis=1)
   fin_scores, fsel = jax.lax.top_k(fin_key, k)
   both = lambda old, new: _take(jnp.concatenate([old, new], axis=1), fsel)
   fin_lengths = both(st.fin_lengths, jnp.full((B, 2 * k), t + 1, jnp.int32))
-  fin = (both(st.fin_tokens, cand_tokens), both(st.fin_logprobs, cand_logprobs),
-         both(st.fin_smoothed, cand_smoothed_all), fin_scores, fin_lengths)
+  fin = (jax.tree.map(both, st.fin, cands), fin_scores, fin_lengths)
 
   keep = lambda new, old: jnp.where(active.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
-  (a_tok, a_lp, a_sm, hist, a_sc) = [keep(n, o) for n, o in zip(alive, (
-      st.alive_tokens, st.alive_logprobs, st.alive_smoothed, st.history, st.alive_scores))]
-  (f_tok, f_lp, f_sm, f_sc, f_len) = [keep(n, o) for n, o in zip(fin, (
-      st.fin_tokens, st.fin_logprobs, st.fin_smoothed, st.fin_scores, st.fin_lengths))]
+  (a_rec, hist, a_sc) = jax.tree.map(keep, alive, (st.alive, st.history, st.alive_scores))
+  (f_rec, f_sc, f_len) = jax.tree.map(keep, fin, (st.fin, st.fin_scores, st.fin_lengths))
 
   # Stop a row once nothing alive can change its result (module docstring).
   best_alive = jnp.max(a_sc, axis=-1)
@@ -227,12 +214,8 @@ def _step(lm, params, model, st: SuperposedState, eos_ids, alpha, temperature, w
   settled = (f_sc[:, -1] >= best_alive) & (jnp.min(fin_avg, axis=-1) >= best_alive / max_new_tokens)
   done = st.done | settled
   st = st.replace(
-      step=t + 1, done=done, num_steps=st.num_steps + active, alive_tokens=a_tok,
-      alive_logprobs=a_lp, alive_smoothed=a_sm, history=hist, alive_scores=a_sc,
-      fin_tokens=f_tok, fin_logprobs=f_lp, fin_smoothed=f_sm, fin_scores=f_sc,
-      fin_lengths=f_len,
-      token_entropy=st.token_entropy.at[:, t].set(jnp.where(active, entropy, 0.0)),
-      token_mean_logp=st.token_mean_logp.at[:, t].set(jnp.where(active, mean_logp, 0.0)))
+      step=t + 1, done=done, num_steps=st.num_steps + active, alive=a_rec, history=hist,
+      alive_scores=a_sc, fin=f_rec, fin_scores=f_sc, fin_lengths=f_len)
 
   def advance(s: SuperposedState) -> SuperposedState:
     embeds = superposed_embedding(lm, params, s.history[:, :, -1], draft_weights(s.alive_scores))
@@ -245,24 +228,18 @@ def _step(lm, params, model, st: SuperposedState, eos_ids, alpha, temperature, w
   return jax.lax.cond(more, advance, lambda s: s, st)
 
 
-def _finalize(st: SuperposedState, R: int, pad_id: int) -> core.DecodeResult:
-  B, k, N = st.alive_tokens.shape
+def _finalize(st: SuperposedState, R: int, pad_id: int) -> DecodeResult:
+  B, k, N = st.alive.tokens.shape
   scores = jnp.concatenate([st.fin_scores, st.alive_scores], axis=1)  # [B, 2k]
   lengths = jnp.concatenate([st.fin_lengths, jnp.broadcast_to(st.num_steps[:, None], (B, k))], 1)
   avg = jnp.where(lengths > 0, scores / jnp.maximum(lengths, 1), -jnp.inf)
   _, sel = jax.lax.top_k(avg, R)  # ties: finished drafts first
   pick = lambda fin, alive: _take(jnp.concatenate([fin, alive], axis=1), sel)
   lengths = _take(lengths, sel)
-  valid = jnp.arange(N)[None, None, :] < lengths[:, :, None]
-  masked = lambda x: jnp.where(valid, x, 0.0)
-  shared = lambda x: masked(jnp.broadcast_to(x[:, None, :], (B, R, N)))
   scores = _take(scores, sel)
-  return core.DecodeResult(
-      tokens=jnp.where(valid, pick(st.fin_tokens, st.alive_tokens), pad_id), lengths=lengths,
-      token_logprobs=masked(pick(st.fin_logprobs, st.alive_logprobs)),
-      processed_logprobs=masked(pick(st.fin_smoothed, st.alive_smoothed)), scores=scores,
-      finished=(sel < k) & jnp.isfinite(scores), token_entropy=shared(st.token_entropy),
-      token_mean_logp=shared(st.token_mean_logp))
+  return DecodeResult(record=jax.tree.map(pick, st.fin, st.alive).finalize(lengths, pad_id),
+                      lengths=lengths, scores=scores,
+                      finished=(sel < k) & jnp.isfinite(scores))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -271,9 +248,9 @@ def _finalize(st: SuperposedState, R: int, pad_id: int) -> core.DecodeResult:
 def superposed_decode(lm, params, ngram_model: ngram.NGramModel, prompts: Array,
                       prompt_len: Array, eos_ids: Array, *, num_drafts: int = 3,
                       alpha=0.54, temperature=0.06, num_token_sample: int = 9,
-                      ngram_weights=DEFAULTS["ngram_weights"], ngram_penalty=200.0,
+                      ngram_weights=NGRAM_WEIGHTS, ngram_penalty=200.0,
                       num_return_sequences: Optional[int] = None, max_new_tokens: int,
-                      cache_len: int, pad_id: int) -> core.DecodeResult:
+                      cache_len: int, pad_id: int) -> DecodeResult:
   """Superposed decoding of a batch, jitted; returns [B, R, N] drafts, best first.
 
   prompts: [B, P] int32 right-padded; prompt_len: [B] int32 (>= 1); eos_ids: [E] int32;
@@ -301,54 +278,50 @@ def superposed_decode(lm, params, ngram_model: ngram.NGramModel, prompts: Array,
 # ------------------------------------------------------------------------------- strategy
 
 
-def _setting(cfg, key):
-  return generation._get(cfg, key, DEFAULTS[key])
+@settings
+class Superposed(TextSettings):
+  """Superposed decoding; defaults from the reference code's `params/p15_d3_mixed.json`
+  (k = 3, alpha = 0.54, T = 0.06, m = 9, n-gram weights for contexts 1..5) and its n-gram
+  penalty default 200. The corpus is the project's offline prose (Jane Austen's novels).
+  It has its own temperature and top-m, and no other Hugging Face processor applies."""
+  num_drafts: int = 3  # k
+  num_return_sequences: Optional[int] = None  # drafts returned per prompt, best first; None: k
+  temperature: float = 0.06  # T in p = softmax(z / T)
+  num_token_sample: int = 9  # m: tokens kept from p (renormalized)
+  ngram_alpha: float = 0.54  # log p~ = (1 - alpha) log p + alpha log p_ng
+  ngram_weights: tuple[float, ...] = NGRAM_WEIGHTS  # w_c for context lengths 1, 2, ...
+  ngram_penalty: float = 200.0  # subtracted when no kept token of a draft has n-gram support
+  ngram_corpus: str = ngram.DEFAULT_CORPUS
 
+  def __post_init__(self):
+    w = self.ngram_weights
+    if isinstance(w, (list, np.ndarray)):  # a config list: stored as a tuple (hashable)
+      object.__setattr__(self, "ngram_weights", tuple(w.tolist() if isinstance(w, np.ndarray)
+                                                      else w))
+    super().__post_init__()
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  @property
+  def returned(self) -> int:
+    return self.num_drafts if self.num_return_sequences is None else self.num_return_sequences
 
-
-def _is_real(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and (
-      math.isfinite(float(x)))
-
-
-def validate(cfg) -> None:
-  """Checks the superposed-decoding settings (GenerationError before anything compiles)."""
-  err = generation.GenerationError
-  k = _setting(cfg, "num_drafts")
-  if not _is_int(k) or k < 1:
-    raise err(f"num_drafts must be an integer >= 1, got {k!r}")
-  m = _setting(cfg, "num_token_sample")
-  if not _is_int(m) or m < 2:
-    raise err(f"num_token_sample must be an integer >= 2 (the update draws 2 x num_drafts "
-              f"candidates from num_drafts x num_token_sample), got {m!r}")
-  a = _setting(cfg, "ngram_alpha")
-  if not _is_real(a) or not 0 <= a <= 1:
-    raise err(f"ngram_alpha must be in [0, 1], got {a!r}")
-  t = _setting(cfg, "temperature")
-  if not _is_real(t) or not t > 0:
-    raise err(f"temperature must be > 0 for superposed decoding, got {t!r}")
-  w = _setting(cfg, "ngram_weights")
-  if (isinstance(w, (str, bytes)) or not isinstance(w, (Sequence, np.ndarray))
-      or not 1 <= len(w) <= ngram.MAX_CONTEXT or not all(_is_real(x) and x >= 0 for x in w)
-      or sum(float(x) for x in w) > 1 + 1e-6):
-    raise err(f"ngram_weights must be 1..{ngram.MAX_CONTEXT} non-negative numbers (context "
-              f"lengths 1, 2, ...) summing to at most 1, got {w!r}")
-  p = _setting(cfg, "ngram_penalty")
-  if not _is_real(p) or p < 0:
-    raise err(f"ngram_penalty must be a finite number >= 0, got {p!r}")
-  corpus = _setting(cfg, "ngram_corpus")
-  if corpus not in ngram.CORPORA:
-    raise err(f"ngram_corpus must be one of {list(ngram.CORPORA)}, got {corpus!r}")
-  r = generation._get(cfg, "num_return_sequences", 1)
-  if r > k:
-    raise err(f"num_return_sequences ({r}) must be <= num_drafts ({k})")
-  for key, neutral in _UNSUPPORTED.items():
-    if generation._get(cfg, key, neutral) != neutral:
-      raise err(f"{key}={generation._get(cfg, key)!r} is not supported by superposed decoding "
-                f"(it uses temperature and num_token_sample); leave it at {neutral!r}")
+  def validate(self) -> None:
+    super().validate()
+    check_int("num_drafts", self.num_drafts, 1)
+    if not is_int(self.num_token_sample) or self.num_token_sample < 2:
+      raise GenerationError(f"num_token_sample must be an integer >= 2 (the update draws 2 x "
+                            f"num_drafts candidates from num_drafts x num_token_sample), got "
+                            f"{self.num_token_sample!r}")
+    check_real("ngram_alpha", self.ngram_alpha, 0.0, 1.0)
+    check_real("temperature", self.temperature, 0.0, low_open=True)
+    w = self.ngram_weights
+    if (not isinstance(w, tuple) or not 1 <= len(w) <= ngram.MAX_CONTEXT
+        or not all(is_real(x) and x >= 0 for x in w) or sum(float(x) for x in w) > 1 + 1e-6):
+      raise GenerationError(f"ngram_weights must be 1..{ngram.MAX_CONTEXT} non-negative numbers "
+                            f"(context lengths 1, 2, ...) summing to at most 1, got {w!r}")
+    check_real("ngram_penalty", self.ngram_penalty, 0.0)
+    check_choice("ngram_corpus", self.ngram_corpus, ngram.CORPORA)
+    if self.num_return_sequences is not None:
+      check_int("num_return_sequences", self.num_return_sequences, 1, self.num_drafts)
 
 
 def perplexity(score: float, length: int) -> float:
@@ -358,23 +331,24 @@ def perplexity(score: float, length: int) -> float:
   return math.exp(-score / length)
 
 
-def _run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_new_tokens,
-         cache_len, tokenizer):
-  """The registered strategy: `superposed_decode` with the n-gram tables of `ngram_corpus`
-  tokenized by `tokenizer` (cached per process and on disk, see `ngram.load_ngram_model`)."""
-  del row_keys  # deterministic: no randomness
-  m = int(_setting(cfg, "num_token_sample"))
-  if m > lm.vocab_size:
-    raise generation.GenerationError(
-        f"num_token_sample ({m}) exceeds the vocabulary size ({lm.vocab_size})")
-  model = ngram.load_ngram_model(_setting(cfg, "ngram_corpus"), tokenizer)
-  return superposed_decode(
-      lm, params, model, prompts, prompt_len, eos_ids, max_new_tokens=max_new_tokens,
-      cache_len=cache_len, pad_id=pad_id, num_drafts=int(_setting(cfg, "num_drafts")),
-      alpha=float(_setting(cfg, "ngram_alpha")), temperature=float(_setting(cfg, "temperature")),
-      num_token_sample=m, ngram_weights=tuple(float(x) for x in _setting(cfg, "ngram_weights")),
-      ngram_penalty=float(_setting(cfg, "ngram_penalty")),
-      num_return_sequences=int(generation._get(cfg, "num_return_sequences", 1)))
+def prepare(s: Superposed, target, resources):
+  """`superposed_decode` with the n-gram tables of `ngram_corpus` tokenized by the target's
+  tokenizer (built once, then read from the disk cache; kept in `resources`)."""
+  if s.num_token_sample > target.lm.vocab_size:
+    raise GenerationError(f"num_token_sample ({s.num_token_sample}) exceeds the vocabulary "
+                          f"size ({target.lm.vocab_size})")
+  tables = resources.get(("ngram", s.ngram_corpus),
+                         lambda: ngram.load_ngram_model(s.ngram_corpus, target.tokenizer),
+                         depends_on=(target.tokenizer,))
+
+  def run(batch):
+    return superposed_decode(
+        target.lm, target.params, tables, batch.prompts, batch.prompt_len, target.eos_array,
+        max_new_tokens=s.max_new_tokens, cache_len=batch.cache_len, pad_id=target.pad_id,
+        num_drafts=s.num_drafts, alpha=float(s.ngram_alpha), temperature=float(s.temperature),
+        num_token_sample=s.num_token_sample, ngram_weights=tuple(map(float, s.ngram_weights)),
+        ngram_penalty=float(s.ngram_penalty), num_return_sequences=s.returned)
+  return run
 
 
 def _add_perplexity(gens) -> None:
@@ -382,6 +356,6 @@ def _add_perplexity(gens) -> None:
     g.extras["perplexity"] = perplexity(g.score, len(g.output_ids))
 
 
-generation.register_strategy(generation.Strategy(
-    "superposed", run=_run, validate=validate, multiple=True, needs_tokenizer=True,
-    postprocess=_add_perplexity))
+STRATEGY = Strategy("superposed", Superposed, "k drafts from one forward pass per step, "
+                    "n-gram smoothed", prepare=prepare, needs_tokenizer=True,
+                    score_kind="draft_score", postprocess=_add_perplexity)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
+from decoding.speculative.protocol import ChainDraft, Drafter
 from models.kv_cache import KVCache
 from models.transformer import ForwardOutput
 
@@ -34,31 +36,14 @@ class BigramLM:
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomDrafter:
+class RandomDrafter(Drafter):
   """A chain drafter that proposes uniformly random tokens (speculative decoding must stay
   exact whatever the draft)."""
-  vocab_size: int
+  vocab_size: int = 0
   num_draft: int = 3
   kind: str = "chain"
-  needs_features: bool = False
-
-  @property
-  def block(self):
-    return self.num_draft + 1
-
-  @property
-  def depth(self):
-    return self.num_draft
-
-  def init(self, dparams, tparams, prompts, prompt_len, first, prefill, cache_len):
-    return ()
 
   def propose(self, dparams, tparams, state, view, processor, sample):
-    import jax
-    from decoding.speculative import ChainDraft
     keys = jax.vmap(jax.random.fold_in)(view.row_keys, view.num_generated + 7919)
     tokens = jax.vmap(lambda k: jax.random.randint(k, (self.num_draft,), 0, self.vocab_size))(keys)
     return ChainDraft(tokens=tokens.astype(jnp.int32)), state
-
-  def update(self, dparams, tparams, state, view, verified):
-    return state

@@ -18,9 +18,9 @@ from models import artifacts, checkpoint, eagle_head as dh, image_classifier, re
 from models import transformer, vqvae
 from models.config import tiny_config
 from models.lm import LoadedModel, TransformerLM, load_model, load_self_draft, save_lm
+from decoding.speculative import gad_drafter as gad
 from train import distillspec, gad as train_gad
 
-gad = train_gad.gad  # the GAD drafter module, as the trainer imports it
 CFG = tiny_config(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3)
 SHA = "ab" * 32  # the checksum the tiny target's drafters record
 
@@ -192,7 +192,7 @@ def test_round_trip_gad_drafter(tmp_path):
                                              target_sha256=SHA, target_config=CFG)
   assert manifest["config"] == {"num_layers": 2, "num_draft": 4, "slot_embeddings": True}
   _assert_same_bits(stored, dparams)
-  drafter2, dparams2 = train_gad.drafter_from_artifact(manifest, stored, target_lm, tparams)
+  drafter2, dparams2 = gad.drafter_from_artifact(manifest, stored, target_lm, tparams)
   assert drafter2 == drafter
   _assert_same_bits(dparams2, dparams)
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from configs import generate as generate_config
-from decoding import core, generation
 from decoding import generate as cli
+from decoding import token_loop
+from decoding.errors import GenerationError
 from tests.fakes import BigramLM
+from tests.helpers import run_config
 
 
 def cfg(**kw):
@@ -21,7 +23,7 @@ def no_compile(monkeypatch):
   """Fails the test if the decode loop is traced."""
   def boom(*a, **k):
     raise AssertionError("compiled before validating")
-  monkeypatch.setattr(core, "decode", boom)
+  monkeypatch.setattr(token_loop, "decode", boom)
 
 
 LM = BigramLM(vocab_size=10, max_positions=64)
@@ -37,29 +39,36 @@ TABLE = np.zeros((10, 10), np.float32)
     (dict(), [[1, -1]], "outside the vocabulary"),
     (dict(strategy="sample", temperature=0.0), [[1]], "temperature"),
     (dict(strategy="sample", temperature=-1.0), [[1]], "temperature"),
-    (dict(top_p=0.0), [[1]], "top_p"),
-    (dict(top_p=1.5), [[1]], "top_p"),
-    (dict(top_k=-3), [[1]], "top_k"),
+    (dict(strategy="sample", top_p=0.0), [[1]], "top_p"),
+    (dict(strategy="sample", top_p=1.5), [[1]], "top_p"),
+    (dict(strategy="sample", top_k=-3), [[1]], "top_k"),
     (dict(strategy="nucleus_magic"), [[1]], "unknown strategy"),
     (dict(max_new_tokens=0), [[1]], "max_new_tokens"),
     (dict(min_new_tokens=100, max_new_tokens=10), [[1]], "min_new_tokens"),
     (dict(repetition_penalty=0.0), [[1]], "repetition_penalty"),
-    (dict(min_p=2.0), [[1]], "min_p"),
+    (dict(strategy="sample", min_p=2.0), [[1]], "min_p"),
+    (dict(top_pp=0.9), [[1]], "did you mean 'top_p'"),
+    (dict(top_p=0.9), [[1]], "top_p does not apply to strategy 'greedy'"),
+    (dict(num_beams=4), [[1]], "num_beams does not apply to strategy 'greedy'"),
+    (dict(strategy="sample", diversity_penalty=0.5), [[1]], "diversity_penalty does not apply"),
+    (dict(strategy="speculative", drafter="prompt_lookup", tree_budget=4), [[1]],
+     "tree_budget does not apply to drafter 'prompt_lookup'"),
+    (dict(strategy="sjd"), [[1]], "generates images"),
 ])
 def test_generate_rejects(no_compile, kw, prompts, match):
-  with pytest.raises(generation.GenerationError, match=match):
-    generation.generate(LM, TABLE, prompts, cfg(**kw), [1], 0)
+  with pytest.raises(GenerationError, match=match):
+    run_config(LM, TABLE, prompts, cfg(**kw), [1], 0)
 
 
 def test_unknown_model_rejected_before_loading(monkeypatch):
   monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
-  with pytest.raises(generation.GenerationError, match="unknown model"):
+  with pytest.raises(GenerationError, match="unknown model"):
     cli.run(cfg(model="no-such-model-7b"), "hi", None, None)
 
 
 def test_unknown_strategy_rejected_before_loading(monkeypatch):
   monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
-  with pytest.raises(generation.GenerationError, match="unknown strategy"):
+  with pytest.raises(GenerationError, match="unknown strategy"):
     cli.run(cfg(strategy="beam_me_up"), "hi", None, None)
 
 

@@ -12,19 +12,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import beam, generation  # noqa: F401  (importing beam registers the strategies)
+from decoding import beam_search as beam
+from decoding import runner
+from decoding.cli import settings_from_config
+from decoding.errors import GenerationError
 from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import init_params
 from tests.fakes import BigramLM
+from tests.helpers import run_config
 
 EOS, PAD = 1, 0
 
 
 def _cfg(**kw):
   c = dict(strategy="beam", max_new_tokens=8, min_new_tokens=0, seed=0, batch_size=8,
-           num_beams=4, num_return_sequences=1, length_penalty=1.0, early_stopping=False,
-           num_beam_groups=1, diversity_penalty=0.0, do_sample=False, temperature=1.0)
+           num_beams=4, num_return_sequences=1, length_penalty=1.0, early_stopping=False)
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -71,7 +74,7 @@ def _hf_kwargs(c):
 
 def _compare_with_hf(lm, params, hf, prompts, c, eos, pad):
   """Ours on the ragged batch vs HF on each prompt alone; returns our outputs per prompt."""
-  ours = _rows(generation.generate(lm, params, prompts, c, [eos], pad), len(prompts))
+  ours = _rows(run_config(lm, params, prompts, c, [eos], pad), len(prompts))
   for i, ids in enumerate(prompts):
     ref = _hf_generate(hf, ids, c.max_new_tokens, eos, pad, do_sample=False, **_hf_kwargs(c))
     label = (dict(c), i)
@@ -188,7 +191,7 @@ def test_wide_beam_finds_brute_force_best(tiny):
   for lp in (1.0, 0.0, 2.0, -1.0):
     c = _cfg(max_new_tokens=n, num_beams=80, num_return_sequences=R, length_penalty=lp,
              early_stopping="never")
-    ours = _rows(generation.generate(lm, params, prompts, c, [EOS], PAD), 2)
+    ours = _rows(run_config(lm, params, prompts, c, [EOS], PAD), 2)
     for i in range(len(prompts)):
       best = sorted(((sum(lps) / len(y) ** lp, y, lps) for y, lps in every[i]),
                     key=lambda h: -h[0])[:R]
@@ -199,9 +202,9 @@ def test_wide_beam_finds_brute_force_best(tiny):
         assert g.finished == (y[-1] == EOS)
   # Diverse beam search with one group is beam search (same compile, same numbers).
   c = _cfg(max_new_tokens=n, num_beams=80, num_return_sequences=R, early_stopping="never")
-  one = generation.generate(lm, params, prompts, c, [EOS], PAD)
+  one = run_config(lm, params, prompts, c, [EOS], PAD)
   c.strategy, c.num_beam_groups = "diverse_beam", 1
-  assert [(g.output_ids, g.score) for g in generation.generate(lm, params, prompts, c, [EOS], PAD)
+  assert [(g.output_ids, g.score) for g in run_config(lm, params, prompts, c, [EOS], PAD)
           ] == [(g.output_ids, g.score) for g in one]
 
 
@@ -211,7 +214,7 @@ def test_diverse_beam_invariants(tiny):
   prompts, n = [[2, 3, 4], [3]], 5
   c = _cfg(strategy="diverse_beam", max_new_tokens=n, num_beams=3, num_beam_groups=3,
            num_return_sequences=3)
-  run = lambda lam: _rows(generation.generate(lm, params, prompts, _cfg(
+  run = lambda lam: _rows(run_config(lm, params, prompts, _cfg(
       **{**c.to_dict(), "diversity_penalty": lam}), [], PAD), 2)
   # lambda = 0: the groups are identical.
   for x in run(0.0):
@@ -234,13 +237,13 @@ def test_beam_sample_is_seeded_and_batch_invariant(tiny):
   prompts = [[2, 3, 4], [3], [4, 4], [2]]
   c = _cfg(do_sample=True, temperature=1.5, top_k=4, max_new_tokens=6, num_return_sequences=2)
   ids = lambda out: [g.output_ids for g in out]
-  a = generation.generate(lm, params, prompts, c, [EOS], PAD)
-  assert ids(a) == ids(generation.generate(lm, params, prompts, c, [EOS], PAD))
-  reseeded = [ids(generation.generate(lm, params, prompts, _cfg(**{**c.to_dict(), "seed": s}),
+  a = run_config(lm, params, prompts, c, [EOS], PAD)
+  assert ids(a) == ids(run_config(lm, params, prompts, c, [EOS], PAD))
+  reseeded = [ids(run_config(lm, params, prompts, _cfg(**{**c.to_dict(), "seed": s}),
                                       [EOS], PAD)) for s in (1, 2)]
   assert any(r != ids(a) for r in reseeded)
   # A prompt's samples depend on its row id and the seed, not on the rest of the batch.
-  other = generation.generate(lm, params, [prompts[2], [3, 3, 3], prompts[0], [4]], c, [EOS], PAD,
+  other = run_config(lm, params, [prompts[2], [3, 3, 3], prompts[0], [4]], c, [EOS], PAD,
                               row_ids=[2, 7, 0, 9])
   assert ids(other[0:2]) == ids(a[4:6]) and ids(other[4:6]) == ids(a[0:2])
   np.testing.assert_array_equal([g.score for g in other[0:2] + other[4:6]],
@@ -254,7 +257,7 @@ def test_beam_sample_draws_candidates_without_replacement():
   rng = np.random.default_rng(0)
   table = jnp.asarray(rng.normal(size=(V, V)).astype(np.float32))
   res = beam.beam_search(BigramLM(V), table, jnp.full((n, 1), 2, jnp.int32),
-                         jnp.ones((n,), jnp.int32), generation.row_keys(7, range(n)),
+                         jnp.ones((n,), jnp.int32), runner.row_keys(7, range(n)),
                          jnp.asarray([-1], jnp.int32), num_beams=2, num_return_sequences=2,
                          do_sample=True, max_new_tokens=1, cache_len=2, pad_id=PAD)
   toks = np.sort(np.asarray(res.tokens)[:, :, 0], axis=1)
@@ -289,8 +292,8 @@ def test_beam_sample_draws_candidates_without_replacement():
     dict(strategy="diverse_beam", num_beams=4, num_beam_groups=2, do_sample=True),
 ])
 def test_bad_configs_raise(bad):
-  with pytest.raises(generation.GenerationError):
-    generation.validate_config(_cfg(**bad))
+  with pytest.raises(GenerationError):
+    settings_from_config(_cfg(**bad))
 
 
 def test_configs_are_valid():
@@ -299,6 +302,6 @@ def test_configs_are_valid():
   for module, name in ((beam_config, "beam"), (diverse_config, "diverse_beam")):
     c = module.get_config()
     assert c.strategy == name
-    generation.validate_config(c)
+    settings_from_config(c)
     c.early_stopping = "never"  # the field takes HF's three values (also from the command line)
-    generation.validate_config(c)
+    settings_from_config(c)

@@ -1,6 +1,7 @@
 """`python -m decoding.generate`: single-prompt and JSONL batch modes."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -10,7 +11,9 @@ import sys
 import pytest
 
 from configs import generate as generate_config
+from decoding import cli as cli_lib
 from decoding import generate as cli
+from decoding import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,30 +61,56 @@ def test_cli_reports_bad_values_without_traceback():
          "--config.strategy=sample", "--config.temperature=0", "--prompt=hi"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert "error: temperature must be > 0" in proc.stderr
+  assert "error: temperature must be a number > 0" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
-ISSUE_STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "momentum", "superposed",
-                    "best_of_n", "self_agreement", "speculative")
+TEXT_STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "momentum", "superposed",
+                   "best_of_n", "self_agreement", "speculative")
 
 
-@pytest.mark.parametrize("name", ISSUE_STRATEGIES)
-def test_every_strategy_is_registered_with_a_valid_config(name):
-  """Each strategy is reachable by name and its config file (or the base one) validates."""
-  import importlib
-  from decoding import generation
-  assert name in generation.STRATEGIES
-  module = name if name not in ("greedy", "sample") else "generate"
-  cfg = importlib.import_module(f"configs.{module}").get_config()
-  if module == "generate":
-    cfg.strategy = name
-  assert cfg.strategy == name
-  generation.validate_config(cfg)
-  # The base config carries every strategy's fields, so --config.strategy=NAME with
-  # configs/generate.py accepts the same overrides as the strategy's own file.
+@pytest.mark.parametrize("name", TEXT_STRATEGIES)
+def test_a_strategy_behaves_the_same_whichever_config_file_selected_it(name):
+  """configs/<strategy>.py and configs/generate.py with --config.strategy=<strategy> give
+  equal settings: every default lives in the strategy's settings type."""
   base = generate_config.get_config()
-  assert set(cfg.keys()) <= set(base.keys())
+  base.strategy = name
+  from_base = cli_lib.settings_from_config(base)
+  assert from_base == registry.STRATEGIES[name].settings()  # the type's own defaults
+  if os.path.exists(os.path.join(ROOT, "configs", f"{name}.py")):
+    own = importlib.import_module(f"configs.{name}").get_config()
+    assert own.strategy == name
+    assert cli_lib.settings_from_config(own) == from_base
+
+
+@pytest.mark.parametrize("modality,config", [("text", "generate"), ("image", "generate_images")])
+def test_config_files_carry_exactly_the_strategies_fields(modality, config):
+  """Every field a strategy reads can be set from its command's base config (so any
+  --config.NAME the settings accept parses), and the config has no field no strategy reads."""
+  cfg = importlib.import_module(f"configs.{config}").get_config()
+  cli_lib.check_config_fields(cfg, modality)
+  assert set(cli_lib.strategy_fields(modality)) <= set(cfg.keys())
+  for name in registry.names(modality):
+    cfg.strategy = name
+    assert registry.strategy_of(cli_lib.settings_from_config(cfg, modality)).name == name
+
+
+def test_a_misspelled_field_is_one_line_naming_the_nearest_field():
+  cmd = [sys.executable, "-m", "decoding.generate", "--config=configs/generate.py",
+         "--config.top_pp=0.9", "--prompt=hi"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "top_pp" in lines[0] and "'top_p'" in lines[0], proc.stderr
+
+
+def test_a_field_the_strategy_ignores_is_an_error_from_the_cli():
+  cmd = [sys.executable, "-m", "decoding.generate", "--config=configs/generate.py",
+         "--config.num_beams=4", "--prompt=hi"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "num_beams does not apply to strategy 'greedy'" in proc.stderr
 
 
 def test_beam_flags_parse_on_the_command_line():

@@ -5,15 +5,17 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from decoding import core, generation, processors, sampling
+from decoding import prefill, runner, sampling, token_loop
+from decoding.sampling import Sample
+from decoding.strategy import Batch, Resources
 from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import init_params
 from tests.fakes import BigramLM
+from tests.helpers import run_config, target
 
 EOS, PAD = 1, 0
 
@@ -21,7 +23,7 @@ EOS, PAD = 1, 0
 def cfg(**kw):
   base = dict(strategy="greedy", max_new_tokens=6, min_new_tokens=0, seed=0, batch_size=8)
   base.update(kw)
-  return ml_collections.ConfigDict(base)
+  return base
 
 
 def bigram_table(V=6):
@@ -34,7 +36,7 @@ def bigram_table(V=6):
 
 def test_greedy_follows_chain_and_stops_at_eos():
   lm, table = BigramLM(6), bigram_table()
-  out = generation.generate(lm, table, [[2], [4], [3, 4, 5, 2]], cfg(), [EOS], PAD)
+  out = run_config(lm, table, [[2], [4], [3, 4, 5, 2]], cfg(), [EOS], PAD)
   assert out[0].output_ids == [3, 4, 5, EOS]
   assert out[1].output_ids == [5, EOS]
   assert out[2].output_ids == [3, 4, 5, EOS]
@@ -47,9 +49,9 @@ def test_greedy_follows_chain_and_stops_at_eos():
 
 def test_max_and_min_new_tokens():
   lm, table = BigramLM(6), bigram_table()
-  out = generation.generate(lm, table, [[2]], cfg(max_new_tokens=2), [EOS], PAD)
+  out = run_config(lm, table, [[2]], cfg(max_new_tokens=2), [EOS], PAD)
   assert out[0].output_ids == [3, 4] and not out[0].finished
-  out = generation.generate(lm, table, [[4]], cfg(min_new_tokens=4), [EOS], PAD)
+  out = run_config(lm, table, [[4]], cfg(min_new_tokens=4), [EOS], PAD)
   # EOS is banned for the first 4 tokens: 5 -> (EOS banned) best other token.
   ids = out[0].output_ids
   assert len(ids) >= 4 and EOS not in ids[:4]
@@ -60,9 +62,9 @@ def test_repetition_penalty_and_ngram_ban_change_greedy_path():
   t = np.full((V, V), 0.0, np.float32)
   t[2, 3], t[3, 2], t[2, 4], t[3, 5] = 3.0, 3.0, 2.5, 2.0  # 2 3 2 3 ... loop
   lm = BigramLM(V)
-  plain = generation.generate(lm, jnp.asarray(t), [[2]], cfg(max_new_tokens=4), [EOS], PAD)
+  plain = run_config(lm, jnp.asarray(t), [[2]], cfg(max_new_tokens=4), [EOS], PAD)
   assert plain[0].output_ids == [3, 2, 3, 2]
-  banned = generation.generate(lm, jnp.asarray(t), [[2]], cfg(max_new_tokens=4,
+  banned = run_config(lm, jnp.asarray(t), [[2]], cfg(max_new_tokens=4,
                                                                no_repeat_ngram_size=2),
                                [EOS], PAD)
   seq = [2] + banned[0].output_ids
@@ -77,10 +79,10 @@ def test_sampling_matches_model_distribution_chi_square():
   table = jnp.asarray(rng.normal(size=(V, V)).astype(np.float32))
   lm = BigramLM(V)
   n = 4000
-  keys = generation.row_keys(123, range(n))
-  proc = processors.build(cfg(strategy="sample"), [], sampling=True)
-  res = core.decode(lm, table, jnp.full((n, 1), 2, jnp.int32), jnp.ones((n,), jnp.int32), keys,
-                    jnp.asarray([-1], jnp.int32), processor=proc, select=sampling.sample_select,
+  keys = runner.row_keys(123, range(n))
+  proc = Sample().logits_processor([])
+  res = token_loop.decode(lm, table, jnp.full((n, 1), 2, jnp.int32), jnp.ones((n,), jnp.int32), keys,
+                    jnp.asarray([-1], jnp.int32), processor=proc, select=token_loop.sample_select,
                     pad_id=PAD, max_new_tokens=2, cache_len=4)
   toks = np.asarray(res.tokens)
   p = np.asarray(jax.nn.softmax(table, -1))
@@ -101,11 +103,11 @@ def tiny():
 def test_ragged_batch_equals_each_prompt_alone(tiny):
   lm, params = tiny
   prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15], [3, 3]]
-  for strat in ("greedy", "sample"):
-    c = cfg(strategy=strat, max_new_tokens=8, temperature=0.7)
-    together = generation.generate(lm, params, prompts, c, [EOS], PAD)
+  for strat, extra in (("greedy", {}), ("sample", {"temperature": 0.7})):
+    c = cfg(strategy=strat, max_new_tokens=8, **extra)
+    together = run_config(lm, params, prompts, c, [EOS], PAD)
     for i, p in enumerate(prompts):
-      alone = generation.generate(lm, params, [p], c, [EOS], PAD, row_ids=[i])
+      alone = run_config(lm, params, [p], c, [EOS], PAD, row_ids=[i])
       assert alone[0].output_ids == together[i].output_ids, (strat, i)
       np.testing.assert_allclose(alone[0].token_logprobs, together[i].token_logprobs, atol=1e-5)
 
@@ -113,14 +115,14 @@ def test_ragged_batch_equals_each_prompt_alone(tiny):
 def test_sampling_is_seeded_per_row(tiny):
   lm, params = tiny
   c = cfg(strategy="sample", max_new_tokens=10)
-  a = generation.generate(lm, params, [[5, 6], [7]], c, [], PAD)
-  b = generation.generate(lm, params, [[5, 6], [7]], c, [], PAD)
+  a = run_config(lm, params, [[5, 6], [7]], c, [], PAD)
+  b = run_config(lm, params, [[5, 6], [7]], c, [], PAD)
   assert [g.output_ids for g in a] == [g.output_ids for g in b]
   c2 = cfg(strategy="sample", max_new_tokens=10, seed=1)
-  d = generation.generate(lm, params, [[5, 6], [7]], c2, [], PAD)
+  d = run_config(lm, params, [[5, 6], [7]], c2, [], PAD)
   assert [g.output_ids for g in a] != [g.output_ids for g in d]
   # Same row id in a different batch composition and order gives the same sample.
-  e = generation.generate(lm, params, [[9], [7], [5, 6]], c, [], PAD, row_ids=[7, 1, 0])
+  e = run_config(lm, params, [[9], [7], [5, 6]], c, [], PAD, row_ids=[7, 1, 0])
   assert e[2].output_ids == a[0].output_ids and e[1].output_ids == a[1].output_ids
 
 
@@ -130,21 +132,22 @@ def test_samples_per_prompt_share_one_prefill(tiny):
   lm, params = tiny
   prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
   c = cfg(strategy="sample", max_new_tokens=8, num_return_sequences=3, batch_size=8)
-  shared = generation.generate(lm, params, prompts, c, [EOS], PAD)
+  shared = run_config(lm, params, prompts, c, [EOS], PAD)
   assert [(g.index, g.rank) for g in shared] == [(i, r) for i in range(3) for r in range(3)]
   padded = np.full((9, 16), PAD, np.int32)
   lens = np.zeros((9,), np.int32)
   for i, p in enumerate(prompts):
     padded[3 * i:3 * i + 3, :len(p)] = p
     lens[3 * i:3 * i + 3] = len(p)
-  keys = generation._sample_keys(jnp.repeat(generation.row_keys(0, range(3)), 3, axis=0),
-                                 jnp.tile(jnp.arange(3, dtype=jnp.uint32), 3))
-  copies = generation.STRATEGIES["sample"].run(lm, params, jnp.asarray(padded), jnp.asarray(lens),
-                                               keys, jnp.asarray([EOS]), c, PAD, 8, 24)
+  keys = runner.sample_keys(jnp.repeat(runner.row_keys(0, range(3)), 3, axis=0),
+                            jnp.tile(jnp.arange(3, dtype=jnp.uint32), 3))
+  copies = sampling.prepare(Sample(max_new_tokens=8), target(lm, params, [EOS], PAD),
+                            Resources())(
+      Batch(jnp.asarray(padded), jnp.asarray(lens), keys, cache_len=24))
   for row, g in enumerate(shared):
     L = int(copies.lengths[row])
     assert g.output_ids == [int(t) for t in copies.tokens[row, :L]]
-  single = generation.generate(lm, params, prompts, cfg(strategy="sample", max_new_tokens=8),
+  single = run_config(lm, params, prompts, cfg(strategy="sample", max_new_tokens=8),
                                [EOS], PAD)
   assert [g.output_ids for g in single] == [g.output_ids for g in shared if g.rank == 0]
   assert len({tuple(g.output_ids) for g in shared}) > 3
@@ -154,7 +157,7 @@ def test_greedy_matches_brute_force_argmax(tiny):
   """Greedy tokens equal step-by-step argmax of full (uncached) forward passes."""
   lm, params = tiny
   prompt = [4, 9, 2]
-  out = generation.generate(lm, params, [prompt], cfg(max_new_tokens=6), [], PAD)[0]
+  out = run_config(lm, params, [prompt], cfg(max_new_tokens=6), [], PAD)[0]
   seq = list(prompt)
   for _ in range(6):  # fixed padded shape: one compile
     padded = jnp.asarray([seq + [0] * (16 - len(seq))])
@@ -167,11 +170,11 @@ def test_greedy_matches_brute_force_argmax(tiny):
 def test_bucketed_shapes_do_not_recompile(tiny):
   lm, params = tiny
   c = cfg(max_new_tokens=4)
-  generation.generate(lm, params, [[1, 2, 3]], c, [], PAD)
-  before = core.decode._cache_size()
-  generation.generate(lm, params, [[4, 5, 6, 7, 8]], c, [], PAD)
-  generation.generate(lm, params, [[9] * 11], c, [], PAD)
-  assert core.decode._cache_size() == before
+  run_config(lm, params, [[1, 2, 3]], c, [], PAD)
+  before = token_loop.decode._cache_size()
+  run_config(lm, params, [[4, 5, 6, 7, 8]], c, [], PAD)
+  run_config(lm, params, [[9] * 11], c, [], PAD)
+  assert token_loop.decode._cache_size() == before
 
 
 def test_chunked_prefill_equals_one_pass(tiny):
@@ -180,8 +183,8 @@ def test_chunked_prefill_equals_one_pass(tiny):
   rng = np.random.default_rng(0)
   prompts = jnp.asarray(rng.integers(0, 40, size=(3, 64)), jnp.int32)
   lens = jnp.asarray([64, 17, 40], jnp.int32)
-  one_logits, one_cache = core.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=64)
-  ch_logits, ch_cache = core.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=16)
+  one_logits, one_cache = prefill.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=64)
+  ch_logits, ch_cache = prefill.prefill(lm, params, prompts, lens, lm.init_cache(3, 80), chunk=16)
   np.testing.assert_allclose(ch_logits, one_logits, atol=1e-5)
   np.testing.assert_array_equal(ch_cache.lengths, one_cache.lengths)
   np.testing.assert_allclose(ch_cache.k[:, :, :, :64], one_cache.k[:, :, :, :64], atol=1e-5)

@@ -3,8 +3,6 @@ pair, the data sources, draft checkpoints and the training command end to end.""
 from __future__ import annotations
 
 import json
-import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from decoding.errors import GenerationError
+from decoding.speculative.model_drafter import load_draft_model
+from decoding.strategy import Resources, Target
 from models import artifacts, transformer
 from models.config import tiny_config
 from models.lm import LoadedModel, TransformerLM, load_self_draft, save_lm
-from train import data, distillspec as ds, divergences as dv, losses, optim, tasks, trainer
+from train import distillspec as ds, divergences as dv, losses, optim, tasks, trainer
 
 V = 32
 TARGET_CFG = tiny_config(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2)
@@ -271,29 +272,31 @@ def test_self_draft_trains_only_layers_and_round_trips(tmp_path, monkeypatch):
     load_self_draft("distillspec-smollm2-L4", _target(cfg, tparams))
 
 
-def test_transition_load_draft_checks_a_registered_target_name(tmp_path):
-  """`train.distillspec.load_draft` (what decoding/ calls until it uses load_self_draft):
-  a target given by name is checked against the registered checksum of that name."""
+def test_draft_model_loads_self_drafts_and_separate_models_for_the_target(tmp_path):
+  """The speculative strategy's `draft_model` (`model_drafter.load_draft_model`): a self-draft
+  artifact is rebuilt on the target after its checksum is checked; an exported model is a
+  separate draft model, which must share the target's vocabulary."""
   cfg = tiny_config(vocab_size=V, num_layers=4)
   tparams = _init(cfg, 7)
   dlm, trainable, _ = ds.self_draft(TransformerLM(cfg), tparams, 2)
   ds.save_draft(str(tmp_path / "d"), trainable, dlm, target_name="tiny",
                 target_sha256="ab" * 32, target_config=cfg)
-  bundle = lambda name: types.SimpleNamespace(lm=TransformerLM(cfg), params=tparams, name=name)
-  assert ds.load_draft(str(tmp_path / "d"), bundle("tiny"))[0].config.num_layers == 2
-  with pytest.raises(ValueError, match="sha256"):
-    ds.load_draft(str(tmp_path / "d"), bundle("smollm2-135m-instruct"))
-  # decoding/ sends every folder holding DRAFT_MANIFEST here: an exported model is a
-  # separate draft model, which must share the target's vocabulary
+  target = lambda sha: Target(TransformerLM(cfg), tparams, sha256=sha)
+  load = lambda path, sha="ab" * 32: load_draft_model(str(tmp_path / path), target(sha),
+                                                      Resources())
+  assert load("d")[0].config.num_layers == 2
+  with pytest.raises(GenerationError, match="sha256"):
+    load("d", "cd" * 32)
+  with pytest.raises(GenerationError, match="checksum is unknown"):
+    load("d", None)
   small = tiny_config(vocab_size=V, num_layers=1)
   save_lm(str(tmp_path / "lm"), small, _init(small, 8))
-  assert os.path.isfile(tmp_path / "lm" / ds.DRAFT_MANIFEST)
-  lm, params = ds.load_draft(str(tmp_path / "lm"), bundle("tiny"))
+  lm, params = load("lm")
   assert lm.config.num_layers == 1 and lm.config.scan_layers
   other = tiny_config(vocab_size=2 * V, num_layers=1)
   save_lm(str(tmp_path / "other"), other, _init(other, 9))
-  with pytest.raises(ValueError, match="vocabulary"):
-    ds.load_draft(str(tmp_path / "other"), bundle("tiny"))
+  with pytest.raises(GenerationError, match="vocabulary"):
+    load("other")
 
 
 def test_training_command_end_to_end(tmp_path, monkeypatch):

@@ -8,7 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import core, gad, processors, sampling, speculative, verify
+from decoding import processors, token_loop
+from decoding.speculative import gad_drafter as gad
+from decoding.speculative import loop, verify
+from decoding.speculative.acceptance import GadPlus
+from decoding.speculative.protocol import DraftView
+from decoding.errors import GenerationError
+from decoding.speculative.gad_drafter import GadDraft
+from decoding.strategy import Resources, Target
 from models import artifacts, transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
@@ -16,8 +23,8 @@ from models.lm import TransformerLM
 V = 32
 TARGET = TransformerLM(tiny_config(vocab_size=V, hidden_size=32, intermediate_size=48,
                                    num_layers=3))
-IDENTITY = processors.chain()
-PENALTY = processors.repetition_penalty(1.3)
+IDENTITY = processors.IDENTITY
+PENALTY = processors.chain(processors.RepetitionPenalty(1.3))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,9 @@ def _drafter(tparams, k=3, layers=2, seed=1):
 
 def _load_trained(path, target_lm, target_params):
   """A trained drafter read back for `target_lm`: (GadDrafter, dparams)."""
-  from train import gad as train_gad
   manifest, trained = artifacts.load_artifact(path, "gad_drafter",
                                               target_config=target_lm.config)
-  return train_gad.drafter_from_artifact(manifest, trained, target_lm, target_params)
+  return gad.drafter_from_artifact(manifest, trained, target_lm, target_params)
 
 
 def _prompts(lengths, P, seed=0):
@@ -63,15 +69,15 @@ def _prompts(lengths, P, seed=0):
 
 def _greedy(tparams, prompts, prompt_len, eos, processor, max_new):
   B, P = prompts.shape
-  return core.decode(TARGET, tparams, prompts, prompt_len, jnp.zeros((B, 2), jnp.uint32), eos,
-                     processor=processor, select=sampling.greedy_select, pad_id=0,
+  return token_loop.decode(TARGET, tparams, prompts, prompt_len, jnp.zeros((B, 2), jnp.uint32), eos,
+                     processor=processor, select=token_loop.greedy_select, pad_id=0,
                      max_new_tokens=max_new, cache_len=P + max_new)
 
 
 def test_vanilla_gad_and_gad_plus_beta_one_are_greedy_decoding(tparams, trained):
   """Ragged prompts, EOS, a context-reading processor; an untrained drafter (which gets
   nothing accepted) and a trained one."""
-  processor, reads = PENALTY, True
+  processor = PENALTY
   config, results = trained
   drafter, dparams = _load_trained(results["drafter_path"], TARGET, tparams)
   prompts, prompt_len = _prompts([3, 8, 1, 5], 8)
@@ -79,10 +85,9 @@ def test_vanilla_gad_and_gad_plus_beta_one_are_greedy_decoding(tparams, trained)
   max_new = 24
   B, P = prompts.shape
   ref = _greedy(tparams, prompts, prompt_len, eos, processor, max_new)
-  res = speculative.speculative_decode(
+  res = loop.speculative_decode(
       TARGET, tparams, drafter, dparams, prompts, prompt_len, jnp.zeros((B, 2), jnp.uint32), eos,
-      processor=processor, reads_context=reads, sample=False, pad_id=0, max_new_tokens=max_new,
-      cache_len=P + max_new + drafter.block)
+      processor=processor, sample=False, pad_id=0, max_new_tokens=max_new, cache_len=P + max_new)
   np.testing.assert_array_equal(res.tokens, ref.tokens)
   np.testing.assert_array_equal(res.lengths, ref.lengths)
   calls, acc = np.asarray(res.extras["target_calls"]), np.asarray(res.extras["accepted_drafts"])
@@ -90,17 +95,16 @@ def test_vanilla_gad_and_gad_plus_beta_one_are_greedy_decoding(tparams, trained)
   assert np.all(np.asarray(res.extras["verified_tokens"]) <= (drafter.num_draft + 1) * calls)
   assert np.sum(acc) >= 10  # the trained drafter gets drafts accepted (not a vacuous check)
   # GAD++ with beta = 1 is greedy decoding too
-  plus = speculative.speculative_decode(
+  plus = loop.speculative_decode(
       TARGET, tparams, drafter, dparams, prompts, prompt_len, jnp.zeros((B, 2), jnp.uint32), eos,
-      processor=processor, reads_context=reads, sample=False, pad_id=0,
-      max_new_tokens=max_new, cache_len=P + max_new + drafter.block,
-      relaxation=("gad_plus", 1, 3.0))
+      processor=processor, sample=False, pad_id=0, max_new_tokens=max_new, cache_len=P + max_new,
+      acceptance=GadPlus(beta=1, tau=3.0))
   np.testing.assert_array_equal(plus.tokens, ref.tokens)
   untrained, uparams = _drafter(tparams)
-  res = speculative.speculative_decode(
+  res = loop.speculative_decode(
       TARGET, tparams, untrained, uparams, prompts, prompt_len, jnp.zeros((B, 2), jnp.uint32),
-      eos, processor=processor, reads_context=reads, sample=False, pad_id=0,
-      max_new_tokens=max_new, cache_len=P + max_new + untrained.block)
+      eos, processor=processor, sample=False, pad_id=0, max_new_tokens=max_new,
+      cache_len=P + max_new)
   np.testing.assert_array_equal(res.tokens, ref.tokens)
 
 
@@ -135,7 +139,7 @@ def test_incremental_cache_matches_from_scratch(tparams, num_draft, num_masks):
             gad.propose_from_scratch(drafter, dparams, tparams, view, PENALTY))
 
   for _ in range(steps):
-    view = speculative.DraftView(sequences=seqs, seq_len=L, prompt_len=prompt_len,
+    view = DraftView(sequences=seqs, seq_len=L, prompt_len=prompt_len,
                                  num_generated=L - prompt_len, active=jnp.ones((B,), bool),
                                  row_keys=jnp.zeros((B, 2), jnp.uint32))
     logits, scratch, cache, toks, toks_scratch = both(cache, view)
@@ -203,7 +207,7 @@ def _tiny_run_config(tmp_path):
 
 
 def test_training_raises_block_accuracy_and_round_trips(trained):
-  from train import gad as train_gad, model_setup
+  from train import model_setup
   config, results = trained
   before, after = results["before"]["blocks"], results["after"]["blocks"]
   assert after["nll"] < before["nll"]  # (the tiny tied head keeps logits flat: small drop)
@@ -216,8 +220,8 @@ def test_training_raises_block_accuracy_and_round_trips(trained):
       target_config=target.config)
   assert manifest["config"] == {"num_layers": 2, "num_draft": 3, "slot_embeddings": True}
   assert manifest["target"]["name"] == "tiny" and manifest["target"]["sha256"] == target.sha256
-  drafter, dparams = train_gad.drafter_from_artifact(manifest, trained_params, target.lm,
-                                                     target.params)
+  drafter, dparams = gad.drafter_from_artifact(manifest, trained_params, target.lm,
+                                               target.params)
   assert (drafter.num_draft, drafter.num_layers) == (3, 2)
   assert set(dparams) == {"body", "mask", "slots"} and "embed" not in dparams["body"]
   assert float(jnp.abs(dparams["slots"]).sum()) > 0  # trained, not the zero init
@@ -226,10 +230,15 @@ def test_training_raises_block_accuracy_and_round_trips(trained):
                             target_config=target.config.replace(hidden_size=16))
   with pytest.raises(artifacts.TargetMismatchError, match="sha256"):  # other weights
     artifacts.load_artifact(results["drafter_path"], "gad_drafter", target_sha256="0" * 64)
-  # what decoding/ calls until it reads the artifact itself (TRANSITION wrapper)
-  drafter, _ = train_gad.load_gad_drafter(results["drafter_path"], target.lm, target.params,
-                                          num_draft=2)
+  # what the `gad` drafter of the speculative strategy builds, checked against the target
+  t = Target(target.lm, target.params, sha256=target.sha256)
+  drafter, _ = GadDraft(gad_drafter=results["drafter_path"], num_draft_tokens=2).build(
+      t, Resources())
   assert (drafter.num_draft, drafter.masks) == (2, 3)
-  with pytest.raises(ValueError, match="architecture"):
+  with pytest.raises(GenerationError, match="architecture"):
     other = TransformerLM(target.config.replace(hidden_size=16))
-    train_gad.load_gad_drafter(results["drafter_path"], other, target.params)
+    GadDraft(gad_drafter=results["drafter_path"]).build(
+        Target(other, target.params, sha256=target.sha256), Resources())
+  with pytest.raises(GenerationError, match="checksum is unknown"):
+    GadDraft(gad_drafter=results["drafter_path"]).build(Target(target.lm, target.params),
+                                                        Resources())

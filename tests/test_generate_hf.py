@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import generation
+from tests.helpers import run_config
 
 torch = pytest.importorskip("torch")
 
@@ -20,7 +20,7 @@ def _cfg(**kw):
 
 @pytest.fixture(scope="module")
 def ours_batched(smollm, prompt_ids):
-  return generation.generate(smollm.lm, smollm.params, prompt_ids, _cfg(), [2], 2)
+  return run_config(smollm.lm, smollm.params, prompt_ids, _cfg(), [2], 2)
 
 
 def test_greedy_equals_hf_generate(smollm, hf_smollm, prompt_ids, ours_batched):
@@ -54,15 +54,15 @@ def test_batch_equals_each_prompt_alone(smollm, prompt_ids, ours_batched):
   """Mixed-length batch gives each prompt's single-row tokens."""
   cfg = _cfg(max_new_tokens=16, min_new_tokens=16)
   for i in (0, 4, 7):
-    alone = generation.generate(smollm.lm, smollm.params, [prompt_ids[i]], cfg, [2], 2)
+    alone = run_config(smollm.lm, smollm.params, [prompt_ids[i]], cfg, [2], 2)
     assert alone[0].output_ids == ours_batched[i].output_ids[:16]
 
 
 def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
   cfg = _cfg(strategy="sample", max_new_tokens=12, min_new_tokens=0, temperature=0.8, top_p=0.95,
              top_k=50)
-  together = generation.generate(smollm.lm, smollm.params, prompt_ids[:3], cfg, [2], 2)
-  alone = generation.generate(smollm.lm, smollm.params, [prompt_ids[2]], cfg, [2], 2, row_ids=[2])
+  together = run_config(smollm.lm, smollm.params, prompt_ids[:3], cfg, [2], 2)
+  alone = run_config(smollm.lm, smollm.params, [prompt_ids[2]], cfg, [2], 2, row_ids=[2])
   assert alone[0].output_ids == together[2].output_ids
 
 
@@ -71,7 +71,7 @@ def test_unrolled_layout_greedy_equals_scanned(smollm, prompt_ids, ours_batched)
   from models.lm import TransformerLM
   cfg = smollm.config.replace(scan_layers=False)
   params = transformer.unstack_layers(smollm.params, cfg.num_layers)
-  out = generation.generate(TransformerLM(cfg), params, prompt_ids[:2],
+  out = run_config(TransformerLM(cfg), params, prompt_ids[:2],
                             _cfg(max_new_tokens=16, min_new_tokens=16), [2], 2)
   for o, ref in zip(out, ours_batched[:2]):
     assert o.output_ids == ref.output_ids[:16]

@@ -44,16 +44,16 @@ def test_cli_images_show_the_requested_class(model, tmp_path):
   for c in saved["classes"].values():  # AR: one forward pass per token
     assert c["forward_passes_per_image"] == model.layout.num_tokens
   clf, params, _ = image_classifier.load(image_ar.repo_path("checkpoints/classifier-fmnist"))
-  from decoding import images
+  from decoding import image_strategies as images
   labels = np.repeat(np.arange(10), 3)
-  out = images.generate_images(model, labels, images.ImageSettings(), seed=0, batch_size=30)
+  out = images.generate_images(model, labels, images.ImageAR(), seed=0, batch_size=30)
   _, pred = clf.features_and_predictions(params, out["images"])
   assert float(np.mean(pred == labels)) >= 0.8  # measured 0.97 on 100 images at scale 2
 
 
 def test_image_head_trainer_and_shipped_head(model, tmp_path):
   from configs import eagle_image_fmnist
-  from decoding import images
+  from decoding import image_strategies as images
   from train import image_draft_head
   c = eagle_image_fmnist.get_config()
   c.num_train, c.num_heldout, c.feature_batch, c.num_steps = 64, 16, 40, 3
@@ -68,9 +68,9 @@ def test_image_head_trainer_and_shipped_head(model, tmp_path):
   shipped = image_ar.load_image_head(model)[0]
   assert shipped.vocab_size == model.layout.vocab_size
   labels = np.arange(10)
-  greedy = images.ImageSettings(do_sample=False)
+  greedy = images.ImageAR(do_sample=False)
   ar = images.generate_codes(model, labels, greedy, batch_size=10)
-  eagle = images.generate_codes(model, labels, images.ImageSettings(
-      strategy="eagle", do_sample=False, window=4), batch_size=10)
+  eagle = images.generate_codes(model, labels, images.ImageEagle(do_sample=False, window=4),
+                                batch_size=10)
   np.testing.assert_array_equal(eagle["codes"], ar["codes"])
   assert eagle["forward_passes"].mean() < 0.8 * model.layout.num_tokens  # drafts accepted

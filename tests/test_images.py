@@ -151,7 +151,7 @@ def tiny_image_model():
 def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model, tmp_path):
   """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains with
   LANTERN sampled in one batch or in two = the same images (per-image keys)."""
-  from decoding import images
+  from decoding import image_strategies as images
   from models import eagle_head as dh
   m = tiny_image_model
   head = dh.EagleHead(dh.HeadConfig(m.lm.config))
@@ -159,18 +159,18 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   dh.save_head(head_path, head, dh.init_head_params(head, jax.random.key(4)), {},
                target_name="tiny", target_sha256=m.weights_sha256)
   labels = np.asarray([0, 1, 2, 1, 0])
-  greedy = images.ImageSettings(strategy="ar", do_sample=False, cfg_scale=2.0)
+  greedy = images.ImageAR(do_sample=False, cfg_scale=2.0)
   ar = images.generate_codes(m, labels, greedy, batch_size=5)
   assert (ar["codes"] < m.layout.codebook_size).all()  # class ids never generated
   # (greedy SJD = greedy AR, spatial init included: tests/test_jacobi_guidance.py; the
   # Jacobi drafter under GuidedLM's cache rollback: the prompt-lookup case there)
-  out = images.generate_codes(m, labels, images.ImageSettings(
-      strategy="eagle", do_sample=False, cfg_scale=2.0, eagle_head=head_path, eagle_tree=True,
-      tree_budget=6), batch_size=5)
+  out = images.generate_codes(m, labels, images.ImageEagle(
+      do_sample=False, cfg_scale=2.0, eagle_head=head_path, eagle_tree=True, tree_budget=6),
+      batch_size=5)
   np.testing.assert_array_equal(out["codes"], ar["codes"])  # lossless: greedy AR
   assert (out["forward_passes"] <= m.layout.num_tokens).all()
-  s = images.ImageSettings(strategy="eagle", cfg_scale=1.5, window=3, lantern_delta=0.1,
-                           lantern_k=3, eagle_head=head_path)
+  s = images.ImageEagle(cfg_scale=1.5, window=3, lantern_delta=0.1, lantern_k=3,
+                        eagle_head=head_path)
   whole = images.generate_codes(m, labels, s, seed=3, batch_size=5)
   parts = images.generate_codes(m, labels, s, seed=3, batch_size=2)
   np.testing.assert_array_equal(whole["codes"], parts["codes"])
@@ -192,29 +192,37 @@ def test_image_head_is_tied_to_its_model(tiny_image_model, tmp_path):
 
 
 def test_image_settings_and_cli_reject_bad_input_before_loading():
-  from decoding import generate_images, images
-  with pytest.raises(ValueError, match="unknown image strategy"):
-    images.ImageSettings(strategy="beam").validate()
-  with pytest.raises(ValueError, match="lantern_delta"):
-    images.ImageSettings(strategy="ar", lantern_delta=0.1).validate()
-  with pytest.raises(ValueError, match="eagle_tree"):
-    images.ImageSettings(strategy="eagle", eagle_tree=True, lantern_delta=0.1).validate()
+  from decoding import generate_images
+  from decoding import image_strategies as images
+  from decoding.errors import GenerationError
+  with pytest.raises(GenerationError, match="has no field 'lantern_delta'"):
+    images.ImageAR(lantern_delta=0.1)
+  with pytest.raises(GenerationError, match="eagle_tree"):
+    images.ImageEagle(eagle_tree=True, lantern_delta=0.1)
+  with pytest.raises(GenerationError, match="top_k=5 only applies when sampling"):
+    images.ImageSJD(do_sample=False, top_k=5)
   with pytest.raises(ValueError, match="classes"):
     generate_images.parse_classes("3,12")
   import ml_collections
   from configs import generate_images as gcfg
   cfg = gcfg.get_config()
   cfg.model = "/nonexistent/model"
-  cfg.strategy = "nope"
-  with pytest.raises(ValueError, match="unknown image strategy"):
-    generate_images.run(cfg)  # the settings fail before the (missing) model is looked for
-  cfg.strategy = "ar"
+  for strategy, field, match in (("nope", None, "unknown strategy 'nope'"),
+                                 ("beam", None, "strategy 'beam' generates text"),
+                                 ("ar", "lantern_delta", "lantern_delta does not apply to strategy 'ar'")):
+    cfg.strategy = strategy
+    if field:
+      cfg[field] = 0.1
+    with pytest.raises(GenerationError, match=match):
+      generate_images.run(cfg)  # the settings fail before the (missing) model is looked for
+  cfg = gcfg.get_config()
+  cfg.model = "/nonexistent/model"
   with pytest.raises(FileNotFoundError, match="no image model"):
     generate_images.run(cfg)
   assert isinstance(cfg, ml_collections.ConfigDict)
 
 
 def test_generate_codes_rejects_bad_labels(tiny_image_model):
-  from decoding import images
+  from decoding import image_strategies as images
   with pytest.raises(ValueError, match="class labels"):
-    images.generate_codes(tiny_image_model, [0, 7], images.ImageSettings())
+    images.generate_codes(tiny_image_model, [0, 7], images.ImageAR())

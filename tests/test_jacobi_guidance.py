@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import beam, core, guidance, jacobi, processors, sampling, speculative
+from decoding import beam_search as beam
+from decoding import guidance, token_loop
+from decoding.speculative import jacobi, loop, prompt_lookup
 from models import transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
+from tests.helpers import processor_of
 from tests.test_speculative import _chi2_pvalue, _keys
 
 
@@ -21,19 +24,18 @@ def _tiny(V=32, seed=0):
 
 
 def _greedy(lm, params, prompts, lens, n, proc=None):
-  proc = proc or processors.build({}, [], sampling=False)
-  return core.decode(lm, params, prompts, lens, _keys(prompts.shape[0]),
+  proc = proc or processor_of({}, [])
+  return token_loop.decode(lm, params, prompts, lens, _keys(prompts.shape[0]),
                      jnp.asarray([-1], jnp.int32), processor=proc,
-                     select=sampling.greedy_select, pad_id=0, max_new_tokens=n, cache_len=64)
+                     select=token_loop.greedy_select, pad_id=0, max_new_tokens=n, cache_len=64)
 
 
 def _jacobi(lm, params, drafter, prompts, lens, n, sample=False, proc=None, keys=None):
-  proc = proc or processors.build({}, [], sampling=sample)
+  proc = proc or processor_of({}, [], sampling=sample)
   keys = _keys(prompts.shape[0]) if keys is None else keys
-  return speculative.speculative_decode(
+  return loop.speculative_decode(
       lm, params, drafter, None, prompts, lens, keys, jnp.asarray([-1], jnp.int32),
-      processor=proc, reads_context=False, sample=sample, pad_id=0, max_new_tokens=n,
-      cache_len=64 + drafter.block)
+      processor=proc, sample=sample, pad_id=0, max_new_tokens=n, cache_len=64)
 
 
 def _prompts(B, P, V, seed=0):
@@ -93,7 +95,7 @@ def test_jacobi_sampling_matches_the_sequence_distribution():
   Vt, N, B = 5, 4, 10000
   lm, params = _tiny(V=Vt, seed=3)
   cfg = {"temperature": 0.35}  # sharpen the random model's near-uniform distributions
-  proc = processors.build(cfg, [], sampling=True)
+  proc = processor_of(cfg, [], sampling=True)
   prompt = [1, 2]
   seqs = np.array(list(itertools.product(range(Vt), repeat=N)))
   full = jnp.asarray(np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], 1), jnp.int32)
@@ -170,14 +172,13 @@ def test_guided_scale_one_and_zero_are_conditional_and_unconditional_greedy():
 def test_every_strategy_runs_guided():
   """Speculative decoding (prompt lookup) through GuidedLM's cache (rollback) gives
   guided greedy exactly; beam search through it (beam reordering) at scale 1 is plain beam."""
-  from decoding import drafters
   V, null = 32, 31
   lm, params = _tiny(V)
   prompts, lens = _cond_prompts(3, V, null)
   n = 14
   g = guidance.GuidedLM(lm, 2.5, null)
   ref = _greedy(g, params, prompts, lens, n)
-  res = _jacobi(g, params, drafters.PromptLookupDrafter(4, 2, 1), prompts, lens, n)
+  res = _jacobi(g, params, prompt_lookup.PromptLookupDrafter(4, 2, 1), prompts, lens, n)
   np.testing.assert_array_equal(res.tokens, ref.tokens)
   kw = dict(num_beams=3, max_new_tokens=8, cache_len=32, pad_id=0)
   eos = jnp.asarray([-1], jnp.int32)

@@ -5,7 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import jacobi, lantern, processors, speculative, verify
+from decoding.speculative import jacobi, lantern, loop, verify
+from decoding.speculative.acceptance import Lantern, Strict
+from tests.fakes import BigramLM
+from tests.helpers import processor_of
 from tests.test_speculative import _keys
 
 
@@ -50,14 +53,14 @@ def test_delta_zero_is_the_strict_rule_and_acceptance_grows_with_delta():
   offsets = jnp.zeros((logits.shape[0],), jnp.int32)
   for sample, probs in ((True, q), (True, None), (False, None)):
     strict = verify.verify_chain(logits, drafts, probs, keys, sample, offsets)
-    zero = verify.verify_chain(logits, drafts, probs, keys, sample, offsets, neighbors=table,
-                               delta=0.0)
+    zero = verify.verify_chain(logits, drafts, probs, keys, sample, offsets,
+                               Lantern(neighbors=table, delta=0.0))
     np.testing.assert_array_equal(zero.num_accepted, strict.num_accepted)
     np.testing.assert_array_equal(zero.next_token, strict.next_token)
     prev = None
     for delta in (0.0, 0.05, 0.1, 0.2, 0.5):
-      n = verify.verify_chain(logits, drafts, probs, keys, sample, offsets, neighbors=table,
-                              delta=delta).num_accepted
+      n = verify.verify_chain(logits, drafts, probs, keys, sample, offsets,
+                              Lantern(neighbors=table, delta=delta)).num_accepted
       if prev is not None and probs is not None:  # same uniforms: row by row
         assert bool(jnp.all(n >= prev)), (sample, delta)
       prev = n
@@ -65,28 +68,66 @@ def test_delta_zero_is_the_strict_rule_and_acceptance_grows_with_delta():
 
 
 def test_lantern_in_the_loop_with_jacobi_decoding():
-  """SJD with relaxation ("lantern", delta > 0) accepts more drafts per call than strict SJD
-  on the same seeds (delta = 0 is the strict rule: test_delta_zero_is_the_strict_rule...)."""
-  from tests.fakes import BigramLM
+  """SJD with LANTERN (delta > 0) accepts more drafts per call than strict SJD on the same
+  seeds (delta = 0 is the strict rule: test_delta_zero_is_the_strict_rule...)."""
   V = 24
   lm, params = BigramLM(V), jnp.asarray(np.random.RandomState(1).randn(V, V) * 2.0, jnp.float32)
   table = lantern.neighbor_table(np.random.RandomState(2).randn(V, 2), 4)
   B = 16
   prompts = jnp.asarray(np.random.RandomState(3).randint(0, V, (B, 3)), jnp.int32)
   lens = jnp.full((B,), 3, jnp.int32)
-  proc = processors.build({"temperature": 0.7}, [], sampling=True)
+  proc = processor_of({"temperature": 0.7}, [], sampling=True)
   d = jacobi.JacobiDrafter(num_draft=4)
 
-  def run(relaxation):
-    return speculative.speculative_decode(
+  def run(acceptance):
+    return loop.speculative_decode(
         lm, params, d, None, prompts, lens, _keys(B, 5), jnp.asarray([-1], jnp.int32),
-        processor=proc, reads_context=False, sample=True, pad_id=0, max_new_tokens=16,
-        cache_len=32, relaxation=relaxation, neighbors=table)
+        processor=proc, sample=True, pad_id=0, max_new_tokens=16, cache_len=16,
+        acceptance=acceptance)
 
-  strict = speculative.speculative_decode(
-      lm, params, d, None, prompts, lens, _keys(B, 5), jnp.asarray([-1], jnp.int32),
-      processor=proc, reads_context=False, sample=True, pad_id=0, max_new_tokens=16,
-      cache_len=32)
-  relaxed = run(("lantern", 0.3))
+  strict = run(Strict())
+  relaxed = run(Lantern(neighbors=table, delta=0.3))
   tau = lambda r: float(r.extras["verified_tokens"].sum() / r.extras["target_calls"].sum())
   assert tau(relaxed) > tau(strict)
+
+
+def _one_token_law(p, q, table, delta, point_mass, n=200000, seed=0):
+  """The empirical law of the token one verified position emits (the accepted draft, or the
+  residual draw after a rejection), over n independent draws, and the fraction accepted."""
+  V = p.shape[0]
+  keys = _keys(n, seed)
+  logits = jnp.broadcast_to(jnp.log(p), (n, 2, V))
+  if point_mass:  # a deterministic draft: always the same token, q = one-hot
+    drafts = jnp.full((n, 1), int(jnp.argmax(q)), jnp.int32)
+    probs = None
+  else:  # a sampled draft, d ~ q
+    dkeys = jax.vmap(lambda k: jax.random.fold_in(k, 99))(keys)
+    drafts = jax.vmap(jax.random.categorical, (0, None))(dkeys, jnp.log(q))[:, None]
+    probs = jnp.broadcast_to(q, (n, 1, V))
+  v = verify.verify_chain(logits, drafts.astype(jnp.int32), probs, keys, True,
+                          jnp.zeros((n,), jnp.int32), Lantern(neighbors=table, delta=delta))
+  out = np.where(np.asarray(v.num_accepted) == 1, np.asarray(drafts[:, 0]),
+                 np.asarray(v.next_token))
+  return np.bincount(out, minlength=V) / n, float(np.mean(np.asarray(v.num_accepted)))
+
+
+def test_lantern_bounds_the_borrowed_mass_not_the_output_distance():
+  """What LANTERN bounds is the mass a draft borrows from its neighbours (c <= delta). With a
+  point-mass draft the emitted token's law is the target's with that mass moved from the
+  lent neighbours onto the draft: its total variation from the target is exactly c. With a
+  sampled draft the residual heuristic breaks this, and the distance exceeds delta here
+  (about 0.17 at delta = 0.1; decoding/speculative/lantern.py quotes this test)."""
+  rng = np.random.RandomState(6)
+  V, k, delta = 8, 3, 0.1
+  table = lantern.neighbor_table(rng.randn(V, 2), k)
+  p = jax.nn.softmax(jnp.asarray(rng.randn(V) * 1.5, jnp.float32))
+  q = jax.nn.softmax(jnp.asarray(rng.randn(V) * 1.5, jnp.float32))
+  noise = 0.01  # ~ 3 standard errors of a TV estimate from 2e5 draws over 8 tokens
+  tv = lambda law: 0.5 * float(np.abs(law - np.asarray(p)).sum())
+  for point_mass in (False, True):  # delta = 0: the target's law either way
+    assert tv(_one_token_law(p, q, table, 0.0, point_mass)[0]) < noise
+  d = jnp.argmax(q)
+  borrowed = float(verify.latent_relaxation(p[None, None], d[None, None], table, delta)[0][0, 0])
+  assert 0 < borrowed <= delta
+  assert abs(tv(_one_token_law(p, q, table, delta, True)[0]) - borrowed) < noise
+  assert tv(_one_token_law(p, q, table, delta, False)[0]) > delta + noise

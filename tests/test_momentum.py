@@ -13,9 +13,11 @@ import pytest
 
 from configs import momentum as momentum_config
 from decoding import generate as cli
-from decoding import generation, momentum
+from decoding import momentum
+from decoding.errors import GenerationError
 from decoding.processors import ProcessorContext
 from tests.fakes import BigramLM
+from tests.helpers import run_config
 
 EOS, PAD, V = 1, 0, 12
 # Ragged prompts shared by the fake-model tests (equal shapes and configs reuse compiles).
@@ -23,8 +25,10 @@ PROMPTS = [[2, 3, 4, 5], [7], [9, 2, 3, 8, 2, 3, 4]]
 
 
 def cfg(**kw):
-  base = dict(strategy="momentum", max_new_tokens=30, seed=0, batch_size=8, momentum_alpha=0.2,
-              momentum_top_k=5, momentum_max_ngram=5, momentum_resistance="ours")
+  base = dict(strategy="momentum", max_new_tokens=30, seed=0, batch_size=8)
+  if kw.get("strategy", "momentum") == "momentum":
+    base.update(momentum_alpha=0.2, momentum_top_k=5, momentum_max_ngram=5,
+                momentum_resistance="ours")
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -136,26 +140,26 @@ def test_matches_reference_procedure_on_ragged_batch(resistance, k, max_n, alpha
   table = loopy_table()
   c = cfg(momentum_resistance=resistance, momentum_top_k=k, momentum_max_ngram=max_n,
           momentum_alpha=alpha)
-  out = generation.generate(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
+  out = run_config(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
   for p, g in zip(PROMPTS, out):
     assert g.output_ids == reference_decode(table, p, 30, alpha, k, max_n, resistance)
 
 
 def test_ragged_batch_equals_each_row_alone():
   table, c = loopy_table(1), cfg()
-  together = generation.generate(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
+  together = run_config(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
   for p, g in zip(PROMPTS, together):
-    alone = generation.generate(BigramLM(V), table, [p], c, [EOS], PAD)[0]
+    alone = run_config(BigramLM(V), table, [p], c, [EOS], PAD)[0]
     assert alone.output_ids == g.output_ids
     assert alone.token_logprobs == pytest.approx(g.token_logprobs, abs=1e-6)
 
 
 def test_default_resistance_never_repeats_a_5gram():
   table, lm = loopy_table(), BigramLM(V)
-  greedy = generation.generate(lm, table, PROMPTS, cfg(strategy="greedy"), [EOS], PAD)
+  greedy = run_config(lm, table, PROMPTS, cfg(strategy="greedy"), [EOS], PAD)
   assert all(repeated_ngram(p + g.output_ids, 5) for p, g in zip(PROMPTS, greedy))
   # k = V: some candidate is always allowed (no 4-gram context occurs V times in 37 tokens).
-  out = generation.generate(lm, table, PROMPTS, cfg(momentum_top_k=V), [EOS], PAD)
+  out = run_config(lm, table, PROMPTS, cfg(momentum_top_k=V), [EOS], PAD)
   for p, g in zip(PROMPTS, out):
     assert len(g.output_ids) == 30 and not repeated_ngram(p + g.output_ids, 5)
     prev = (p + g.output_ids)[len(p) - 1:-1]
@@ -166,22 +170,35 @@ def test_default_resistance_never_repeats_a_5gram():
 
 def test_alpha_zero_or_one_candidate_is_greedy_on_fake_model():
   table = loopy_table(2)
-  greedy = generation.generate(BigramLM(V), table, PROMPTS, cfg(strategy="greedy"), [EOS], PAD)
+  greedy = run_config(BigramLM(V), table, PROMPTS, cfg(strategy="greedy"), [EOS], PAD)
   assert all(repeated_ngram(p + g.output_ids, 5) for p, g in zip(PROMPTS, greedy))
   # k = 1: the only candidate is blocked whenever greedy repeats a 5-gram, and is emitted anyway.
   for c in (cfg(momentum_alpha=0.0), cfg(momentum_top_k=1)):
-    out = generation.generate(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
+    out = run_config(BigramLM(V), table, PROMPTS, c, [EOS], PAD)
     assert [g.output_ids for g in out] == [g.output_ids for g in greedy]
 
 
 def test_alpha_zero_is_greedy_on_smollm(smollm, prompt_ids):
   c = cfg(max_new_tokens=12, momentum_alpha=0.0)
-  out = generation.generate(smollm.lm, smollm.params, prompt_ids, c, [2], 2)
-  greedy = generation.generate(smollm.lm, smollm.params, prompt_ids,
+  out = run_config(smollm.lm, smollm.params, prompt_ids, c, [2], 2)
+  greedy = run_config(smollm.lm, smollm.params, prompt_ids,
                                cfg(strategy="greedy", max_new_tokens=12), [2], 2)
   for g, m in zip(greedy, out):
     assert m.output_ids == g.output_ids
     assert m.token_logprobs == pytest.approx(g.token_logprobs, abs=1e-5)
+
+
+def test_alpha_zero_with_min_new_tokens_and_no_eos_is_greedy():
+  """Without EOS ids the minimum-length rule has nothing to ban: it must not ban the last
+  vocabulary token (an EOS array padded with -1 once indexed it)."""
+  t = np.zeros((V, V), np.float32)
+  t[2, V - 1], t[V - 1, 3], t[3, V - 1] = 4.0, 4.0, 4.0  # greedy: 11 3 11 3 ...
+  table = jnp.asarray(t)
+  greedy = run_config(BigramLM(V), table, [[2]], cfg(strategy="greedy", max_new_tokens=6,
+                                                      min_new_tokens=3), [], PAD)
+  assert greedy[0].output_ids == [V - 1, 3, V - 1, 3, V - 1, 3]
+  c = cfg(max_new_tokens=6, min_new_tokens=3, momentum_alpha=0.0, momentum_top_k=V)
+  assert run_config(BigramLM(V), table, [[2]], c, [], PAD)[0].output_ids == greedy[0].output_ids
 
 
 @pytest.mark.parametrize("bad", [
@@ -189,8 +206,8 @@ def test_alpha_zero_is_greedy_on_smollm(smollm, prompt_ids):
     dict(momentum_alpha=float("inf")), dict(momentum_top_k=0), dict(momentum_top_k=2.5),
     dict(momentum_max_ngram=1), dict(num_return_sequences=2)])
 def test_bad_configs_raise_before_compiling(bad):
-  with pytest.raises(generation.GenerationError):
-    generation.generate(BigramLM(V), loopy_table(), [[2]], cfg(**bad), [EOS], PAD)
+  with pytest.raises(GenerationError):
+    run_config(BigramLM(V), loopy_table(), [[2]], cfg(**bad), [EOS], PAD)
 
 
 class LetterTokenizer:
@@ -207,7 +224,7 @@ class LetterTokenizer:
 def test_cli_runs_momentum_config(monkeypatch):
   table = loopy_table()
   model = types.SimpleNamespace(lm=BigramLM(V), params=table, tokenizer=LetterTokenizer(),
-                                instruct=False)
+                                instruct=False, name=None, sha256=None)
   monkeypatch.setattr(cli, "load", lambda c: (model, None))
   c = momentum_config.get_config()
   c.max_new_tokens = 30

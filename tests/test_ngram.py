@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import jax
 import jax.numpy as jnp
@@ -116,20 +117,19 @@ class CharTokenizer:
     return list(text.encode())
 
 
-def test_tables_are_cached_on_disk_and_in_process(tmp_path, monkeypatch):
+def test_tables_are_cached_on_disk(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="unknown n-gram corpus"):
     ngram.corpus_documents("nope/train")
   monkeypatch.setenv("DECODAX_NGRAM_DIR", str(tmp_path))
   monkeypatch.setattr(ngram, "corpus_documents", lambda corpus: ["abracadabra", "banana band"])
-  monkeypatch.setattr(ngram, "_MODELS", {})
   tok = CharTokenizer()
-  model = ngram.load_ngram_model(ngram.DEFAULT_CORPUS, tok)
+  tables, seconds = ngram.load_tables(ngram.DEFAULT_CORPUS, tok)
+  model = ngram.model_from_tables(tables)
   path = ngram.cache_path(ngram.DEFAULT_CORPUS, ngram.tokenizer_fingerprint(tok))
-  assert path.startswith(str(tmp_path)) and ngram.last_build_seconds is not None
-  assert ngram.load_ngram_model(ngram.DEFAULT_CORPUS, tok) is model  # process cache
-  monkeypatch.setattr(ngram, "_MODELS", {})
+  assert path.startswith(str(tmp_path)) and os.path.isfile(path) and seconds is not None
   monkeypatch.setattr(ngram, "corpus_documents", lambda corpus: pytest.fail("rebuilt"))
   again = ngram.load_ngram_model(ngram.DEFAULT_CORPUS, tok)  # from the .npz
+  assert ngram.load_tables(ngram.DEFAULT_CORPUS, tok)[1] is None  # read, not built
   for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # "a" follows "n" 2 times out of 3 ("banana band"), and "an" 2 times out of 3.

@@ -36,15 +36,15 @@ def _same(ours, ref):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("make_ours,make_ref", [
-    (lambda: P.repetition_penalty(1.3), lambda: hf.RepetitionPenaltyLogitsProcessor(1.3)),
-    (lambda: P.repetition_penalty(0.7), lambda: hf.RepetitionPenaltyLogitsProcessor(0.7)),
-    (lambda: P.no_repeat_ngram(2), lambda: hf.NoRepeatNGramLogitsProcessor(2)),
-    (lambda: P.no_repeat_ngram(3), lambda: hf.NoRepeatNGramLogitsProcessor(3)),
-    (lambda: P.temperature(0.6), lambda: hf.TemperatureLogitsWarper(0.6)),
-    (lambda: P.top_k(5), lambda: hf.TopKLogitsWarper(5)),
-    (lambda: P.top_p(0.8), lambda: hf.TopPLogitsWarper(0.8)),
-    (lambda: P.top_p(0.3), lambda: hf.TopPLogitsWarper(0.3)),
-    (lambda: P.min_p(0.1), lambda: hf.MinPLogitsWarper(0.1)),
+    (lambda: P.RepetitionPenalty(1.3), lambda: hf.RepetitionPenaltyLogitsProcessor(1.3)),
+    (lambda: P.RepetitionPenalty(0.7), lambda: hf.RepetitionPenaltyLogitsProcessor(0.7)),
+    (lambda: P.NoRepeatNGram(2), lambda: hf.NoRepeatNGramLogitsProcessor(2)),
+    (lambda: P.NoRepeatNGram(3), lambda: hf.NoRepeatNGramLogitsProcessor(3)),
+    (lambda: P.Temperature(0.6), lambda: hf.TemperatureLogitsWarper(0.6)),
+    (lambda: P.TopK(5), lambda: hf.TopKLogitsWarper(5)),
+    (lambda: P.TopP(0.8), lambda: hf.TopPLogitsWarper(0.8)),
+    (lambda: P.TopP(0.3), lambda: hf.TopPLogitsWarper(0.3)),
+    (lambda: P.MinP(0.1), lambda: hf.MinPLogitsWarper(0.1)),
 ])
 def test_matches_hf(seed, make_ours, make_ref):
   seqs, logits = _case(seed)
@@ -57,7 +57,7 @@ def test_matches_hf(seed, make_ours, make_ref):
 def test_min_new_tokens_matches_hf(step):
   seqs, logits = _case(0)
   ctx = _ctx(seqs[:, :4 + step], step=step)
-  ours = P.min_new_tokens(5, [2, 7])(jnp.asarray(logits), ctx)
+  ours = P.MinNewTokens(5, (2, 7))(jnp.asarray(logits), ctx)
   ref = hf.MinNewTokensLengthLogitsProcessor(4, 5, [2, 7])(
       torch.tensor(seqs[:, :4 + step], dtype=torch.long), torch.tensor(logits))
   _same(ours, ref)
@@ -67,7 +67,7 @@ def test_ngram_ignores_padding_beyond_row_length():
   seqs = np.array([[1, 2, 1, 0, 1, 2]], np.int32)  # only the first 3 are valid context
   ctx = P.ProcessorContext(sequences=jnp.asarray(seqs), seq_len=jnp.asarray([3]),
                            prompt_len=jnp.asarray([3]), step=jnp.asarray(0))
-  out = np.asarray(P.no_repeat_ngram(2)(jnp.zeros((1, 4)), ctx))
+  out = np.asarray(P.NoRepeatNGram(2)(jnp.zeros((1, 4)), ctx))
   assert np.isneginf(out[0, 2]) and np.isfinite(out[0, 0])  # "1 2" seen; "1 0" was padding
 
 
@@ -75,7 +75,7 @@ def test_ngram_ignores_padding_beyond_row_length():
 @given(p=st.floats(0.01, 1.0), k=st.integers(1, 12), seed=st.integers(0, 10_000))
 def test_chain_of_warpers_matches_hf(p, k, seed):
   seqs, logits = _case(seed, V=12)
-  ours = P.chain(P.temperature(0.9), P.top_k(k), P.top_p(p))(jnp.asarray(logits), _ctx(seqs))
+  ours = P.chain(P.Temperature(0.9), P.TopK(k), P.TopP(p))(jnp.asarray(logits), _ctx(seqs))
   t = torch.tensor(logits)
   ids = torch.tensor(seqs, dtype=torch.long)
   for w in (hf.TemperatureLogitsWarper(0.9), hf.TopKLogitsWarper(k), hf.TopPLogitsWarper(p)):
@@ -86,18 +86,30 @@ def test_chain_of_warpers_matches_hf(p, k, seed):
 
 def test_invalid_processor_values():
   with pytest.raises(ValueError, match="temperature"):
-    P.temperature(0.0)
+    P.Temperature(0.0)
   with pytest.raises(ValueError, match="top_p"):
-    P.top_p(1.5)
+    P.TopP(1.5)
   with pytest.raises(ValueError, match="top_k"):
-    P.top_k(0)
+    P.TopK(0)
 
 
 def test_warpers_keep_min_tokens_to_keep():
   """HF's beam sampling keeps at least 1 + |EOS| tokens in top-k, top-p and min-p."""
   logits = jnp.asarray([[5.0, 1.0, 0.5, 0.0, -1.0]])
   ctx = None
-  for proc in (P.top_k(1, 3), P.top_p(0.01, 3), P.min_p(0.9, 3)):
+  for proc in (P.TopK(1, 3), P.TopP(0.01, 3), P.MinP(0.9, 3)):
     kept = np.isfinite(np.asarray(proc(logits, ctx)))[0]
     assert kept.tolist() == [True, True, True, False, False]
-  assert np.isfinite(np.asarray(P.top_k(1)(logits, ctx))).sum() == 1
+  assert np.isfinite(np.asarray(P.TopK(1)(logits, ctx))).sum() == 1
+
+
+def test_processors_are_values():
+  """Equal settings give equal, equally hashed processors: a jitted loop taking one as a
+  static argument compiles once per setting, without caches keyed on object identity."""
+  a = P.chain(P.RepetitionPenalty(1.2), P.Temperature(0.7), P.TopP(0.9))
+  b = P.chain(P.RepetitionPenalty(1.2), P.Temperature(0.7), P.TopP(0.9))
+  assert a == b and hash(a) == hash(b) and a is not b
+  assert a != P.chain(P.RepetitionPenalty(1.2), P.Temperature(0.8), P.TopP(0.9))
+  assert a.reads_context and not P.chain(P.Temperature(0.7), P.TopK(3)).reads_context
+  assert P.penalties(0, 1.0, 0, [2]) == P.IDENTITY  # neutral settings add nothing
+  assert P.penalties(3, 1.0, 0, [-1]) == P.IDENTITY  # no real EOS id: nothing to ban

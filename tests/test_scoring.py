@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import generation, scoring
+from decoding import scoring
+from decoding.errors import GenerationError
+from tests.helpers import run_config
 from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import init_params
@@ -26,7 +28,7 @@ def tiny():
 
 def _greedy(lm, params, prompts, n):
   cfg = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=n, seed=0))
-  return generation.generate(lm, params, prompts, cfg, eos_ids=[], pad_id=0)
+  return run_config(lm, params, prompts, cfg, eos_ids=[], pad_id=0)
 
 
 def test_gnll_brute_force_bound_and_equality(tiny):
@@ -117,9 +119,9 @@ def test_auroc_equals_pairwise_count():
 
 def test_bad_input_is_rejected_before_compiling(tiny):
   lm, params = tiny
-  with pytest.raises(generation.GenerationError, match="outside"):
+  with pytest.raises(GenerationError, match="outside"):
     scoring.score_continuations(lm, params, [[1]], [[7]])
-  with pytest.raises(generation.GenerationError, match="continuations"):
+  with pytest.raises(GenerationError, match="continuations"):
     scoring.score_continuations(lm, params, [[1]], [[1], [2]])
-  with pytest.raises(generation.GenerationError, match="context"):
+  with pytest.raises(GenerationError, match="context"):
     scoring.score_continuations(lm, params, [[1]], [[1] * 200])

@@ -8,8 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import generation, selection
-from decoding.generation import Generation, GenerationError
+from decoding import best_of_n, self_agreement
+from decoding import answers as extractors
+from decoding.cli import settings_from_config
+from decoding.errors import GenerationError
+from decoding.greedy import Greedy
+from decoding.results import Generation
+from decoding.self_agreement import SelfAgreement
+from tests.helpers import run_config, target
 
 
 def _cands(scs, nlls=None):
@@ -25,10 +31,10 @@ def test_borda_with_power_zero_is_majority_vote():
     n = int(rng.integers(1, 12))
     answers = [None if rng.random() < 0.2 else str(rng.integers(0, 3)) for _ in range(n)]
     scs = list(rng.normal(size=n))
-    votes0 = selection.borda_votes(answers, scs, power=0.0)
+    votes0 = best_of_n.borda_votes(answers, scs, power=0.0)
     counts = collections.Counter(a for a in answers if a is not None)
     assert votes0 == {a: float(c) for a, c in counts.items()}
-    idx, info = selection.select(_cands(scs), "majority", answers)
+    idx, info = best_of_n.select(_cands(scs), "majority", answers)
     if counts:
       assert counts[answers[idx]] == max(counts.values())
       # Among the tied majority answers, the winner is the one whose best response ranks highest.
@@ -40,30 +46,30 @@ def test_borda_with_power_zero_is_majority_vote():
 def test_borda_votes_by_hand():
   # Ranks by self-certainty: r1 = idx 2 ("7"), r2 = idx 0 ("5"), r3 = idx 3 ("5"), r4 = idx 1 (None).
   answers, scs = ["5", None, "7", "5"], [0.5, 0.1, 0.9, 0.3]
-  votes = selection.borda_votes(answers, scs, power=1.0)
+  votes = best_of_n.borda_votes(answers, scs, power=1.0)
   assert votes == {"7": 4.0, "5": 3.0 + 2.0}
-  idx, info = selection.select(_cands(scs), "borda", answers, borda_power=1.0)
+  idx, info = best_of_n.select(_cands(scs), "borda", answers, borda_power=1.0)
   assert answers[idx] == "5" and idx == 0  # the most certain response with the winning answer
-  idx, _ = selection.select(_cands(scs), "borda", answers, borda_power=2.0)  # 16 vs 9 + 4
+  idx, _ = best_of_n.select(_cands(scs), "borda", answers, borda_power=2.0)  # 16 vs 9 + 4
   assert answers[idx] == "7"
 
 
 def test_certainty_and_likelihood_selection():
   c = _cands([0.2, 0.8, 0.5], nlls=[3.0, 5.0, 1.0])
-  assert selection.select(c, "self_certainty")[0] == 1
-  assert selection.select(c, "likelihood")[0] == 2
+  assert best_of_n.select(c, "self_certainty")[0] == 1
+  assert best_of_n.select(c, "likelihood")[0] == 2
   # All answers unparseable: fall back to the most certain response.
-  assert selection.select(c, "borda", [None, None, None])[0] == 1
+  assert best_of_n.select(c, "borda", [None, None, None])[0] == 1
 
 
 def test_answer_extractors():
-  assert selection.last_number("so 3 + 4 = 7. The answer is 1,200.0!") == "1200"
-  assert selection.last_number("no digits here") is None
-  assert selection.last_number("it is -3.50") == "-3.5"
-  assert selection.boxed(r"thus \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
-  assert selection.boxed("none") is None
+  assert extractors.last_number("so 3 + 4 = 7. The answer is 1,200.0!") == "1200"
+  assert extractors.last_number("no digits here") is None
+  assert extractors.last_number("it is -3.50") == "-3.5"
+  assert extractors.boxed(r"thus \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+  assert extractors.boxed("none") is None
   with pytest.raises(GenerationError, match="answer_extractor"):
-    selection.get_extractor("nope")
+    extractors.get_extractor("nope")
 
 
 def _best_cfg(**kw):
@@ -73,15 +79,21 @@ def _best_cfg(**kw):
   return ml_collections.ConfigDict(c)
 
 
+def _samples(smollm, prompts, n):
+  """n samples per prompt with _best_cfg's sampling settings, grouped by prompt."""
+  c = dict(strategy="sample", max_new_tokens=10, seed=3, temperature=0.8, num_return_sequences=n)
+  return best_of_n.group_by_prompt(run_config(smollm.lm, smollm.params, prompts, c, [2], 2),
+                                   len(prompts))
+
+
 def test_best_of_n_on_smollm(smollm, prompt_ids):
   """The selected response is the most self-certain of N samples; the first N samples
   do not depend on N (so best-of-N curves can reuse one sample set)."""
   prompts = prompt_ids[:2]
-  chosen = generation.generate(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2,
-                               tokenizer=smollm.tokenizer)
-  groups4 = selection.sample_candidates(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2)
-  groups2 = selection.sample_candidates(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2,
-                                        num_samples=2)
+  chosen = run_config(smollm.lm, smollm.params, prompts, _best_cfg(), [2], 2,
+                      tokenizer=smollm.tokenizer)
+  groups4 = _samples(smollm, prompts, 4)
+  groups2 = _samples(smollm, prompts, 2)
   for g, c4, c2 in zip(chosen, groups4, groups2):
     assert [c.output_ids for c in c2] == [c.output_ids for c in c4[:2]]
     sc = [c.self_certainty for c in c4]
@@ -89,37 +101,34 @@ def test_best_of_n_on_smollm(smollm, prompt_ids):
     assert g.output_ids == c4[int(np.argmax(sc))].output_ids
     assert len({tuple(c.output_ids) for c in c4}) > 1  # samples differ
   # Sample 0 of N is what plain sampling gives.
-  plain = generation.generate(smollm.lm, smollm.params, prompts,
-                              _best_cfg(strategy="sample"), [2], 2)
-  assert [p.output_ids for p in plain] == [c[0].output_ids for c in groups4]
+  plain = _samples(smollm, prompts, 1)
+  assert [p[0].output_ids for p in plain] == [c[0].output_ids for c in groups4]
 
 
 def test_agreement_prompt_and_chat_split(smollm):
   tok = smollm.tokenizer
   q = "Tom has 3 apples and buys 5 more. How many?"
   ids = tok.encode_chat([{"role": "user", "content": q}])
-  assert selection.split_chat_prompt(tok, ids) == (q, True)
-  assert selection.split_chat_prompt(tok, tok.encode("plain text")) == ("plain text", False)
-  p1 = selection.agreement_prompt(q, ["It is 8.", "I think 7."])
-  assert p1 == selection.agreement_prompt(q, ["It is 8.", "I think 7."])
+  assert self_agreement.split_chat_prompt(tok, ids) == (q, True)
+  assert self_agreement.split_chat_prompt(tok, tok.encode("plain text")) == ("plain text", False)
+  p1 = self_agreement.agreement_prompt(q, ["It is 8.", "I think 7."])
+  assert p1 == self_agreement.agreement_prompt(q, ["It is 8.", "I think 7."])
   assert "Solution 1: It is 8." in p1 and "Solution 2: I think 7." in p1 and q in p1
   assert "2 candidate solutions" in p1
 
 
-def test_self_agreement_with_majority_stub_equals_self_consistency(smollm, monkeypatch):
+def test_self_agreement_with_majority_stub_equals_self_consistency(smollm):
   """Card 14: if the model answers the agreement prompt with the majority answer,
   self-agreement equals self-consistency (majority vote), unparseable paths included."""
   tok = smollm.tokenizer
   rng = np.random.default_rng(0)
-  real_generate = generation.generate
 
-  def stub_generate(lm, params, prompts, cfg, eos_ids, pad_id, row_ids=None, shard=None,
-                    tokenizer=None):
-    assert cfg.strategy == "greedy"
+  def stub_generate(prompts, settings, **options):
+    assert isinstance(settings, Greedy)  # the second stage
     outs = []
     for i, p in enumerate(prompts):
       text = tok.decode(p, skip_special_tokens=True)
-      answers = [selection.last_number(line) for line in text.split("\n")
+      answers = [extractors.last_number(line) for line in text.split("\n")
                  if line.startswith("Solution ")]
       counts = collections.Counter(a for a in answers if a is not None)
       reply = f"The answer is {counts.most_common(1)[0][0]}." if counts else "I do not know."
@@ -128,7 +137,6 @@ def test_self_agreement_with_majority_stub_equals_self_consistency(smollm, monke
                              finished=True, index=i))
     return outs
 
-  monkeypatch.setattr(generation, "generate", stub_generate)
   prompts, paths, expected = [], [], []
   for k in range(6):
     prompts.append(tok.encode_chat([{"role": "user", "content": f"Question {k}?"}]))
@@ -137,14 +145,13 @@ def test_self_agreement_with_majority_stub_equals_self_consistency(smollm, monke
     cands = [Generation(prompt_ids=[], output_ids=tok.encode(t), token_logprobs=[],
                         processed_logprobs=[], score=0.0, finished=True) for t in texts]
     paths.append(cands)
-    answers = [selection.last_number(t) for t in texts]
+    answers = [extractors.last_number(t) for t in texts]
     counts = collections.Counter(a for a in answers if a is not None)
     expected.append(counts.most_common(1)[0][0] if counts else None)
-  cfg = ml_collections.ConfigDict(dict(strategy="self_agreement", num_paths=5, max_new_tokens=8,
-                                       temperature=0.7))
-  finals = selection.self_agreement(None, None, prompts, cfg, [2], 2, tokenizer=tok, paths=paths)
+  settings = SelfAgreement(num_paths=5, max_new_tokens=8, temperature=0.7)
+  finals = self_agreement.self_agreement(settings, target(None, None, [2], 2, tok), prompts,
+                                         stub_generate, paths=paths)
   assert [f.extras["answer"] for f in finals] == expected
-  monkeypatch.setattr(generation, "generate", real_generate)
 
 
 def test_self_agreement_end_to_end_cli(smollm, tmp_path, monkeypatch):
@@ -170,7 +177,7 @@ def test_self_agreement_end_to_end_cli(smollm, tmp_path, monkeypatch):
 ])
 def test_best_of_n_bad_config(bad, match):
   with pytest.raises(GenerationError, match=match):
-    generation.validate_config(_best_cfg(**bad))
+    settings_from_config(_best_cfg(**bad))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -182,11 +189,11 @@ def test_self_agreement_bad_config(bad, match):
   c = dict(strategy="self_agreement", max_new_tokens=8, num_paths=2, temperature=0.7)
   c.update(bad)
   with pytest.raises(GenerationError, match=match):
-    generation.validate_config(ml_collections.ConfigDict(c))
+    settings_from_config(ml_collections.ConfigDict(c))
 
 
 def test_self_agreement_needs_tokenizer(smollm):
   cfg = ml_collections.ConfigDict(dict(strategy="self_agreement", max_new_tokens=4, num_paths=2,
                                        temperature=0.7))
   with pytest.raises(GenerationError, match="tokenizer"):
-    generation.generate(smollm.lm, smollm.params, [[1, 2]], cfg, [2], 2)
+    run_config(smollm.lm, smollm.params, [[1, 2]], cfg, [2], 2)

@@ -17,8 +17,10 @@ from models.transformer import init_params
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys
-    import jax, ml_collections
-    from decoding import generation
+    import jax
+    from decoding.greedy import Greedy
+    from decoding.runner import generate
+    from decoding.strategy import Target
     from models import sharding
     from models.lm import load_model
     assert len(jax.devices()) == 8, jax.devices()
@@ -28,17 +30,16 @@ SCRIPT = textwrap.dedent("""
              "Water boils at", "1, 2, 3, 4,", "The sun is a", "My favourite food is",
              "In 1969, humans"]
     prompts = [tok.encode(t) for t in texts]
-    cfg = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=12,
-                                         min_new_tokens=12, batch_size=8, seed=0))
-    single = generation.generate(m.lm, m.params, prompts, cfg, [2], 2)
+    settings = Greedy(max_new_tokens=12, min_new_tokens=12)
+    single = generate(Target(m.lm, m.params, (2,), 2), prompts, settings)
     mesh = sharding.make_mesh(data=4, model=2)
     params = sharding.shard_params(m.params, mesh)
     lm = dataclasses.replace(m.lm, mesh=mesh)
     specs = {k: str(v.sharding.spec) for k, v in
              [("q", params["layers"]["attn"]["q_proj"]["kernel"]),
               ("embed", params["embed"]["table"])]}
-    sharded = generation.generate(lm, params, prompts, cfg, [2], 2,
-                                  shard=lambda a: sharding.shard_batch(a, mesh))
+    sharded = generate(Target(lm, params, (2,), 2), prompts, settings,
+                       shard=lambda a: sharding.shard_batch(a, mesh))
     print(json.dumps(dict(single=[g.output_ids for g in single],
                           sharded=[g.output_ids for g in sharded], specs=specs)))
 """)

@@ -1,7 +1,9 @@
 """Speculative decoding: exactness in greedy mode, the target's distribution in sampling
 mode, the tree builder against brute force, and the bookkeeping (KV rollback/compaction,
 prompt-lookup re-alignment, EOS and length budgets)."""
+import dataclasses
 import itertools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +11,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from decoding import core, drafters, generation, processors, sampling, speculative, trees, verify
+from decoding import processors, token_loop
+from decoding.errors import GenerationError
+from decoding.speculative import dyspec, loop, model_drafter, prompt_lookup, verify
+from decoding.speculative.acceptance import Lenient
+from decoding.speculative.eagle import EagleDrafter
+from models import eagle_head
 from models import transformer
 from models.config import tiny_config
 from models.kv_cache import KVCache
 from models.lm import TransformerLM
 from tests.fakes import BigramLM, RandomDrafter
+from tests.helpers import processor_of, run_config
 
 V = 12
 
@@ -35,18 +43,17 @@ def _ragged(B, P, V, seed=0):
 
 
 def _greedy(lm, params, prompts, lens, eos, proc, n, cache_len=64):
-  return core.decode(lm, params, prompts, lens, _keys(prompts.shape[0]), eos, processor=proc,
-                     select=sampling.greedy_select, pad_id=0, max_new_tokens=n,
+  return token_loop.decode(lm, params, prompts, lens, _keys(prompts.shape[0]), eos, processor=proc,
+                     select=token_loop.greedy_select, pad_id=0, max_new_tokens=n,
                      cache_len=cache_len)
 
 
-def _spec(lm, params, drafter, dparams, prompts, lens, eos, proc, n, sample=False,
-          reads_context=False, keys=None, cache_len=64):
+def _spec(lm, params, drafter, dparams, prompts, lens, eos, proc, n, sample=False, keys=None,
+          cache_len=64):
   keys = _keys(prompts.shape[0]) if keys is None else keys
-  return speculative.speculative_decode(
-      lm, params, drafter, dparams, prompts, lens, keys, eos, processor=proc,
-      reads_context=reads_context, sample=sample, pad_id=0, max_new_tokens=n,
-      cache_len=cache_len + drafter.block)
+  return loop.speculative_decode(lm, params, drafter, dparams, prompts, lens, keys, eos,
+                                 processor=proc, sample=sample, pad_id=0, max_new_tokens=n,
+                                 cache_len=cache_len)
 
 
 def _tau(res):
@@ -109,16 +116,15 @@ def test_greedy_is_exact_for_any_drafter_on_a_ragged_batch(cfg):
   draft_params = tparams + _bigram(1, sharp=2.0)  # a noisy copy of the target
   prompts, lens = _ragged(6, 7, V)
   eos = jnp.asarray([5], jnp.int32)
-  proc = processors.build(cfg, [5], sampling=False)
-  rc = processors.reads_context(cfg)
+  proc = processor_of(cfg, [5])
   ref = _greedy(target, tparams, prompts, lens, eos, proc, 16)
   for drafter, dparams in [
       (RandomDrafter(V, 3), None),
-      (drafters.ModelDrafter(BigramLM(V), 4), draft_params),
-      (drafters.PromptLookupDrafter(5, 2, 1), None),
-      (trees.DySpecDrafter(BigramLM(V), tree_budget=7, max_depth=4, max_children=3), draft_params),
+      (model_drafter.ModelDrafter(BigramLM(V), 4), draft_params),
+      (prompt_lookup.PromptLookupDrafter(5, 2, 1), None),
+      (dyspec.DySpecDrafter(BigramLM(V), tree_budget=7, max_depth=4, max_children=3), draft_params),
   ]:
-    res = _spec(target, tparams, drafter, dparams, prompts, lens, eos, proc, 16, reads_context=rc)
+    res = _spec(target, tparams, drafter, dparams, prompts, lens, eos, proc, 16)
     np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=type(drafter).__name__)
     np.testing.assert_array_equal(res.lengths, ref.lengths)
     np.testing.assert_array_equal(res.finished, ref.finished)
@@ -136,10 +142,10 @@ def test_greedy_is_exact_on_a_transformer_with_real_kv_rollback():
   params = jax.tree.map(lambda x: 3 * x, transformer.init_params(cfg, jax.random.PRNGKey(0)))
   prompts, lens = _ragged(4, 8, 24, seed=3)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build({}, [], sampling=False)
+  proc = processor_of({}, [])
   ref = _greedy(lm, params, prompts, lens, eos, proc, 20)
-  for drafter in [drafters.ModelDrafter(lm, 3, self_layers=1),
-                  trees.DySpecDrafter(lm, tree_budget=6, max_depth=4, max_children=2,
+  for drafter in [model_drafter.ModelDrafter(lm, 3, self_layers=1),
+                  dyspec.DySpecDrafter(lm, tree_budget=6, max_depth=4, max_children=2,
                                       self_layers=2)]:
     res = _spec(lm, params, drafter, None, prompts, lens, eos, proc, 20)
     np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=type(drafter).__name__)
@@ -152,8 +158,8 @@ def test_draft_equal_to_target_accepts_everything():
   tparams = _bigram(0)
   prompts, lens = _ragged(3, 5, V)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build({}, [], sampling=False)
-  res = _spec(target, tparams, drafters.ModelDrafter(BigramLM(V), 4), tparams, prompts, lens,
+  proc = processor_of({}, [])
+  res = _spec(target, tparams, model_drafter.ModelDrafter(BigramLM(V), 4), tparams, prompts, lens,
               eos, proc, 21)
   np.testing.assert_array_equal(res.extras["target_calls"], [4, 4, 4])  # 20 tokens, 5 per call
   np.testing.assert_array_equal(res.extras["accepted_drafts"], [16, 16, 16])
@@ -163,7 +169,7 @@ def test_draft_equal_to_target_accepts_everything():
 
 def _sequence_probs(table, prompt_last, N, cfg):
   """Exact probability of every length-N continuation under the processed bigram target."""
-  proc = processors.build(cfg, [], sampling=True)
+  proc = processor_of(cfg, [], sampling=True)
   ctx = processors.ProcessorContext(sequences=None, seq_len=None, prompt_len=None,
                                     step=jnp.zeros((), jnp.int32))
   logp = np.asarray(jax.nn.log_softmax(proc(table, ctx), -1))
@@ -199,16 +205,16 @@ def test_sampling_matches_the_targets_sequence_distribution():
   table = _bigram(4, sharp=1.0, V=Vt)
   draft_table = _bigram(5, sharp=1.0, V=Vt)
   cfg = {"temperature": 0.9, "top_k": 4}
-  proc = processors.build(cfg, [], sampling=True)
+  proc = processor_of(cfg, [], sampling=True)
   prompts = jnp.asarray([[1, 2, 3]] * B, jnp.int32)
   lens = jnp.full((B,), 3, jnp.int32)
   eos = jnp.asarray([-1], jnp.int32)
   seqs, probs = _sequence_probs(table, 3, N, cfg)
   target = BigramLM(Vt)
   for drafter, dparams in [
-      (drafters.ModelDrafter(BigramLM(Vt), 2), draft_table),
-      (trees.DySpecDrafter(BigramLM(Vt), tree_budget=4, max_depth=2, max_children=2), draft_table),
-      (drafters.PromptLookupDrafter(2, 1, 1), None),
+      (model_drafter.ModelDrafter(BigramLM(Vt), 2), draft_table),
+      (dyspec.DySpecDrafter(BigramLM(Vt), tree_budget=4, max_depth=2, max_children=2), draft_table),
+      (prompt_lookup.PromptLookupDrafter(2, 1, 1), None),
   ]:
     res = _spec(target, table, drafter, dparams, prompts, lens, eos, proc, N, sample=True,
                 keys=_keys(B, seed=11))
@@ -243,10 +249,10 @@ def test_deterministic_drafts_reproduce_ancestral_sampling_exactly():
   tparams = _bigram(0, sharp=1.0)
   prompts, lens = _ragged(8, 6, V, seed=2)
   eos = jnp.asarray([5], jnp.int32)
-  proc = processors.build({"temperature": 0.8}, [5], sampling=True)
-  ref = core.decode(target, tparams, prompts, lens, _keys(8), eos, processor=proc,
-                    select=sampling.sample_select, pad_id=0, max_new_tokens=24, cache_len=64)
-  res = _spec(target, tparams, drafters.PromptLookupDrafter(4, 2, 1), None, prompts, lens, eos,
+  proc = processor_of({"temperature": 0.8}, [5], sampling=True)
+  ref = token_loop.decode(target, tparams, prompts, lens, _keys(8), eos, processor=proc,
+                    select=token_loop.sample_select, pad_id=0, max_new_tokens=24, cache_len=64)
+  res = _spec(target, tparams, prompt_lookup.PromptLookupDrafter(4, 2, 1), None, prompts, lens, eos,
               proc, 24, sample=True)
   np.testing.assert_array_equal(res.tokens, ref.tokens)
 
@@ -256,8 +262,8 @@ def test_rows_do_not_depend_on_the_batch():
   tparams = _bigram(0, sharp=1.0)
   prompts, lens = _ragged(4, 6, V, seed=5)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build({}, [], sampling=True)
-  d = drafters.ModelDrafter(BigramLM(V), 3)
+  proc = processor_of({}, [], sampling=True)
+  d = model_drafter.ModelDrafter(BigramLM(V), 3)
   dp = _bigram(1, sharp=1.0)
   full = _spec(target, tparams, d, dp, prompts, lens, eos, proc, 12, sample=True)
   one = _spec(target, tparams, d, dp, prompts[2:3], lens[2:3], eos, proc, 12, sample=True,
@@ -268,7 +274,7 @@ def test_rows_do_not_depend_on_the_batch():
 # --------------------------------------------------------------- prompt lookup / IAD rule
 
 def test_prompt_lookup_realignment_rule():
-  d = drafters.PromptLookupDrafter(num_draft=3, max_ngram=2, min_ngram=1)
+  d = prompt_lookup.PromptLookupDrafter(num_draft=3, max_ngram=2, min_ngram=1)
   #          prompt: 0  1  2  3  4  5  6  7 | generated
   seq = np.array([[7, 1, 2, 9, 1, 2, 8, 4, 1, 2, 0, 0]])
   plen = jnp.asarray([8])
@@ -295,8 +301,8 @@ def test_iad_copies_the_input_in_one_target_call():
   prompts = jnp.asarray([text + [SEP]], jnp.int32)
   lens = jnp.asarray([8])
   eos = jnp.asarray([EOS], jnp.int32)
-  proc = processors.build({}, [EOS], sampling=False)
-  res = _spec(BigramLM(Vt), jnp.asarray(table), drafters.PromptLookupDrafter(8, 3, 1), None,
+  proc = processor_of({}, [EOS])
+  res = _spec(BigramLM(Vt), jnp.asarray(table), prompt_lookup.PromptLookupDrafter(8, 3, 1), None,
               prompts, lens, eos, proc, 16)
   assert res.tokens[0, :8].tolist() == text + [EOS]
   assert int(res.extras["target_calls"][0]) == 1
@@ -322,8 +328,8 @@ def test_prompt_lookup_without_a_match_makes_plain_target_calls():
     table[a, 6 + (a - 5) % 4 if a >= 6 else 6] = 10.0
   tparams = jnp.asarray(table)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build({}, [], sampling=False)
-  d = drafters.PromptLookupDrafter(K, 2, 1)
+  proc = processor_of({}, [])
+  d = prompt_lookup.PromptLookupDrafter(K, 2, 1)
   nothing = (jnp.asarray([[1, 2, 3, 0, 0]], jnp.int32), jnp.asarray([3]))  # never copied
   both = (jnp.asarray([[1, 2, 3, 0, 0], [6, 7, 8, 9, 0]], jnp.int32), jnp.asarray([3, 5]))
   for prompts, lens in (nothing, both):
@@ -353,7 +359,7 @@ def test_dyspec_tree_is_the_brute_force_top_budget_nodes():
     def expand(i, tokens, parents, depth, aux):
       return table[tokens[:, i]], aux
 
-    draft, values, _ = trees.best_first_tree(root, expand, (), budget, D, C)
+    draft, values, _ = dyspec.best_first_tree(root, expand, (), budget, D, C)
     tok, par = np.asarray(draft.tokens[0]), np.asarray(draft.parents[0])
     def path(i):
       out = []
@@ -384,10 +390,10 @@ def test_dyspec_tree_accepts_at_least_as_much_as_a_chain_of_the_same_budget():
   dparams = tparams + _bigram(1, sharp=0.7)
   prompts, lens = _ragged(32, 6, V, seed=7)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build({}, [], sampling=False)
-  chain = _spec(target, tparams, drafters.ModelDrafter(BigramLM(V), 6), dparams, prompts, lens,
+  proc = processor_of({}, [])
+  chain = _spec(target, tparams, model_drafter.ModelDrafter(BigramLM(V), 6), dparams, prompts, lens,
                 eos, proc, 24)
-  tree = _spec(target, tparams, trees.DySpecDrafter(BigramLM(V), 6, 6, 3), dparams, prompts,
+  tree = _spec(target, tparams, dyspec.DySpecDrafter(BigramLM(V), 6, 6, 3), dparams, prompts,
                lens, eos, proc, 24)
   np.testing.assert_array_equal(tree.tokens, chain.tokens)
   assert _tau(tree) >= _tau(chain)
@@ -396,7 +402,6 @@ def test_dyspec_tree_accepts_at_least_as_much_as_a_chain_of_the_same_budget():
 # ---------------------------------------------------------------- strategy and bad input
 
 def test_unknown_drafter_and_bad_values_fail_before_compiling():
-  import ml_collections
   from configs import speculative as spec_cfg
   lm = TransformerLM(tiny_config())
   params = transformer.init_params(lm.config, jax.random.PRNGKey(0))
@@ -407,34 +412,138 @@ def test_unknown_drafter_and_bad_values_fail_before_compiling():
     c = spec_cfg.get_config()
     c.max_new_tokens = 4
     c[key] = value
-    with pytest.raises(generation.GenerationError, match=msg):
-      generation.generate(lm, params, [[1, 2]], c, [3], 0)
+    with pytest.raises(GenerationError, match=msg):
+      run_config(lm, params, [[1, 2]], c, [3], 0)
   c = spec_cfg.get_config()
   c.drafter = "model"
-  with pytest.raises(generation.GenerationError, match="draft_model"):
-    generation.generate(lm, params, [[1, 2]], c, [3], 0)
+  with pytest.raises(GenerationError, match="draft_model"):
+    run_config(lm, params, [[1, 2]], c, [3], 0)
 
 
 # ---------------------------------------------------------------------------- EAGLE heads
 
+class _CheckedHead(eagle_head.EagleHead):
+  """An EAGLE head that records, at every call, whether the entries it writes fit its cache."""
+  writes_fit: ClassVar[list] = []
+
+  def __call__(self, hparams, tparams, features, tokens, positions, cache, *args, **kw):
+    fits = jnp.all(cache.lengths + tokens.shape[1] <= cache.max_len)
+    jax.debug.callback(lambda ok: _CheckedHead.writes_fit.append(bool(ok)), fits)
+    return super().__call__(hparams, tparams, features, tokens, positions, cache, *args, **kw)
+
+
 def test_eagle_chain_and_tree_are_exact_whatever_the_head():
-  """An untrained (random) EAGLE head still gives exactly the greedy tokens on a ragged batch
-  with context processors: exactness must not depend on the head at all."""
-  from decoding.eagle import EagleDrafter
-  from models import eagle_head
+  """An untrained (random) EAGLE head still gives exactly the greedy tokens, as a chain and as
+  an EAGLE-2 tree, on a ragged batch with context processors: exactness must not depend on the
+  head at all. The caches are sized as the strategy sizes them (prompt + new tokens, plus the
+  drafter's `extra_slots`), and every head write fits in its cache."""
   cfg = tiny_config(vocab_size=24, num_layers=2)
   lm = TransformerLM(cfg)
   params = jax.tree.map(lambda x: 3 * x, transformer.init_params(cfg, jax.random.PRNGKey(0)))
-  head = eagle_head.EagleHead(eagle_head.HeadConfig(cfg, feature_sampling=True))
+  head = _CheckedHead(eagle_head.HeadConfig(cfg, feature_sampling=True))
   hparams = eagle_head.init_head_params(head, jax.random.PRNGKey(1))
   prompts, lens = _ragged(4, 8, 24, seed=4)
   eos = jnp.asarray([-1], jnp.int32)
-  proc = processors.build(CONTEXT_CFG, [], sampling=False)
-  ref = _greedy(lm, params, prompts, lens, eos, proc, 18)
-  # (the EAGLE-2 tree with an untrained head = greedy: tests/test_images.py, under guidance)
-  for drafter in [EagleDrafter(head, num_draft=3)]:
-    res = _spec(lm, params, drafter, hparams, prompts, lens, eos, proc, 18, reads_context=True)
+  proc = processor_of(CONTEXT_CFG, [])
+  n = 18
+  ref = _greedy(lm, params, prompts, lens, eos, proc, n)
+  for drafter in [EagleDrafter(head, num_draft=3),
+                  EagleDrafter(head, tree=True, tree_budget=16, max_depth=6, max_children=4)]:
+    _CheckedHead.writes_fit.clear()
+    res = _spec(lm, params, drafter, hparams, prompts, lens, eos, proc, n,
+                cache_len=prompts.shape[1] + n)
     np.testing.assert_array_equal(res.tokens, ref.tokens, err_msg=f"tree={drafter.tree}")
+    assert _CheckedHead.writes_fit and all(_CheckedHead.writes_fit), f"tree={drafter.tree}"
+
+
+# ------------------------------------------------------- sampling: the bonus-token path
+
+def _sequence_law(lm, params, prompt, N, proc):
+  """Every continuation of length N over the vocabulary and its exact probability under the
+  processed target (one cache-free forward of all of them)."""
+  Vt = lm.vocab_size
+  seqs = np.array(list(itertools.product(range(Vt), repeat=N)), np.int32)
+  full = np.concatenate([np.broadcast_to(prompt, (len(seqs), len(prompt))), seqs], axis=1)
+  P = len(prompt)
+  positions = jnp.broadcast_to(jnp.arange(full.shape[1]), full.shape)
+  at = jnp.broadcast_to(P - 1 + jnp.arange(N), (len(seqs), N))
+  logits = lm(params, jnp.asarray(full), positions, None, logits_at=at).logits  # [S, N, V]
+  ctx = processors.ProcessorContext(sequences=None, seq_len=None, prompt_len=None,
+                                    step=jnp.zeros((), jnp.int32))
+  logp = jax.nn.log_softmax(proc(logits.reshape(-1, Vt), ctx).reshape(logits.shape), -1)
+  picked = np.take_along_axis(np.asarray(logp), seqs[..., None], -1)[..., 0]
+  return seqs, np.exp(picked.sum(1))
+
+
+def _bonus_case():
+  """A tiny transformer over 3 tokens (its whole vocabulary fits a small tree), sampled at
+  temperature 0.9, and 12000 rows of one prompt."""
+  cfg = tiny_config(vocab_size=3, num_layers=2, max_position_embeddings=32)
+  lm = TransformerLM(cfg)
+  params = transformer.init_params(cfg, jax.random.PRNGKey(7))
+  return lm, params, processor_of({"temperature": 0.9}, [], sampling=True), 12000
+
+
+@pytest.mark.parametrize("name", ["self-draft chain", "eagle chain", "eagle-2 tree",
+                                  "dyspec tree"])
+def test_sampling_law_holds_through_the_bonus_token(name):
+  """Chi-square over every continuation of depth + 2 tokens: the prefill's token, then one
+  verification call that accepts the whole draft (chain) or a full-depth path (tree) and draws
+  the bonus token after it. The self-draft chain and the DySpec tree use all of the target's
+  layers (q = p: every draft is accepted) and the trees hold every path of their depth, so the
+  bonus is drawn on every row; the EAGLE chain's head is untrained, so only some rows reach the
+  bonus token, and the test checks that enough do."""
+  lm, params, proc, B = _bonus_case()
+  L = lm.config.num_layers
+  if name == "self-draft chain":
+    drafter, dparams, depth = model_drafter.ModelDrafter(lm, 2, self_layers=L), None, 2
+  elif name == "dyspec tree":  # depth 2, all 3 + 9 nodes: every sampled path is in the tree
+    drafter = dyspec.DySpecDrafter(lm, tree_budget=12, max_depth=2, max_children=3,
+                                   self_layers=L)
+    dparams, depth = None, 2
+  else:
+    head = eagle_head.EagleHead(eagle_head.HeadConfig(lm.config, feature_sampling=True))
+    dparams = eagle_head.init_head_params(head, jax.random.PRNGKey(3))
+    tree = name == "eagle-2 tree"  # depth 2, 3 + 9 candidates, all kept: a full tree
+    drafter = EagleDrafter(head, num_draft=2, tree=tree, tree_budget=12, max_depth=2,
+                           max_children=3)
+    depth = 2
+  N = depth + 2
+  prompt = np.asarray([1, 0, 2], np.int32)
+  prompts = jnp.asarray(np.broadcast_to(prompt, (B, 3)))
+  lens = jnp.full((B,), 3, jnp.int32)
+  res = _spec(lm, params, drafter, dparams, prompts, lens, jnp.asarray([-1], jnp.int32), proc,
+              N, sample=True, keys=_keys(B, seed=21), cache_len=3 + N)
+  # rows whose one verification call accepted the whole depth: their last token is the bonus
+  bonus_rows = int(np.sum((np.asarray(res.extras["target_calls"]) == 1)
+                          & (np.asarray(res.extras["accepted_drafts"]) == depth)))
+  assert bonus_rows >= (B // 20 if name == "eagle chain" else B), bonus_rows
+  seqs, probs = _sequence_law(lm, params, prompt, N, proc)
+  p = _chi_square_pvalue(res.tokens, seqs, probs, lm.vocab_size)
+  assert p > 1e-3, (name, p)
+
+
+def test_prompt_lookup_proposes_once_per_iteration():
+  """With plain target calls while nothing matches, the loop still asks the drafter for one
+  proposal per iteration (plus the first), never a second one to test its condition."""
+  calls = []
+
+  @dataclasses.dataclass(frozen=True)
+  class Counting(prompt_lookup.PromptLookupDrafter):
+    def propose(self, *args):
+      jax.debug.callback(lambda: calls.append(1))
+      return super().propose(*args)
+
+  Vt, n = 12, 10
+  table = np.full((Vt, Vt), -10.0, np.float32)
+  for a in range(Vt):  # every token leads into the cycle 6 -> 7 -> 8 -> 9 -> 6
+    table[a, 6 + (a - 5) % 4 if a >= 6 else 6] = 10.0
+  prompts = jnp.asarray([[1, 2, 3, 0, 0], [6, 7, 8, 9, 0]], jnp.int32)  # one never matches
+  res = _spec(BigramLM(Vt), jnp.asarray(table), Counting(4, 2, 1), None, prompts,
+              jnp.asarray([3, 5]), jnp.asarray([-1], jnp.int32), processor_of({}, []), n)
+  iterations = int(np.max(res.extras["target_calls"]))
+  assert iterations == n - 1  # the unmatched row: one token per call
+  assert len(calls) == iterations + 1, (len(calls), iterations)
 
 
 # ----------------------------------------------------------------------------- SmolLM2
@@ -449,13 +558,13 @@ def test_smollm2_speculative_greedy_equals_greedy(smollm, prompt_ids):
   prompts = [prompt_ids[1], prompt_ids[6], prompt_ids[7]]
   eos, pad = [smollm.tokenizer.eos_id], smollm.tokenizer.pad_id
   base = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=24, batch_size=4))
-  ref = generation.generate(smollm.lm, smollm.params, prompts, base, eos, pad)
+  ref = run_config(smollm.lm, smollm.params, prompts, base, eos, pad)
   for drafter, extra in [("prompt_lookup", dict(num_draft_tokens=6))]:
     c = spec_cfg.get_config()
     c.max_new_tokens, c.batch_size, c.drafter = 24, 4, drafter
     for k, v in extra.items():
       c[k] = v
-    out = generation.generate(smollm.lm, smollm.params, prompts, c, eos, pad)
+    out = run_config(smollm.lm, smollm.params, prompts, c, eos, pad)
     assert [o.output_ids for o in out] == [r.output_ids for r in ref], drafter
     for o, r in zip(out, ref):
       np.testing.assert_allclose(o.token_logprobs, r.token_logprobs, atol=2e-3)
@@ -478,7 +587,9 @@ def test_lossy_rules_reduce_to_the_lossless_ones_at_their_neutral_settings():
   assert loose.num_accepted.sum() > exact.num_accepted.sum()
   q = jax.nn.softmax(jnp.asarray(rng.randn(64, 4, 7), jnp.float32), -1)
   strict = verify.verify_chain(logits, drafts, q, _keys(64), sample=True)
-  same = verify.verify_chain(logits, drafts, q, _keys(64), sample=True, lenience=1.0)
-  lenient = verify.verify_chain(logits, drafts, q, _keys(64), sample=True, lenience=0.3)
+  same = verify.verify_chain(logits, drafts, q, _keys(64), sample=True,
+                             acceptance=Lenient(epsilon=1.0))
+  lenient = verify.verify_chain(logits, drafts, q, _keys(64), sample=True,
+                                acceptance=Lenient(epsilon=0.3))
   np.testing.assert_array_equal(strict.num_accepted, same.num_accepted)
   assert np.all(lenient.num_accepted >= strict.num_accepted)

@@ -10,11 +10,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from decoding import generation, ngram, superposed
-from decoding.core import prefill
+from decoding import ngram, superposed
+from decoding.cli import settings_from_config
+from decoding.errors import GenerationError
+from decoding.prefill import prefill
 from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import embed_mixture, init_params
+from tests.helpers import run_config
 from tests.test_ngram import brute_force
 
 PAD = 0
@@ -193,8 +196,8 @@ def test_superposed_embedding_is_the_token_mixture(tiny):
 
 def sup_config(**kw):
   base = dict(strategy="superposed", max_new_tokens=8, batch_size=8, num_return_sequences=1)
-  base.update(superposed.DEFAULTS)
-  base["ngram_weights"] = list(base["ngram_weights"])
+  base.update({k: v for k, v in superposed.Superposed().to_flat().items()
+               if k not in ("max_new_tokens", "num_return_sequences")})
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -202,10 +205,10 @@ def sup_config(**kw):
 def test_one_draft_without_ngrams_is_greedy(smollm, prompt_ids):
   tok = smollm.tokenizer
   eos, pad = [tok.eos_id], tok.pad_id
-  greedy = generation.generate(smollm.lm, smollm.params, prompt_ids,
+  greedy = run_config(smollm.lm, smollm.params, prompt_ids,
                                ml_collections.ConfigDict(dict(strategy="greedy",
                                                               max_new_tokens=8)), eos, pad)
-  sup = generation.generate(smollm.lm, smollm.params, prompt_ids,
+  sup = run_config(smollm.lm, smollm.params, prompt_ids,
                             sup_config(num_drafts=1, ngram_alpha=0.0), eos, pad, tokenizer=tok)
   assert [g.output_ids for g in sup] == [g.output_ids for g in greedy]
   for s, g in zip(sup, greedy):
@@ -250,11 +253,11 @@ def test_one_hot_superposition_equals_token_forward(smollm, prompt_ids):
     ("repetition_penalty", 1.2, "repetition_penalty"),
 ])
 def test_bad_settings_raise_before_compiling(key, value, match):
-  with pytest.raises(generation.GenerationError, match=match):
-    generation.validate_config(sup_config(**{key: value}))
+  with pytest.raises(GenerationError, match=match):
+    settings_from_config(sup_config(**{key: value}))
 
 
 def test_needs_a_tokenizer_and_defaults_validate():
-  generation.validate_config(sup_config())
-  with pytest.raises(generation.GenerationError, match="tokenizer"):
-    generation.generate(TransformerLM(tiny_config()), None, [[3]], sup_config(), [1], 0)
+  settings_from_config(sup_config())
+  with pytest.raises(GenerationError, match="tokenizer"):
+    run_config(TransformerLM(tiny_config()), None, [[3]], sup_config(), [1], 0)

@@ -24,14 +24,14 @@ Here:
   * `DistillData` mixes three data sources row by row in every batch: fixed text (the
     `text_corpus` rows of `train.text_data`), target-generated and draft-generated
     (on-policy) continuations of prompts, sampled with the decoding core
-    (`decoding.core.decode` + `sampling.sample_select`, jitted, fixed shapes) every
+    (`decoding.token_loop.decode` + `sample_select`, jitted, fixed shapes) every
     `refresh_every` steps from the *current* draft parameters;
   * the loss is computed on the continuation only, with the target forward inside the
     jitted train step of `train.trainer.Trainer` (optax);
   * `expected_acceptance` measures 1 - E[TVD] (the expected per-token acceptance rate of
     speculative sampling) and greedy agreement (argmax match rate, the acceptance rate of
     greedy speculative decoding), and `monte_carlo_acceptance` checks the first one by
-    running the shared verifier (`decoding.verify.verify_chain`) on drawn draft tokens.
+    running the shared verifier (`decoding.speculative.verify.verify_chain`) on drawn draft tokens.
 
 Run `python -m train.distillspec --config=configs/distillspec_smollm2.py [--workdir=DIR]`.
 """
@@ -46,8 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import core, processors, sampling
-from models import artifacts, lm as lm_lib, registry, transformer
+from decoding import processors, token_loop
+from decoding.speculative import verify  # the verification rule lives only there
+from models import artifacts, registry, transformer
 from models.lm import SHARED_WITH_TARGET, TransformerLM
 from train import divergences, losses
 
@@ -224,7 +225,7 @@ def monte_carlo_acceptance(target_logits: Array, draft_logits: Array, key: Array
 
   target_logits, draft_logits: [M, V] (already processed: temperature etc.). For each of
   `num_samples` rounds a token d ~ q is drawn per position and judged by the shared verifier
-  `decoding.verify.verify_chain` (block length 1, sampling mode); returns the fraction of
+  `decoding.speculative.verify.verify_chain` (block length 1, sampling mode); returns the fraction of
   rounds in which d was accepted, [M] float32. Its expectation is sum_v min(p, q).
   """
   keys = jax.random.split(key, int(num_samples))
@@ -243,7 +244,6 @@ def _monte_carlo(target_logits: Array, draft_logits: Array, keys: Array) -> Arra
 
 def _accepted_once(target_logits: Array, draft_logits: Array, key: Array) -> Array:
   """One round of `monte_carlo_acceptance`: [M, V], [M, V] -> [M] float32 (1 = accepted)."""
-  from decoding import verify  # the verification rule lives only there
   M = target_logits.shape[0]
   k_draw, k_verify = jax.random.split(key)
   q_probs = jax.nn.softmax(draft_logits, axis=-1)
@@ -348,21 +348,14 @@ def join_continuations(prompts: np.ndarray, prompt_len: np.ndarray, gen: np.ndar
           "gen_mask": gen_mask}
 
 
-_PROCESSORS: dict[float, Any] = {}
-
-
-def _processor(temperature: float):
-  """One processor object per temperature: it is a static argument of the jitted decode
-  loop, so samplers of the same model and shapes share one compiled loop."""
-  if temperature not in _PROCESSORS:
-    _PROCESSORS[temperature] = (processors.temperature(temperature)
-                                if temperature not in (0.0, 1.0) else processors.chain())
-  return _PROCESSORS[temperature]
+def _processor(temperature: float) -> processors.Chain:
+  """The sampler's processor (a value: equal temperatures share one compiled loop)."""
+  return processors.warpers(temperature if temperature not in (0.0, 1.0) else 1.0, 0, 1.0, 0.0)
 
 
 class ContinuationSampler:
-  """Continuations of prompts from a model with the decoding core (jitted `core.decode`,
-  one compile per shape): ancestral sampling at `temperature` (`sampling.sample_select`),
+  """Continuations of prompts from a model with the token loop (jitted `token_loop.decode`,
+  one compile per shape): ancestral sampling at `temperature` (`token_loop.sample_select`),
   or greedy when `temperature == 0`. Rows stop at an EOS id (kept, and counted)."""
 
   def __init__(self, lm: TransformerLM, max_new_tokens: int, eos_ids: Sequence[int],
@@ -375,16 +368,17 @@ class ContinuationSampler:
     self.pad_id = int(pad_id)
     # built once: processor and selector are static arguments of the jitted loop
     self.processor = _processor(float(temperature))
-    self.select = sampling.greedy_select if temperature == 0 else sampling.sample_select
+    self.select = token_loop.greedy_select if temperature == 0 else token_loop.sample_select
 
   def __call__(self, params: Any, prompts: np.ndarray, prompt_len: np.ndarray,
                row_keys: Array) -> dict[str, np.ndarray]:
     """prompts [B, P], prompt_len [B], row_keys [B, 2] uint32 -> `join_continuations` rows."""
     P = prompts.shape[1]
-    res = core.decode(self.lm, params, jnp.asarray(prompts), jnp.asarray(prompt_len),
-                      row_keys, self.eos_ids, processor=self.processor, select=self.select,
-                      pad_id=self.pad_id, max_new_tokens=self.max_new_tokens,
-                      cache_len=P + self.max_new_tokens)
+    res = token_loop.decode(self.lm, params, jnp.asarray(prompts), jnp.asarray(prompt_len),
+                            row_keys, self.eos_ids, processor=self.processor,
+                            select=self.select, pad_id=self.pad_id,
+                            max_new_tokens=self.max_new_tokens,
+                            cache_len=P + self.max_new_tokens)
     gen, gen_len = jax.device_get((res.tokens, res.lengths))
     return join_continuations(np.asarray(prompts), np.asarray(prompt_len), np.asarray(gen),
                               np.asarray(gen_len), self.pad_id)
@@ -535,33 +529,6 @@ def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *, targe
       directory, "self_draft", tree,
       config={"num_layers": int(draft_lm.config.num_layers), "trained": sorted(tree)},
       target=artifacts.target_entry(target_name, target_sha256, target_config), info=info)
-
-
-# TRANSITION: remove when decoding/ uses models.lm.load_self_draft and models.registry.ARTIFACTS
-DRAFTS = {name: a for name, a in registry.ARTIFACTS.items() if a.kind == "self_draft"}
-# TRANSITION: remove when decoding/ uses models.artifacts (a folder holding artifacts.MANIFEST)
-DRAFT_MANIFEST = artifacts.MANIFEST
-
-
-# TRANSITION: remove when decoding/ uses models.lm.load_self_draft
-def load_draft(path_or_name: str, target_model) -> tuple[TransformerLM, Any]:
-  """`models.lm.load_self_draft` for a target given as (`.lm`, `.params`, `.name`): the
-  target's sha256 is its `.sha256`, else the registered checksum of its name (unchecked
-  when neither is known). An exported language model (decoding routes every folder with
-  `DRAFT_MANIFEST` here) loads as a separate draft model with the target's vocabulary."""
-  _, manifest = artifacts.read_manifest(path_or_name)
-  lm, params = target_model.lm, target_model.params
-  if manifest["kind"] == "lm":
-    m = lm_lib.load_model(path_or_name, dtype=lm.config.dtype, scan_layers=lm.config.scan_layers)
-    if m.lm.vocab_size != lm.vocab_size:
-      raise ValueError(f"draft_model {path_or_name!r} has vocabulary size {m.lm.vocab_size}, "
-                       f"the target {lm.vocab_size}: drafts must use the target's tokenizer")
-    return m.lm, m.params
-  name = getattr(target_model, "name", None) or getattr(target_model, "source", None)
-  sha = getattr(target_model, "sha256", None) or (
-      artifacts.registered_sha256(name) if name else None)
-  target = lm_lib.LoadedModel(name or "", lm, params, None, False, sha)
-  return lm_lib.load_self_draft(path_or_name, target)
 
 
 # ------------------------------------------------------------------------------ the run

@@ -9,7 +9,7 @@ Pipeline (self-distillation, as EAGLE trains on the target's outputs):
    than the benchmark's), "repeat / rewrite / summarize / continue this text" requests
    around Jane Austen passages from the text corpus' train split, and code-writing requests
    written for this file (none taken from HumanEval).
-2. Answers: the target answers each prompt greedily through `decoding.generation.generate`
+2. Answers: the target answers each prompt greedily through `decoding.generate`
    (chat template applied). Prompt + answer ids are cached in
    `~/.cache/decodax/eagle_data/` (keyed by the prompts, the generation settings and the
    target's checksum), so reruns skip generation.
@@ -69,6 +69,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoding.greedy import Greedy
+from decoding.runner import generate
+from decoding.strategy import Target
 from models import artifacts, eagle_head as dh, registry
 from models.datasets import corpus_texts
 from train import model_setup
@@ -198,10 +201,8 @@ def generate_answers(model: Any, prompts: Sequence[dict], dcfg: Any, target_sha:
   """Greedy answers of the target: [{"kind", "prompt_ids", "answer_ids"}], cached on disk.
 
   Prompts are grouped by token length before batching (each group is one call of
-  `generation.generate`, so a short prompt is not padded to the longest one's bucket).
+  `decoding.generate`, so a short prompt is not padded to the longest one's bucket).
   """
-  from configs import generate as gen_config
-  from decoding import generation
   tok = model.tokenizer
   ids = [tok.encode_chat([{"role": "user", "content": p["text"]}], add_generation_prompt=True)
          for p in prompts]
@@ -211,11 +212,10 @@ def generate_answers(model: Any, prompts: Sequence[dict], dcfg: Any, target_sha:
     with open(path) as f:
       log(f"answers: cached {path}")
       return json.load(f)
-  cfg = gen_config.get_config()
-  cfg.strategy, cfg.max_new_tokens, cfg.batch_size = "greedy", int(dcfg.max_new_tokens), int(
-      dcfg.gen_batch_size)
-  eos = [tok.eos_id] if tok.eos_id is not None else []
+  settings = Greedy(max_new_tokens=int(dcfg.max_new_tokens))
+  eos = (tok.eos_id,) if tok.eos_id is not None else ()
   pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
+  target = Target(model.lm, model.params, eos_ids=eos, pad_id=pad, tokenizer=tok)
   order = sorted(range(len(ids)), key=lambda i: (prompts[i]["kind"], len(ids[i])))
   out: list[Optional[dict]] = [None] * len(ids)
   partial = path + ".partial.jsonl"  # finished batches, so an interrupted run resumes
@@ -233,7 +233,7 @@ def generate_answers(model: Any, prompts: Sequence[dict], dcfg: Any, target_sha:
   bs, t0, made = int(dcfg.gen_batch_size), time.perf_counter(), 0
   for s in range(0, len(todo), bs):
     chunk = todo[s:s + bs]
-    gens = generation.generate(model.lm, model.params, [ids[i] for i in chunk], cfg, eos, pad)
+    gens = generate(target, [ids[i] for i in chunk], settings, batch_size=bs)
     with open(partial, "a") as f:
       for i, g in zip(chunk, gens):
         out[i] = {"kind": prompts[i]["kind"], "prompt_ids": ids[i],

@@ -24,10 +24,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from decoding import generation
+from decoding import greedy
+from decoding.strategy import Batch, Resources, Target
 from models.config import ModelConfig
 from train import losses
 
@@ -122,7 +122,7 @@ def greedy_continuations(lm, params, contexts: Tokens, max_new_tokens: int = 96,
   """Greedy continuations of exactly `max_new_tokens` tokens. contexts [N, C] -> [N, max_new].
 
   Runs the library's greedy decoding loop (the registered "greedy" strategy, i.e. the jitted
-  `decoding.core.decode` with a KV cache) on fixed [batch_size, C] batches. Every row gets
+  `decoding.token_loop.decode` with a KV cache) on fixed [batch_size, C] batches. Every row gets
   exactly `max_new_tokens` tokens: with `eos_id=None` no token stops decoding; with an
   `eos_id`, that token is banned for all steps (`min_new_tokens = max_new_tokens`), so the
   argmax is taken over the other tokens. Deterministic (argmax, ties to the lowest id).
@@ -131,21 +131,19 @@ def greedy_continuations(lm, params, contexts: Tokens, max_new_tokens: int = 96,
   arr = _as_2d(contexts, "contexts", lm.vocab_size)
   N, C = arr.shape
   n = int(max_new_tokens)
-  cfg = ml_collections.ConfigDict(dict(strategy="greedy", max_new_tokens=n,
-                                       min_new_tokens=n if eos_id is not None else 0))
-  generation.validate_config(cfg)
+  settings = greedy.Greedy(max_new_tokens=n, min_new_tokens=n if eos_id is not None else 0)
   if C + n > lm.max_positions:
     raise ValueError(f"context of {C} tokens + max_new_tokens={n} exceeds the model's context "
                      f"of {lm.max_positions} positions")
-  eos = jnp.asarray([-1 if eos_id is None else int(eos_id)], jnp.int32)
-  run = generation.STRATEGIES["greedy"].run
+  target = Target(lm, params, eos_ids=() if eos_id is None else (int(eos_id),), pad_id=0)
+  run = greedy.prepare(settings, target, Resources())
   out = np.empty((N, n), np.int32)
   start = 0
   for batch, rows in _batches(arr, batch_size):
     B = batch.shape[0]
     prompt_len = jnp.full((B,), C, jnp.int32)
     keys = jnp.zeros((B, 2), jnp.uint32)  # unused by greedy selection
-    res = run(lm, params, jnp.asarray(batch), prompt_len, keys, eos, cfg, 0, n, C + n)
+    res = run(Batch(jnp.asarray(batch), prompt_len, keys, cache_len=C + n))
     tokens, lengths = jax.device_get((res.tokens, res.lengths))
     if np.any(lengths[:rows] != n):  # cannot happen: EOS is absent or banned
       raise RuntimeError(f"greedy decoding stopped early: lengths {lengths[:rows]}")

@@ -8,7 +8,7 @@ target's greedy continuation. We therefore train on
 
   * data: chat prompts (templates x subjects, `train.distillspec.chat_prompt_texts`,
     held-out subjects for measurement) and, optionally, text-corpus contexts, each
-    followed by the target's own greedy continuation (`decoding.core.decode`, generated
+    followed by the target's own greedy continuation (`decoding.token_loop.decode`, generated
     once and cached in the workdir). The sequence is the target's greedy path, so the
     token at offset j after any cut is the token vanilla GAD would accept there;
   * loss: for cut points c (a prefix of length c inside the continuation), mask slot j
@@ -18,7 +18,7 @@ target's greedy continuation. We therefore train on
     No GLAT-style glancing: the drafter never sees a hint of the answer;
   * many cuts per sequence in one pass: the cache-free forward runs over
     [sequence; C blocks of k masks] with an attention mask that lets block c see only the
-    tokens before its cut and the k masks of its own block (`decoding.gad.cut_logits`);
+    tokens before its cut and the k masks of its own block (`decoding.speculative.gad_drafter.cut_logits`);
     the sequence's keys and values are causal, so every block sees exactly what the
     incremental drafter sees at decode time. Cuts are drawn per step from the step's key
     (uniform over [prompt_len + 1, end - 1]: the prefixes speculative decoding visits,
@@ -37,7 +37,7 @@ would accept there; counted on cuts with k labels) and `block_accuracy` (all k c
 vanilla GAD and GAD++ against greedy decoding on held-out chat prompts before and after,
 and saves the drafter (a `gad_drafter` artifact, registered as "gad-smollm2" ->
 ~/.cache/decodax/drafts/gad-smollm2, not in git); `models.artifacts.load_artifact` reads it
-and `drafter_from_artifact` rebuilds it on the target.
+and `decoding.speculative.gad_drafter.drafter_from_artifact` rebuilds it on the target.
 """
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from decoding import gad, processors, sampling, speculative
-from decoding import core
+from decoding import token_loop
+from decoding.processors import IDENTITY
+from decoding.speculative import gad_drafter as gad
+from decoding.speculative.acceptance import GadPlus
+from decoding.speculative.loop import speculative_decode
 from models import artifacts, registry, transformer
 from models.lm import TransformerLM
 
 Array = jax.Array
-IDENTITY = processors.chain()  # one object: a static argument of the jitted loops
 
 
 # ------------------------------------------------------------------------------ loss
@@ -102,7 +104,7 @@ def block_metrics(logits: Array, labels: Array, valid: Array) -> dict:
 def gad_loss(draft_lm: TransformerLM, block: int, num_cuts: int):
   """The drafter's training loss as a `train.losses` LossFn.
 
-  params: {"dparams": trainable drafter parameters (`decoding.gad.init_params`),
+  params: {"dparams": trainable drafter parameters (`decoding.speculative.gad_drafter.init_params`),
   "shared": the target's embedding / head}. batch: `tokens` [B, T] (prompt, greedy
   continuation, padding), `prompt_len` [B], `total_len` [B] (prompt + continuation).
   `num_cuts` cuts per row are drawn from `key`; the loss is the mean CE over valid slots.
@@ -137,7 +139,7 @@ def shared_params(target_params) -> dict:
 def greedy_rows(lm: TransformerLM, params: Any, prompts: np.ndarray, prompt_len: np.ndarray,
                 gen_len: int, eos_ids, pad_id: int, batch_size: int = 32) -> dict:
   """The target's greedy continuations of `prompts` (batches of `batch_size`, the last one
-  padded: one jitted `core.decode` shape):
+  padded: one jitted `token_loop.decode` shape):
   {"tokens" [N, P + gen_len], "prompt_len" [N], "total_len" [N]} (EOS kept)."""
   N, P = prompts.shape
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -151,9 +153,10 @@ def greedy_rows(lm: TransformerLM, params: Any, prompts: np.ndarray, prompt_len:
     if n < bs:  # pad the last batch (one compiled shape)
       p = np.concatenate([p, np.repeat(p[:1], bs - n, 0)])
       pl = np.concatenate([pl, np.repeat(pl[:1], bs - n, 0)])
-    res = core.decode(lm, params, jnp.asarray(p), jnp.asarray(pl), jnp.zeros((bs, 2), jnp.uint32),
-                      eos, processor=proc, select=sampling.greedy_select, pad_id=pad_id,
-                      max_new_tokens=gen_len, cache_len=P + gen_len)
+    res = token_loop.decode(lm, params, jnp.asarray(p), jnp.asarray(pl),
+                            jnp.zeros((bs, 2), jnp.uint32), eos, processor=proc,
+                            select=token_loop.greedy_select, pad_id=pad_id,
+                            max_new_tokens=gen_len, cache_len=P + gen_len)
     g, gl = jax.device_get((res.tokens, res.lengths))
     gens.append(np.asarray(g)[:n])
     lens.append(np.asarray(gl)[:n])
@@ -226,7 +229,7 @@ def compare_decoding(target_lm: TransformerLM, target_params: Any, drafter: gad.
   keys = jnp.zeros((B, 2), jnp.uint32)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   proc = IDENTITY
-  cache_len = P + max_new_tokens + drafter.block
+  cache_len = P + max_new_tokens
 
   def timed(fn):
     out = fn()
@@ -238,9 +241,9 @@ def compare_decoding(target_lm: TransformerLM, target_params: Any, drafter: gad.
       best = min(best, time.perf_counter() - t)
     return out, (best if repeats else None)
 
-  greedy, t_greedy = timed(lambda: core.decode(
+  greedy, t_greedy = timed(lambda: token_loop.decode(
       target_lm, target_params, p, pl, keys, eos, processor=proc,
-      select=sampling.greedy_select, pad_id=pad_id, max_new_tokens=max_new_tokens,
+      select=token_loop.greedy_select, pad_id=pad_id, max_new_tokens=max_new_tokens,
       cache_len=P + max_new_tokens))
   ref = np.asarray(greedy.tokens)
   ref_len = np.asarray(greedy.lengths)
@@ -264,16 +267,15 @@ def compare_decoding(target_lm: TransformerLM, target_params: Any, drafter: gad.
             "seconds": secs}
 
   out = {"greedy": {"tokens": int(ref_len.sum()), "seconds": t_greedy}}
-  res, secs = timed(lambda: speculative.speculative_decode(
+  res, secs = timed(lambda: speculative_decode(
       target_lm, target_params, drafter, dparams, p, pl, keys, eos, processor=proc,
-      reads_context=False, sample=False, pad_id=pad_id, max_new_tokens=max_new_tokens,
-      cache_len=cache_len))
+      sample=False, pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len))
   out["gad"] = summary(res, secs)
   for beta, tau in plus:  # GAD++: the same loop with the relaxed (lossy) acceptance
-    res, secs = timed(lambda: speculative.speculative_decode(
+    res, secs = timed(lambda: speculative_decode(
         target_lm, target_params, drafter, dparams, p, pl, keys, eos, processor=proc,
-        reads_context=False, sample=False, pad_id=pad_id, max_new_tokens=max_new_tokens,
-        cache_len=cache_len, relaxation=("gad_plus", int(beta), float(tau))))
+        sample=False, pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len,
+        acceptance=GadPlus(beta=int(beta), tau=float(tau))))
     out[f"gad++(beta={beta},tau={tau})"] = summary(res, secs)
   return out
 
@@ -349,41 +351,6 @@ def save_gad_drafter(directory: str, dparams: dict, drafter: gad.GadDrafter, *,
               "slot_embeddings": "slots" in dparams},
       target=artifacts.target_entry(target_name, target_sha256, drafter.target_lm.config),
       info=info)
-
-
-def drafter_from_artifact(manifest: dict, trained: dict, target_lm: TransformerLM,
-                          target_params: Any, num_draft: Optional[int] = None
-                          ) -> tuple[gad.GadDrafter, dict]:
-  """(GadDrafter, dparams) for `target_lm` from a loaded `gad_drafter` artifact.
-
-  `num_draft`: drafts per call (default: the trained block size k; a smaller value still
-  feeds the k trained masks and keeps the first `num_draft` slots). The body comes back in
-  the target's layer layout and every leaf in the dtype of the freshly initialized drafter's.
-  """
-  cfg = manifest["config"]
-  k = int(cfg["num_draft"])
-  n = k if num_draft is None else int(num_draft)
-  if not 1 <= n <= k:
-    raise ValueError(f"num_draft must be in [1, {k}] (the trained block size), got {num_draft}")
-  drafter = gad.GadDrafter(target_lm=target_lm, num_layers=int(cfg["num_layers"]),
-                           num_draft=n, num_masks=k if n < k else 0)
-  if not drafter.lm.config.scan_layers:
-    trained = {**trained, "body": transformer.unstack_layers(trained["body"], drafter.num_layers)}
-  like = gad.init_params(target_lm, target_params, drafter.num_layers, k,
-                         bool(cfg["slot_embeddings"]))
-  return drafter, jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
-
-
-# TRANSITION: remove when decoding/ uses models.artifacts.load_artifact(name, "gad_drafter", ...)
-def load_gad_drafter(name_or_path: str, target_lm: TransformerLM, target_params: Any, *,
-                     target_name: Optional[str] = None,
-                     num_draft: Optional[int] = None) -> tuple[gad.GadDrafter, dict]:
-  """`load_artifact(name_or_path, "gad_drafter")` checked against the target's architecture
-  and (when `target_name` is registered) its checksum, then `drafter_from_artifact`."""
-  sha = artifacts.registered_sha256(target_name) if target_name else None
-  manifest, trained = artifacts.load_artifact(name_or_path, "gad_drafter", target_sha256=sha,
-                                              target_config=target_lm.config)
-  return drafter_from_artifact(manifest, trained, target_lm, target_params, num_draft)
 
 
 # ------------------------------------------------------------------------------ the run

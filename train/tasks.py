@@ -152,7 +152,7 @@ def ditto_task(config: Any, model) -> Task:
   copies 1..10), the sentence-repetition rate and rep-n of greedy continuations of held-out
   contexts, and held-out perplexity (DITTO should not hurt it much).
   """
-  from train import ditto, evaluation, text_data
+  from train import ditto, evaluation
   dcfg, tcfg = config.data, config.ditto
   if model.tokenizer is None:
     raise ValueError("the ditto task needs a model with a tokenizer (sentence boundaries)")

@@ -30,9 +30,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from decoding.drafters import draft_chain
-from decoding.speculative import DraftView, Drafter, PrefillInfo, TreeDraft, Verified
-from decoding.trees import node_context
+from decoding.errors import GenerationError
+from decoding.settings import Validated, check_bool, check_int, settings
+from decoding.speculative.model_drafter import draft_chain
+from decoding.speculative.protocol import (DraftView, Drafter, PrefillInfo, TreeDraft, Verified,
+                                           node_context, require_checksum)
+from models import eagle_head
 
 Array = jax.Array
 NEG = -jnp.inf
@@ -56,14 +59,22 @@ class EagleDrafter(Drafter):
   def tree_size(self) -> int:
     return self.tree_budget + 1
 
-  def init(self, hparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo, cache_len):
+  @property
+  def extra_slots(self) -> int:
+    """The tree writes its expanded frontier, max_children nodes for each depth below the
+    last, into the head cache after the row's committed pairs (`_tree`)."""
+    if not self.tree:
+      return self.block
+    return max(self.block, max(self.max_depth - 1, 1) * self.max_children)
+
+  def init(self, hparams, tparams, prompts, prompt_len, first, info: PrefillInfo, cache_len):
     B, P = prompts.shape
     rows = jnp.arange(B)
     nxt = jnp.concatenate([prompts[:, 1:], prompts[:, :1]], axis=1)
     nxt = nxt.at[rows, prompt_len - 1].set(first)  # x_{t+1} for t = 0..P_b-1
     positions = jnp.broadcast_to(jnp.arange(1, P + 1, dtype=jnp.int32)[None], (B, P))
     cache = jax.lax.optimization_barrier(self.head.init_cache(B, cache_len))
-    out = self.head(hparams, tparams, prefill.hidden, nxt, positions, cache)
+    out = self.head(hparams, tparams, info.hidden, nxt, positions, cache)
     root = out.features[rows, prompt_len - 1]
     return {"cache": out.cache.with_lengths(prompt_len), "root": root}
 
@@ -170,3 +181,39 @@ class EagleDrafter(Drafter):
       depth = jnp.pad(depth, ((0, 0), (0, pad)), constant_values=1)
       valid = jnp.pad(valid, ((0, 0), (0, pad)))
     return TreeDraft(tokens=tokens, parents=parents.astype(jnp.int32), depth=depth, valid=valid)
+
+
+@settings
+class EagleDraft(Validated):
+  """A trained EAGLE/FSPAD feature head (`eagle_head`, a registered name or a folder):
+  an EAGLE-2 dynamic tree of `tree_budget` nodes (`eagle_tree=True`), or a chain of
+  `num_draft_tokens`."""
+  eagle_head: str = "eagle-smollm2-135m"
+  eagle_tree: bool = True
+  num_draft_tokens: int = 4
+  tree_budget: int = 16
+  tree_depth: int = 6
+  tree_children: int = 4
+
+  def validate(self) -> None:
+    check_bool("eagle_tree", self.eagle_tree)
+    for name in ("num_draft_tokens", "tree_budget", "tree_depth", "tree_children"):
+      check_int(name, getattr(self, name), 1)
+
+  def build(self, target, resources):
+    lm = target.lm
+    require_checksum(target, "an EAGLE head")
+    try:
+      head, hparams = resources.get(
+          ("eagle_head", self.eagle_head, target.sha256, str(lm.config.dtype)),
+          lambda: eagle_head.load_head(self.eagle_head, target_sha256=target.sha256,
+                                       dtype=lm.config.dtype))
+    except (ValueError, FileNotFoundError) as e:
+      raise GenerationError(f"cannot load EAGLE head {self.eagle_head!r}: {e}") from e
+    if (head.config.target.hidden_size != lm.config.hidden_size
+        or head.vocab_size != lm.vocab_size):
+      raise GenerationError(f"EAGLE head {self.eagle_head!r} was trained for another target "
+                            "architecture")
+    return EagleDrafter(head, self.num_draft_tokens, tree=self.eagle_tree,
+                        tree_budget=self.tree_budget, max_depth=self.tree_depth,
+                        max_children=self.tree_children), hparams

@@ -70,33 +70,24 @@ per beam, as HF's do in beam sampling (so a beam can always continue without EOS
 from __future__ import annotations
 
 import functools
-import math
-from typing import Optional
+from typing import Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import core, generation, processors
+from decoding import processors, token_loop
+from decoding.errors import GenerationError
 from decoding.processors import LogitsProcessor, ProcessorContext
+from decoding.records import DecodeResult, TokenRecord, token_stats
+from decoding.settings import Penalties, Sampled, check_int, check_real, settings
+from decoding.strategy import Strategy
 from models.kv_cache import KVCache
 
 Array = jax.Array
 NEG = -1.0e9  # HF's score for "cannot be chosen" (initial extra beams, finished candidates)
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # traced codes, so one compile serves all
-_IDENTITY = processors.chain()
-
-
-@flax.struct.dataclass
-class Hyps:
-  """Per-position records of hypotheses, each [B, M, N]: 0 (pad_id for tokens) beyond
-  a hypothesis' length."""
-  tokens: Array  # int32 generated tokens
-  token_logprobs: Array  # raw model log p of each token (fp32)
-  processed_logprobs: Array  # the token's increment of the beam score (processed log-prob)
-  token_entropy: Array  # entropy of the raw model distribution at each position
-  token_mean_logp: Array  # (1/V) sum_v log p_model(v) at each position
 
 
 @flax.struct.dataclass
@@ -105,8 +96,8 @@ class Beams:
   or K/G (one group's)."""
   sequences: Array  # [B, M, S] int32: prompt then generated tokens of the running beams
   scores: Array  # [B, M] fp32: cumulative processed (for G > 1 augmented) running scores
-  running: Hyps  # [B, M, N]
-  finished: Hyps  # [B, M, N]
+  running: TokenRecord  # [B, M, N]; processed_logprobs: the token's beam-score increment
+  finished: TokenRecord  # [B, M, N]
   fin_scores: Array  # [B, M] fp32: length-penalized scores, -inf for empty slots
   fin_valid: Array  # [B, M] bool: slot holds a finished hypothesis
   fin_eos: Array  # [B, M] bool: that hypothesis ended with EOS
@@ -135,12 +126,10 @@ def init_state(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, *
                cache_len: int) -> BeamState:
   """Prefills each prompt once and broadcasts its cache and logits to its K beams."""
   B, K, N = prompts.shape[0], num_beams, max_new_tokens
-  base = core.init_state(lm, params, prompts, prompt_len, N, cache_len, row_keys, pad_id)
+  base = token_loop.init_state(lm, params, prompts, prompt_len, N, cache_len, row_keys, pad_id)
   rows = jnp.repeat(jnp.arange(B), K)
   first = (jnp.arange(K) % (K // num_beam_groups)) == 0  # the first beam of each group
-  zeros = jnp.zeros((B, K, N), jnp.float32)
-  empty = Hyps(tokens=jnp.full((B, K, N), pad_id, jnp.int32), token_logprobs=zeros,
-               processed_logprobs=zeros, token_entropy=zeros, token_mean_logp=zeros)
+  empty = TokenRecord.empty((B, K, N), pad_id)
   beams = Beams(sequences=jnp.repeat(base.sequences[:, None], K, axis=1),
                 scores=jnp.broadcast_to(jnp.where(first, 0.0, NEG), (B, K)).astype(jnp.float32),
                 running=empty, finished=empty, fin_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
@@ -151,7 +140,7 @@ def init_state(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, *
                    row_keys=row_keys, beams=beams, done=jnp.zeros((B, num_beam_groups), bool))
 
 
-def _merge_finished(b: Beams, new: Hyps, new_scores: Array, eligible: Array, new_eos: Array,
+def _merge_finished(b: Beams, new: TokenRecord, new_scores: Array, eligible: Array, new_eos: Array,
                     length: Array) -> Beams:
   """Keeps the best M of the M finished hypotheses of `b` and the eligible new ones
   ([B, C], with length-penalized `new_scores`, all of generated length `length`)."""
@@ -164,16 +153,15 @@ def _merge_finished(b: Beams, new: Hyps, new_scores: Array, eligible: Array, new
                    fin_len=merge(b.fin_len, jnp.full(new_eos.shape, length, jnp.int32)))
 
 
-def _group_step(b: Beams, done: Array, counts: Array, raw: Array, entropy: Array,
-                mean_logp: Array, step: Array, prompt_len: Array, row_keys: Array,
+def _group_step(b: Beams, done: Array, counts: Array, raw: Array, step: Array,
+                prompt_len: Array, row_keys: Array,
                 eos_ids: Array, length_penalty: Array, early_stopping: Array,
                 diversity_penalty: Array, *, processor: LogitsProcessor, num_beam_groups: int,
                 do_sample: bool, max_new_tokens: int) -> tuple[Array, Array, Beams, Array]:
   """One beam step of one group of M = K/G beams.
 
   b: the group's beams [B, M, ...]; done [B]; counts [B, V]: how many beams of earlier
-  groups chose each token at this step; raw [B, M, V]: the raw model log-probs, entropy
-  and mean_logp [B, M] their statistics. Returns the parents (within the group) [B, M]
+  groups chose each token at this step; raw [B, M, V]: the raw model log-probs. Returns the parents (within the group) [B, M]
   and tokens [B, M] of the new running beams, the group's new beams and done flag.
   """
   B, M, S = b.sequences.shape
@@ -186,7 +174,7 @@ def _group_step(b: Beams, done: Array, counts: Array, raw: Array, entropy: Array
   proc = processor(logp.reshape(B * M, V), ctx).reshape(B, M, V)
   acc = (proc + b.scores[:, :, None]).reshape(B, M * V)
   if do_sample:  # C draws without replacement from softmax(acc), in draw order
-    keys = core.step_keys(row_keys, step)
+    keys = token_loop.step_keys(row_keys, step)
     noise = jax.vmap(lambda k: jax.random.gumbel(k, (M * V,), jnp.float32))(keys)
     idx = jax.lax.top_k(acc + noise, C)[1]
     cand = jnp.take_along_axis(acc, idx, axis=1)
@@ -194,14 +182,9 @@ def _group_step(b: Beams, done: Array, counts: Array, raw: Array, entropy: Array
     cand, idx = jax.lax.top_k(acc, C)  # [B, C], best first
   parent, token = idx // V, (idx % V).astype(jnp.int32)
   is_eos = jnp.any(token[..., None] == eos_ids, axis=-1)
-  pick = lambda x: jnp.take_along_axis(x.reshape(B, M * V), idx, axis=1)
-  write = lambda rec, v: rec.at[:, :, step].set(v)
   prev = jax.tree.map(lambda x: _take(x, parent), b.running)
-  cands = Hyps(tokens=write(prev.tokens, token),
-               token_logprobs=write(prev.token_logprobs, pick(raw)),
-               processed_logprobs=write(prev.processed_logprobs, pick(proc)),
-               token_entropy=write(prev.token_entropy, _take(entropy, parent)),
-               token_mean_logp=write(prev.token_mean_logp, _take(mean_logp, parent)))
+  stats = token_stats(token, _take(raw, parent), _take(proc, parent))  # [B, C]
+  cands = prev.write(step, jax.tree.map(lambda x: x[..., None], stats))
 
   # Finished: EOS candidates among the first M ranks; with G = 1 also, at the last step,
   # every candidate among them (HF `_beam_search` finishes them all at once).
@@ -249,21 +232,20 @@ def beam_step(lm, params, s: BeamState, eos_ids: Array, length_penalty: Array,
   G, M = num_beam_groups, K // num_beam_groups
   V = s.logits.shape[-1]
   raw = jax.nn.log_softmax(s.logits.astype(jnp.float32), axis=-1).reshape(B, K, V)
-  entropy, mean_logp = core.distribution_stats(raw)  # [B, K]
   split = lambda x: jnp.moveaxis(x.reshape((B, G, M) + x.shape[2:]), 1, 0)  # [G, B, M, ...]
   join = lambda x: jnp.moveaxis(x, 0, 1).reshape((B, K) + x.shape[3:])
 
   def group(counts, xs):
-    b, was_done, raw_g, ent_g, mean_g = xs
+    b, was_done, raw_g = xs
     parent, token, b, done = _group_step(
-        b, was_done, counts, raw_g, ent_g, mean_g, s.step, s.prompt_len, s.row_keys, eos_ids,
+        b, was_done, counts, raw_g, s.step, s.prompt_len, s.row_keys, eos_ids,
         length_penalty, early_stopping, diversity_penalty, processor=processor,
         num_beam_groups=G, do_sample=do_sample, max_new_tokens=max_new_tokens)
     chosen = jnp.where(was_done[:, None], pad_id, token)  # a group already done "chooses" pad
     counts = counts.at[jnp.arange(B)[:, None], chosen].add(1.0)
     return counts, (parent, token, b, done)
 
-  xs = (jax.tree.map(split, s.beams), s.done.T, split(raw), split(entropy), split(mean_logp))
+  xs = (jax.tree.map(split, s.beams), s.done.T, split(raw))
   _, (parent, token, beams, done) = jax.lax.scan(group, jnp.zeros((B, V), jnp.float32), xs)
   parent = join(parent + (jnp.arange(G) * M)[:, None, None])  # [B, K] beam index in the row
   token = join(token)
@@ -279,16 +261,13 @@ def beam_step(lm, params, s: BeamState, eos_ids: Array, length_penalty: Array,
   return jax.lax.cond(more, advance, lambda st: st, s)
 
 
-def finalize(s: BeamState) -> core.DecodeResult:
+def finalize(s: BeamState) -> DecodeResult:
   """All K finished hypotheses of each prompt, best first: fields [B, K, ...]."""
   b = s.beams
   order = jax.lax.top_k(b.fin_scores, b.fin_scores.shape[1])[1]
-  h = jax.tree.map(lambda x: _take(x, order), b.finished)
-  return core.DecodeResult(
-      tokens=h.tokens, lengths=_take(b.fin_len, order), token_logprobs=h.token_logprobs,
-      processed_logprobs=h.processed_logprobs, scores=_take(b.fin_scores, order),
-      finished=_take(b.fin_eos, order), token_entropy=h.token_entropy,
-      token_mean_logp=h.token_mean_logp)
+  return DecodeResult(record=jax.tree.map(lambda x: _take(x, order), b.finished),
+                      lengths=_take(b.fin_len, order), scores=_take(b.fin_scores, order),
+                      finished=_take(b.fin_eos, order))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -297,7 +276,7 @@ def finalize(s: BeamState) -> core.DecodeResult:
 def _search(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_ids: Array,
             length_penalty: Array, early_stopping: Array, diversity_penalty: Array, *,
             processor: LogitsProcessor, num_beams: int, num_beam_groups: int, do_sample: bool,
-            pad_id: int, max_new_tokens: int, cache_len: int) -> core.DecodeResult:
+            pad_id: int, max_new_tokens: int, cache_len: int) -> DecodeResult:
   s = init_state(lm, params, prompts, prompt_len, row_keys, num_beams=num_beams,
                  num_beam_groups=num_beam_groups, pad_id=pad_id, max_new_tokens=max_new_tokens,
                  cache_len=cache_len)
@@ -311,57 +290,25 @@ def _search(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_
   return finalize(s)
 
 
-def check_args(num_beams, num_return_sequences=1, length_penalty=1.0, early_stopping=False,
-               num_beam_groups=1, diversity_penalty=0.0, do_sample=False,
-               temperature=1.0) -> None:
-  """Raises GenerationError for values beam search cannot run with."""
-  err = generation.GenerationError
-  for name, v in (("num_beams", num_beams), ("num_beam_groups", num_beam_groups),
-                  ("num_return_sequences", num_return_sequences)):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-      raise err(f"{name} must be an integer >= 1, got {v!r}")
-  if num_beams < 2:
-    raise err(f"beam search needs num_beams >= 2, got {num_beams} "
-              "(num_beams=1 is greedy decoding: use strategy='greedy')")
-  if num_return_sequences > num_beams:
-    raise err(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
-  if num_beams % num_beam_groups:
-    raise err(f"num_beams ({num_beams}) must be divisible by num_beam_groups ({num_beam_groups})")
-  if not (isinstance(early_stopping, (bool, np.bool_)) or early_stopping == "never"):
-    raise err(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-  for name, v in (("length_penalty", length_penalty), ("diversity_penalty", diversity_penalty)):
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
-      raise err(f"{name} must be a finite number, got {v!r}")
-  if diversity_penalty < 0:
-    raise err(f"diversity_penalty must be >= 0, got {diversity_penalty}")
-  if not isinstance(do_sample, (bool, np.bool_)):
-    raise err(f"do_sample must be True or False, got {do_sample!r}")
-  if do_sample and num_beam_groups > 1:
-    raise err("diverse beam search (num_beam_groups > 1) cannot sample: set do_sample=False")
-  if do_sample and not temperature > 0:
-    raise err(f"temperature must be > 0 for beam sampling, got {temperature}")
-
-
 def beam_search(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_ids: Array,
                 *, num_beams: int, max_new_tokens: int, cache_len: int, pad_id: int,
                 num_return_sequences: int = 1, length_penalty: float = 1.0,
                 early_stopping=False, num_beam_groups: int = 1, diversity_penalty: float = 0.0,
                 do_sample: bool = False,
-                processor: Optional[LogitsProcessor] = None) -> core.DecodeResult:
+                processor: LogitsProcessor = processors.IDENTITY) -> DecodeResult:
   """Beam search / beam sampling / diverse beam search (see the module docstring).
 
   prompts [B, P] int32 right-padded, prompt_len [B], row_keys [B, 2] uint32 (used only
-  with do_sample), eos_ids [E] int32. `processor` (default: none) acts on log-probs, as
-  from `processors.build(cfg, eos, sampling=do_sample)`. Returns a DecodeResult with
+  with do_sample), eos_ids [E] int32. `processor` (default: none) acts on log-probs (the
+  strategies pass their settings' processors). Arguments are checked by the settings types
+  (`Beam`, `DiverseBeam`), which the strategies construct. Returns a DecodeResult with
   fields [B, R, ...] (R = num_return_sequences, best first); `scores` is HF's
   `sequences_scores`. One compile serves every length_penalty, early_stopping,
   diversity_penalty and R for given shapes, K, G and do_sample.
   """
-  check_args(num_beams, num_return_sequences, length_penalty, early_stopping, num_beam_groups,
-             diversity_penalty, do_sample)
   res = _search(lm, params, prompts, prompt_len, row_keys, eos_ids,
                 jnp.float32(length_penalty), jnp.int32(EARLY_STOPPING[early_stopping]),
-                jnp.float32(diversity_penalty), processor=processor or _IDENTITY,
+                jnp.float32(diversity_penalty), processor=processor,
                 num_beams=num_beams, num_beam_groups=num_beam_groups, do_sample=bool(do_sample),
                 pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len)
   return jax.tree.map(lambda x: x[:, :num_return_sequences], res)
@@ -370,48 +317,88 @@ def beam_search(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, 
 # ---------------------------------------------------------------------------- strategies
 
 
-def _args(cfg) -> dict:
-  get = generation._get
-  return dict(num_beams=get(cfg, "num_beams", 1),
-              num_return_sequences=get(cfg, "num_return_sequences", 1),
-              length_penalty=get(cfg, "length_penalty", 1.0),
-              early_stopping=get(cfg, "early_stopping", False),
-              num_beam_groups=get(cfg, "num_beam_groups", 1),
-              diversity_penalty=get(cfg, "diversity_penalty", 0.0),
-              do_sample=get(cfg, "do_sample", False))
+@settings
+class _BeamCommon(Penalties):
+  """Fields of both beam strategies (Hugging Face GenerationConfig names and semantics)."""
+  num_beams: int = 4
+  num_return_sequences: int = 1  # <= num_beams, best first
+  length_penalty: float = 1.0  # finished score = sum of log-probs / generated_length ** alpha
+  early_stopping: Union[bool, str] = False  # True | False | "never" (HF's values and default)
+
+  def validate(self) -> None:
+    super().validate()
+    check_int("num_beams", self.num_beams, 1)
+    if self.num_beams < 2:
+      raise GenerationError(f"beam search needs num_beams >= 2, got {self.num_beams} "
+                            "(num_beams=1 is greedy decoding: use strategy='greedy')")
+    check_int("num_return_sequences", self.num_return_sequences, 1)
+    if self.num_return_sequences > self.num_beams:
+      raise GenerationError(f"num_return_sequences ({self.num_return_sequences}) must be <= "
+                            f"num_beams ({self.num_beams})")
+    check_real("length_penalty", self.length_penalty)
+    if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+      raise GenerationError(f"early_stopping must be True, False or 'never', got "
+                            f"{self.early_stopping!r}")
 
 
-def _validate_beam(cfg) -> None:
-  a = _args(cfg)
-  if a["num_beam_groups"] != 1:
-    raise generation.GenerationError(
-        f"num_beam_groups={a['num_beam_groups']} needs strategy='diverse_beam'")
-  if a["diversity_penalty"] != 0:
-    raise generation.GenerationError(
-        "diversity_penalty only applies to strategy='diverse_beam' (with num_beam_groups > 1)")
-  check_args(**a, temperature=generation._get(cfg, "temperature", 1.0))
+@settings
+class Beam(_BeamCommon, Sampled):
+  """Beam search; with do_sample=True, Hugging Face's beam sampling (the warpers keep at
+  least max(2, 1 + number of EOS ids) tokens per beam, as HF's do)."""
+
+  def search_args(self) -> dict:
+    return dict(num_beam_groups=1, diversity_penalty=0.0, do_sample=self.do_sample)
+
+  def logits_processor(self, eos_ids) -> processors.Chain:
+    if not self.do_sample:
+      return self.penalty_processors(eos_ids)
+    return processors.chain(self.penalty_processors(eos_ids),
+                            self.warper_processors(max(2, len(eos_ids) + 1)))
 
 
-def _validate_diverse(cfg) -> None:
-  a = _args(cfg)
-  if a["do_sample"]:
-    raise generation.GenerationError(
-        "strategy='diverse_beam' does not sample (as in Hugging Face): set do_sample=False")
-  check_args(**a)
+@settings
+class DiverseBeam(_BeamCommon):
+  """Diverse beam search with Hamming diversity: num_beam_groups groups of
+  num_beams / num_beam_groups beams, each penalized by diversity_penalty for every earlier
+  group's choice of the same token (the reference code's lambda = 0.5). 3 groups of 2 beams
+  and all 6 hypotheses returned is our choice of a small budget (the reference code's
+  default is 2 beams in 2 groups)."""
+  num_beams: int = 6
+  num_beam_groups: int = 3
+  diversity_penalty: float = 0.5
+  num_return_sequences: int = 6
+
+  def validate(self) -> None:
+    super().validate()
+    check_int("num_beam_groups", self.num_beam_groups, 1)
+    if self.num_beams % self.num_beam_groups:
+      raise GenerationError(f"num_beams ({self.num_beams}) must be divisible by "
+                            f"num_beam_groups ({self.num_beam_groups})")
+    check_real("diversity_penalty", self.diversity_penalty, 0.0)
+
+  def search_args(self) -> dict:
+    return dict(num_beam_groups=self.num_beam_groups, diversity_penalty=self.diversity_penalty,
+                do_sample=False)
+
+  def logits_processor(self, eos_ids) -> processors.Chain:
+    return self.penalty_processors(eos_ids)
 
 
-def _run(lm, params, prompts, prompt_len, row_keys, eos_ids, cfg, pad_id, max_new_tokens,
-         cache_len) -> core.DecodeResult:
-  a = _args(cfg)
-  eos = [int(e) for e in np.asarray(eos_ids) if e >= 0]
-  # HF's beam sampling warpers keep at least one non-EOS token per beam.
-  proc = processors.build(cfg, eos, sampling=bool(a["do_sample"]),
-                          min_tokens_to_keep=max(2, len(eos) + 1) if a["do_sample"] else 1)
-  return beam_search(lm, params, prompts, prompt_len, row_keys, eos_ids, processor=proc,
-                     pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len, **a)
+def prepare(s, target, resources):
+  proc = s.logits_processor(target.eos_ids)
+
+  def run(batch):
+    return beam_search(target.lm, target.params, batch.prompts, batch.prompt_len, batch.row_keys,
+                       target.eos_array, num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
+                       cache_len=batch.cache_len, pad_id=target.pad_id,
+                       num_return_sequences=s.num_return_sequences,
+                       length_penalty=s.length_penalty, early_stopping=s.early_stopping,
+                       processor=proc, **s.search_args())
+  return run
 
 
-generation.register_strategy(generation.Strategy("beam", _run, validate=_validate_beam,
-                                                 multiple=True))
-generation.register_strategy(generation.Strategy("diverse_beam", _run, validate=_validate_diverse,
-                                                 multiple=True))
+BEAM = Strategy("beam", Beam, "beam search (Hugging Face semantics), beam sampling with "
+                "do_sample=True", prepare=prepare, score_kind="beam_score")
+DIVERSE_BEAM = Strategy("diverse_beam", DiverseBeam, "diverse beam search with Hamming "
+                        "diversity; groups advance together, as in Hugging Face",
+                        prepare=prepare, score_kind="beam_score")

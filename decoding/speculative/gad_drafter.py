@@ -53,14 +53,17 @@ m masks follow the same k + 1 tokens: k + 1 + m inputs, L + m slots.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from decoding import core
-from decoding.speculative import ChainDraft, DraftView, Drafter, PrefillInfo
-from models import transformer
+from decoding.errors import GenerationError
+from decoding.prefill import new_cache, prefill
+from decoding.settings import Validated, check_int, settings
+from decoding.speculative.protocol import (ChainDraft, DraftView, Drafter, PrefillInfo,
+                                           require_checksum, write_at)
+from models import artifacts, transformer
 from models.lm import TransformerLM
 
 Array = jax.Array
@@ -162,10 +165,6 @@ def cut_logits(lm: TransformerLM, params: Any, mask_embeds: Array, tokens: Array
 # ------------------------------------------------------------------------------ the drafter
 
 
-def _write(sequences: Array, pos: Array, tok: Array) -> Array:
-  return sequences.at[jnp.arange(sequences.shape[0]), pos].set(tok, mode="drop")
-
-
 def choose_drafts(logits: Array, view: DraftView, processor) -> Array:
   """Greedy drafts from block logits [B, k, V]: slot j is the argmax of its logits after the
   logits processors, applied with the context of position L + j (the row followed by the
@@ -176,7 +175,7 @@ def choose_drafts(logits: Array, view: DraftView, processor) -> Array:
     lg, j = xs
     processed = processor(lg, view.replace(sequences=seqs).context(j))
     tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    return _write(seqs, L + j, tok), tok
+    return write_at(seqs, L + j, tok), tok
 
   K = logits.shape[1]
   _, toks = jax.lax.scan(body, view.sequences, (jnp.moveaxis(logits, 1, 0), jnp.arange(K)))
@@ -189,7 +188,7 @@ class GadDrafter(Drafter):
   per call from one parallel pass over [prefix; k masks] (see the module docstring).
 
   `target_lm`: the target's TransformerLM (the drafter is its first `num_layers` layers).
-  `dparams`: `init_params(...)` or a trained drafter (`train.gad.load_gad_drafter`);
+  `dparams`: `init_params(...)` or a trained drafter (`drafter_from_artifact`);
   `tparams`: the target's parameters (embedding / head). Drafts are deterministic (the
   argmax of the processed draft logits) in greedy and sampling mode alike; in sampling
   mode they are verified losslessly as point-mass proposals (`probs=None`).
@@ -213,14 +212,13 @@ class GadDrafter(Drafter):
   def masks(self) -> int:
     return self.num_masks or self.num_draft
 
-  def init(self, dparams, tparams, prompts, prompt_len, first, prefill: PrefillInfo,
+  def init(self, dparams, tparams, prompts, prompt_len, first, info: PrefillInfo,
            cache_len):
     """The drafter's cache over the prompt (length prompt_len; `first` is fed at the first
     proposal, as part of its last k + 1 tokens)."""
     lm = self.lm
-    cache = jax.lax.optimization_barrier(lm.init_cache(prompts.shape[0],
-                                                       cache_len + self.masks))
-    _, cache = core.prefill(lm, model_params(dparams, tparams), prompts, prompt_len, cache)
+    _, cache = prefill(lm, model_params(dparams, tparams), prompts, prompt_len,
+                       new_cache(lm, prompts.shape[0], cache_len + self.masks))
     return cache
 
   def block_logits(self, dparams, tparams, cache, view: DraftView) -> tuple[Array, Any]:
@@ -269,3 +267,53 @@ def propose_from_scratch(drafter: GadDrafter, dparams, tparams, view: DraftView,
   logits = cut_logits(lm, params, mask_embeddings(dparams, drafter.masks, lm.config.dtype),
                       view.sequences, view.seq_len[:, None])
   return choose_drafts(logits[:, 0, :drafter.num_draft], view, processor)
+
+
+def drafter_from_artifact(manifest: dict, trained: dict, target_lm: TransformerLM,
+                          target_params: Any, num_draft: Optional[int] = None
+                          ) -> tuple[GadDrafter, dict]:
+  """(GadDrafter, dparams) for `target_lm` from a loaded `gad_drafter` artifact (written by
+  `python -m train.gad`; `models.artifacts.load_artifact`).
+
+  `num_draft`: drafts per call (default: the trained block size k; a smaller value still
+  feeds the k trained masks and keeps the first `num_draft` slots). The body comes back in
+  the target's layer layout and every leaf in the dtype of a freshly initialized drafter's.
+  """
+  cfg = manifest["config"]
+  k = int(cfg["num_draft"])
+  n = k if num_draft is None else int(num_draft)
+  if not 1 <= n <= k:
+    raise ValueError(f"num_draft_tokens must be in [1, {k}] (the trained block size), got {n}")
+  drafter = GadDrafter(target_lm=target_lm, num_layers=int(cfg["num_layers"]), num_draft=n,
+                       num_masks=k if n < k else 0)
+  if not drafter.lm.config.scan_layers:  # artifacts store the stacked layout
+    trained = {**trained, "body": transformer.unstack_layers(trained["body"], drafter.num_layers)}
+  like = init_params(target_lm, target_params, drafter.num_layers, k, bool(cfg["slot_embeddings"]))
+  return drafter, jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
+
+
+@settings
+class GadDraft(Validated):
+  """A trained GAD block drafter (`gad_drafter`, a registered name or a folder), proposing
+  `num_draft_tokens` per call (default: its trained block size)."""
+  gad_drafter: str = "gad-smollm2"
+  num_draft_tokens: Optional[int] = None
+
+  def validate(self) -> None:
+    if self.num_draft_tokens is not None:
+      check_int("num_draft_tokens", self.num_draft_tokens, 1)
+
+  def build(self, target, resources):
+    require_checksum(target, "a GAD drafter")
+
+    def load():
+      manifest, trained = artifacts.load_artifact(self.gad_drafter, "gad_drafter",
+                                                  target_sha256=target.sha256,
+                                                  target_config=target.lm.config)
+      return drafter_from_artifact(manifest, trained, target.lm, target.params,
+                                   self.num_draft_tokens)
+    try:
+      return resources.get(("gad_drafter", self.gad_drafter, target.sha256, self.num_draft_tokens),
+                           load, depends_on=(target.params,))
+    except (ValueError, FileNotFoundError) as e:
+      raise GenerationError(f"cannot load GAD drafter {self.gad_drafter!r}: {e}") from e

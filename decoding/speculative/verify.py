@@ -55,6 +55,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from decoding.speculative.acceptance import Acceptance, GadPlus, Lantern, Lenient, Strict
+
 Array = jax.Array
 
 
@@ -124,8 +126,7 @@ def latent_relaxation(p: Array, draft_tokens: Array, neighbors: Array,
 
 def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optional[Array],
                  keys: Array, sample: bool, offsets: Optional[Array] = None,
-                 lenience: float = 1.0, neighbors: Optional[Array] = None,
-                 delta: float = 0.0) -> ChainVerdict:
+                 acceptance: Acceptance = Strict()) -> ChainVerdict:
   """Verifies a chain of K drafts per row.
 
   target_logits: [B, K+1, V] processed target logits (row j predicts draft j, row K the
@@ -134,8 +135,10 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
     drafts. keys: [B, 2] row keys; offsets: [B] token index of the first position
     (default 0). sample: False for greedy verification.
 
-  LOSSY options. lenience < 1: DistillSpec's lenient acceptance min(1, p / (lenience q)).
-  neighbors [V, k] with delta > 0: LANTERN's relaxed acceptance (`latent_relaxation`):
+  acceptance: `Strict()` (lossless) or a LOSSY rule (`decoding.speculative.acceptance`).
+  `GadPlus(beta, tau)` (greedy): `verify_chain_relaxed`. `Lenient(epsilon)` (sampling):
+  DistillSpec's lenient acceptance min(1, p / (epsilon q)).
+  `Lantern(neighbors [V, k], delta)` with delta > 0: LANTERN's relaxed acceptance (`latent_relaxation`):
   sampling accepts d with probability min(1, (p(d) + c_{m*}) / q(d)); on a rejection where
   mass was moved, the residual follows the LANTERN code's heuristic: sampled drafts zero q
   on the lending neighbours before norm(max(p - q, 0)); point-mass drafts (q(d) = 1) zero p
@@ -148,6 +151,11 @@ def verify_chain(target_logits: Array, draft_tokens: Array, draft_probs: Optiona
   K = K1 - 1
   if draft_tokens.shape != (B, K):
     raise ValueError(f"draft_tokens {draft_tokens.shape} do not match logits {target_logits.shape}")
+  if isinstance(acceptance, GadPlus):
+    return verify_chain_relaxed(target_logits, draft_tokens, acceptance.beta, acceptance.tau)
+  lenience = acceptance.epsilon if isinstance(acceptance, Lenient) else 1.0
+  neighbors, delta = ((acceptance.neighbors, acceptance.delta) if isinstance(acceptance, Lantern)
+                      else (None, 0.0))
   offsets = jnp.zeros((B,), jnp.int32) if offsets is None else offsets
   pkeys = position_keys(keys, offsets, K1)  # [B, K+1, 2]
   relax = neighbors is not None and float(delta) > 0 and K > 0

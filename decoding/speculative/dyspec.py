@@ -32,27 +32,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from decoding.drafters import DraftModelMixin
-from decoding.speculative import (DraftView, Drafter, PrefillInfo, TreeDraft, Verified,
-                                  _path_tokens)
-from decoding.processors import ProcessorContext
+from decoding.errors import GenerationError
+from decoding.settings import Validated, check_int, settings
+from decoding.speculative.model_drafter import DraftModelMixin, load_draft_model, self_layers
+from decoding.speculative.protocol import DraftView, Drafter, TreeDraft, Verified, node_context
 
 Array = jax.Array
 NEG = -jnp.inf
-
-
-def node_context(view: DraftView, tokens: Array, parents: Array, depth: Array, node: Array,
-                 max_depth: int) -> ProcessorContext:
-  """Processor context after tree node `node` ([B] index): the row plus its draft path."""
-  B, S = view.sequences.shape
-  rows = jnp.arange(B)
-  path = _path_tokens(tokens, parents, depth, max_depth)[rows, node]  # [B, D]
-  d = depth[rows, node]
-  pos = view.seq_len[:, None] + jnp.arange(max_depth)[None]
-  pos = jnp.where(jnp.arange(max_depth)[None] < d[:, None], pos, S)
-  seqs = view.sequences.at[rows[:, None], pos].set(path, mode="drop")
-  return ProcessorContext(sequences=seqs, seq_len=view.seq_len + d, prompt_len=view.prompt_len,
-                          step=view.num_generated + d)
 
 
 def best_first_tree(root_logp: Array, expand, aux: Any, budget: int, max_depth: int,
@@ -155,3 +141,32 @@ class DySpecDrafter(DraftModelMixin, Drafter):
     return cache.compact(verified.old_seq_len - 1, verified.node_index[:, 1:])
 
 
+@settings
+class DySpec(Validated):
+  """A DySpec tree of `tree_budget` draft nodes per target call (at most `tree_depth` deep,
+  `tree_children` children considered per node), grown from `draft_model` or, without one,
+  from the target's first `draft_layers` layers (default 4)."""
+  draft_model: str = ""
+  draft_layers: Optional[int] = None
+  tree_budget: int = 16
+  tree_depth: int = 6
+  tree_children: int = 4
+
+  def validate(self) -> None:
+    if self.draft_model and self.draft_layers is not None:
+      raise GenerationError("draft_layers sets the self-draft's depth: it does not apply with "
+                            "a draft_model")
+    if self.draft_layers is not None:
+      check_int("draft_layers", self.draft_layers, 1)
+    check_int("tree_budget", self.tree_budget, 1)
+    check_int("tree_depth", self.tree_depth, 1)
+    check_int("tree_children", self.tree_children, 1)
+
+  def build(self, target, resources):
+    tree = dict(tree_budget=self.tree_budget, max_depth=self.tree_depth,
+                max_children=self.tree_children)
+    if self.draft_model:
+      dlm, dparams = load_draft_model(self.draft_model, target, resources)
+      return DySpecDrafter(dlm, **tree), dparams
+    k = self_layers(4 if self.draft_layers is None else self.draft_layers, target)
+    return DySpecDrafter(target.lm, self_layers=k, **tree), None

@@ -31,8 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from decoding import verify
-from decoding.speculative import ChainDraft, Drafter, DraftView, Verified
+from decoding.speculative import verify
+from decoding.speculative.protocol import ChainDraft, Drafter, DraftView, Verified
 
 Array = jax.Array
 INITS = ("random", "spatial")
@@ -92,8 +92,8 @@ class JacobiDrafter(Drafter):
     probs = jnp.where(fresh[..., None], onehot, probs)
     return tokens, probs
 
-  def init(self, dparams, tparams, prompts, prompt_len, first, prefill, cache_len):
-    B, L, V = prompts.shape[0], self.num_draft, prefill.logits.shape[-1]
+  def init(self, dparams, tparams, prompts, prompt_len, first, info, cache_len):
+    B, L, V = prompts.shape[0], self.num_draft, info.logits.shape[-1]
     # every slot starts fresh: propose draws the initial drafts (it has the row keys)
     zeros = jnp.zeros((B, L), jnp.int32)
     return {"sampled": zeros, "greedy": zeros, "probs": jnp.zeros((B, L, V), jnp.float32),
