@@ -8,7 +8,8 @@ ICLR 2024). Run with
 The draft is the target's first 4 of 30 layers + final norm + tied head
 (`TransformerLM.truncated`); the 4 layers and the final norm are trained, the embedding /
 head stay frozen, and the result is saved as the named draft "distillspec-smollm2-L4"
-(~/.cache/decodax/drafts/distillspec-smollm2-L4, not in git; `train.distillspec.load_draft`).
+(a self_draft artifact in ~/.cache/decodax/drafts/distillspec-smollm2-L4, not in git; decoding
+loads it with `--config.drafter=model --config.draft_model=distillspec-smollm2-L4`).
 
 Data: continuations of deterministic chat prompts (16 templates x 60 training subjects;
 held-out measurements use 20 other subjects), half sampled at temperature 1 from the
@@ -57,9 +58,9 @@ def get_config():
   d.eval_gen_len = 64
   # held-out rows: target continuations sampled at temperature 1 and/or greedy
   d.eval_sets = "sampled,greedy"
-  d.mc_samples = 4  # Monte Carlo draws per held-out position through decoding.verify (0: off)
+  d.mc_samples = 4  # Monte Carlo draws per held-out position through decoding.speculative.verify (0: off)
   d.save_name = "distillspec-smollm2-L4"  # "" = do not save
-  d.save_dir = ""  # "" = drafts dir (train.distillspec.drafts_dir()) / save_name
+  d.save_dir = ""  # "" = the drafts dir (models.registry.drafts_dir()) / save_name
 
   c.data.source = "text_corpus"  # the "fixed" source (rows of prompt_len + gen_len tokens)
   c.data.num_train = 256

@@ -7,12 +7,12 @@ card 6. Run with
 
 The drafter is the target's first 4 of 30 layers + final norm + tied head, with a learned
 mask embedding and 6 slot embeddings; it predicts the next 6 tokens in one parallel pass
-(`decoding.gad.GadDrafter`). Trained: the 4 layers, the final norm, the mask and slot
+(`decoding.speculative.gad_drafter.GadDrafter`). Trained: the 4 layers, the final norm, the mask and slot
 embeddings (the embedding / head stay the target's). Data: the target's greedy answers
 (128 tokens) to 480 templated chat prompts of 60 training subjects, generated once and
 cached in the workdir; held-out measurements use other subjects. The result is saved as
-the named drafter "gad-smollm2" (~/.cache/decodax/drafts/gad-smollm2, not in git;
-`train.gad.load_gad_drafter`).
+the named drafter "gad-smollm2" (a gad_drafter artifact in ~/.cache/decodax/drafts/gad-smollm2,
+not in git; decoding loads it with `--config.drafter=gad`).
 
 Block size: the card's k = 25 is for translation with a drafter trained on millions of
 sentence pairs; a 4-layer drafter of a 135M chat model trained for half an hour on two CPU
@@ -55,7 +55,7 @@ def get_config():
   g.timing_repeats = 1
   g.report_before = True
   g.save_name = "gad-smollm2"  # "" = do not save
-  g.save_dir = ""  # "" = drafts dir (train.gad.drafts_dir()) / save_name
+  g.save_dir = ""  # "" = the drafts dir (models.registry.drafts_dir()) / save_name
 
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 20

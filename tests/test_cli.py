@@ -47,9 +47,14 @@ def test_batch_mode_end_to_end(tmp_path, smollm):
   assert "generating" in proc.stderr  # progress bar
   rows = [json.loads(l) for l in outp.read_text().splitlines()]
   assert len(rows) == 3
-  for r in rows:
-    assert set(r) >= {"prompt_ids", "output_ids", "text", "token_logprobs", "score"}
-    assert len(r["output_ids"]) == 8 == len(r["token_logprobs"])
+  for r in rows:  # everything a Generation holds, and the text
+    assert set(r) >= {"index", "rank", "prompt_ids", "output_ids", "text", "token_logprobs",
+                      "processed_logprobs", "token_entropy", "finished", "score", "score_kind",
+                      "self_certainty", "gnll"}, sorted(r)
+    assert len(r["output_ids"]) == 8 == len(r["token_logprobs"]) == len(r["token_entropy"])
+    assert r["score_kind"] == "log_likelihood" and r["finished"] is False
+    assert r["gnll"] == pytest.approx(-sum(r["token_logprobs"]), abs=1e-4)
+  assert [r.get("prompt") for r in rows] == ["Name a fruit.", None, "Say hi."]
     assert r["score"] == pytest.approx(sum(r["token_logprobs"]), abs=1e-4)
     assert r["text"] == tok.decode(r["output_ids"], skip_special_tokens=True)
   assert rows[1]["prompt_ids"] == ids  # ids used as given: no template, no BOS

@@ -114,7 +114,7 @@ def test_masked_mean_is_the_per_sequence_loss():
 
 
 def test_monte_carlo_acceptance_of_the_shared_verifier_matches_one_minus_tvd():
-  """Single-token speculative sampling through `decoding.verify.verify_chain` accepts a
+  """Single-token speculative sampling through `decoding.speculative.verify.verify_chain` accepts a
   draft token d ~ q with probability sum_v min(p, q) = 1 - TVD (DistillSpec's identity)."""
   keys = jax.random.split(jax.random.key(2), 3)
   M, S = 48, 400

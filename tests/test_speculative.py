@@ -571,6 +571,21 @@ def test_smollm2_speculative_greedy_equals_greedy(smollm, prompt_ids):
       assert o.extras["target_calls"] >= 1
 
 
+def test_greedy_speculative_output_reports_its_gnll():
+  """Lossless greedy speculative decoding is greedy decoding: its outputs carry the same
+  G-NLL; sampled or LOSSY outputs are not greedy outputs and carry none."""
+  prompts = [[2, 3], [5]]
+  table = _bigram(0)
+  base = dict(max_new_tokens=8, drafter="prompt_lookup")
+  greedy = run_config(BigramLM(V), table, prompts, dict(strategy="greedy", max_new_tokens=8))
+  spec = run_config(BigramLM(V), table, prompts, dict(strategy="speculative", **base))
+  assert [g.gnll for g in spec] == pytest.approx([g.gnll for g in greedy])
+  assert all(g.gnll is not None for g in spec)
+  sampled = run_config(BigramLM(V), table, prompts,
+                       dict(strategy="speculative", do_sample=True, **base))
+  assert all(g.gnll is None for g in sampled)
+
+
 def test_lossy_rules_reduce_to_the_lossless_ones_at_their_neutral_settings():
   """GAD++ with beta = 1 or tau = 0 is greedy verification; a larger beta/tau accepts at
   least as much. Lenience 1 is the lossless rule; lenience < 1 accepts at least as much."""

@@ -14,7 +14,7 @@ held-out greedy chain is shipped (`models.eagle_head.save_head`), tied to the ta
 artifact's params sha256 (`models.image_ar.ImageModel.sha256`).
 
 At decoding time the head drafts from the conditional stream's features and the verifier
-checks the drafts against the guided distribution (`decoding.images`, strategy "eagle").
+checks the drafts against the guided distribution (`decoding.image_strategies`, strategy "eagle").
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ distribution, value v_u * q_u(child)); each step adds the best candidate over al
 on the new node (one token, attending to the prefix and its ancestors through the
 cache mask) and records the node's own top children. `budget` draft calls build the
 tree. Children are the top tokens of the processed draft distribution in both greedy
-and sampling mode; the verifier's multi-candidate rule (`decoding.verify.verify_tree`)
+and sampling mode; the verifier's multi-candidate rule (`decoding.speculative.verify.verify_tree`)
 is lossless for any candidate set.
 
 The draft cache uses the target's layout: the root (the row's last token) at slot

@@ -17,11 +17,12 @@ that fills k [MASK] placeholders after the output prefix in one parallel pass:
               k positions are masked again.
 
 Here the verifier is a decoder-only LM and steps 2-4 are the shared speculative loop
-(`decoding.speculative`) with the shared verification core (`decoding.verify`): the
-drafter below only proposes a chain of k tokens, so vanilla GAD is greedy chain
-verification (`speculative_decode(..., sample=False)`), and GAD++ is the same loop with
-`relaxation=("gad_plus", beta, tau)` (`verify.verify_chain_relaxed`; the released
-settings are beta = 5, tau = 3.0; beta = 1 or tau = 0 is vanilla GAD).
+(`decoding.speculative.loop`) with the shared verification core
+(`decoding.speculative.verify`): the drafter below only proposes a chain of k tokens, so
+vanilla GAD is greedy chain verification (`speculative_decode(..., sample=False)`), and
+GAD++ is the same loop with the `GadPlus(beta, tau)` acceptance rule
+(`verify.verify_chain_relaxed`; the released settings are beta = 5, tau = 3.0; beta = 1 or
+tau = 0 is vanilla GAD).
 
 The drafter ("block drafter") is a small decoder built from the target itself: the
 target's first `num_layers` layers, its final norm and its output head

@@ -109,7 +109,7 @@ def latent_relaxation(p: Array, draft_tokens: Array, neighbors: Array,
   Relaxed Speculative Decoding", Jang et al., ICLR 2025).
 
   p: [B, K, V] target distributions; draft_tokens [B, K]; neighbors [V, k] int32: the k
-  nearest other codes of each token in the VQ latent space (-1 pads, `decoding.lantern`).
+  nearest other codes of each token in the VQ latent space (-1 pads, `decoding.speculative.lantern`).
   With c_m = sum_{j <= m} p(N_j(x)) (x's neighbours in order), m* = the largest m with
   c_m <= delta: returns (extra [B, K] = c_{m*} (0 when no m qualifies), lent [B, K, k] bool:
   the neighbours whose mass was moved onto x). extra <= delta always; delta = 0 moves
