@@ -16,6 +16,7 @@ The table is written into BENCHMARKS.md between markers (`bench_decode`, or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
-from models import registry
-from models.lm import load_model
+from models import registry, transformer
+from models.lm import TransformerLM, load_model
 
 DEFAULT = registry.DEFAULT_MODEL
 
@@ -80,9 +81,8 @@ def time_ours(model, prompts, n_new: int, runs: int):
 
 def load_hf(name: str = "smollm2-135m-instruct"):
   """Hugging Face transformers on the same GGUF weights (registry model `name`), fp32, eval."""
-  import torch
+  import torch  # torch and transformers: test extras, only for the Hugging Face baseline
   import transformers
-  from models import registry
   path, _, _ = registry.resolve(name)
   return transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
@@ -134,9 +134,6 @@ def main():
   if args.batch < 2 or args.runs < 1 or args.new_tokens < 1:
     ap.error("--batch must be >= 2, --runs and --new-tokens >= 1")
 
-  import dataclasses
-  from models import transformer
-  from models.lm import TransformerLM
   model = load_model(args.model, param_dtype=args.param_dtype)
   tok = model.tokenizer
   base = tok.encode_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])

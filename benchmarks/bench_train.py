@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.bench_decode import cpu_name, write_table
+from models import registry
 from models.lm import load_model
 from train import data, lora, losses, optim, trainer
 
@@ -81,9 +82,8 @@ def time_ours(model, batch: int, seq_len: int, runs: int, use_lora: bool):
 
 
 def time_hf(batch: int, seq_len: int, runs: int) -> float:
-  import torch
+  import torch  # torch and transformers: test extras, only for the PyTorch baseline
   import transformers
-  from models import registry
   torch.set_num_threads(os.cpu_count() or 1)
   path, _, _ = registry.resolve("smollm2-135m-instruct")
   model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -16,9 +16,11 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 from models.config import DTYPES, ModelConfig, SUPPORTED_ARCHITECTURES
 from models.registry import ChecksumError  # re-exported: the error of every checksum check
@@ -114,7 +116,6 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _dequant(tensor) -> np.ndarray:
-  import gguf
   arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   shape = tuple(int(s) for s in reversed(tensor.shape))
   return np.asarray(arr, dtype=np.float32).reshape(shape)
@@ -193,7 +194,6 @@ def load_gguf(path: str, sha256: Optional[str] = None, param_dtype=jnp.float32,
   The checksum is verified first when `sha256` is given. Quantized tensors are
   dequantized to float32 and then cast to `param_dtype`.
   """
-  import gguf
   _require_file(path)
   verify_checksum(path, sha256)
   reader = gguf.GGUFReader(path)
@@ -261,7 +261,6 @@ def safetensors_shards(directory: str) -> list[str]:
 def load_safetensors(directory: str, param_dtype=jnp.float32,
                      **config_overrides) -> tuple[ModelConfig, dict]:
   """Loads Hugging Face-layout weights: `config.json` plus `*.safetensors` shards."""
-  from safetensors.numpy import load_file
   cfg_path = os.path.join(directory, "config.json")
   _require_file(cfg_path)
   with open(cfg_path) as f:

@@ -25,8 +25,7 @@ QWEN_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
 
 
 def _installed(module: str, filename: str) -> bool:
-  d = registry._package_dir(module)  # pylint: disable=protected-access
-  return d is not None and os.path.isfile(os.path.join(d, filename))
+  return registry.installed_file(module, filename) is not None
 
 
 def missing_requirements(spec: registry.Artifact) -> list[str]:

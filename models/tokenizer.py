@@ -26,12 +26,15 @@ second.  An already-open ``gguf.GGUFReader`` is accepted as well.
 
 from __future__ import annotations
 
+import datetime
 import json
 import mmap
 import os
 import struct
 from typing import Any, Iterable, Mapping, Sequence
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
@@ -274,12 +277,6 @@ def _render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
     Same Jinja settings (sandboxed, ``trim_blocks``, ``lstrip_blocks``, loop controls) and the same
     helpers templates rely on (``raise_exception``, ``tojson``, ``strftime_now``).
     """
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("apply_chat_template needs the 'jinja2' package") from e
-
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -288,8 +285,6 @@ def _render_chat_template(template: str, messages: Sequence[Mapping[str, Any]],
                           sort_keys=sort_keys)
 
     def strftime_now(fmt):
-        import datetime
-
         return datetime.datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

@@ -45,12 +45,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from decoding import processors, token_loop
 from decoding.speculative import verify  # the verification rule lives only there
 from models import artifacts, registry, transformer
 from models.lm import SHARED_WITH_TARGET, TransformerLM
-from train import divergences, losses
+from train import (data as data_lib, divergences, experiment, losses, optim, tasks,
+                   trainer as trainer_lib)
+from train.checkpointing import Checkpointer
+from train.script import run_script, start_run
 
 Array = jax.Array
 
@@ -442,7 +446,6 @@ class DistillData:
     N = next((s.max_new_tokens for s in self.samplers.values() if s is not None), None)
     self.fixed = None
     if self.rows["fixed"]:
-      from train import data as data_lib
       if fixed_rows is None:
         raise ValueError("data source 'fixed' has rows but no fixed_rows")
       if N is not None and fixed_rows.shape[1] != P + N:
@@ -536,7 +539,6 @@ def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *, targe
 
 def validate(config: Any) -> None:
   """Config errors, raised before any model is loaded."""
-  from train import optim
   optim.validate(config.optimizer)
   d = config.distillspec
   if d.divergence not in divergences.DIVERGENCES:
@@ -576,7 +578,6 @@ def _prompt_set(d: Any, model, split: str, num: int, seed: int, pad_id: int):
     texts = chat_prompt_texts(num, split, seed)
     ids = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
     return pad_prompts(ids, pad_id, int(d.prompt_len))
-  from train import tasks
   P = int(d.prompt_len) or 16
   rows = tasks.synthetic_sequences(num, P, model.config.vocab_size,
                                    seed=seed * 10 + (0 if split == "train" else 1),
@@ -594,7 +595,6 @@ _VOLATILE = ("num_eval_prompts", "eval_gen_len", "eval_sets", "mc_samples", "sav
 def fingerprint(config: Any) -> str:
   """`train.experiment.fingerprint` without the measurement / output settings, so a run
   resumes after those change but not after a change of what is trained."""
-  from train import experiment
   c = config.copy_and_resolve_references()
   for name in _VOLATILE:
     if name in c.distillspec:
@@ -605,10 +605,6 @@ def fingerprint(config: Any) -> str:
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Distills the self-draft of `config.model` and saves it; returns the results dict
   (also written to `workdir/results.json`, with per-step metrics in `metrics.jsonl`)."""
-  from absl import logging
-  from train import optim, tasks, trainer as trainer_lib
-
-  from train.script import start_run
   validate(config)
   d = config.distillspec
   t_start = time.perf_counter()
@@ -682,7 +678,6 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   state = trainer.init_state(trainable, jax.random.key(config.seed))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir):  # the on-policy source needs the resumed draft before fit
-    from train.checkpointing import Checkpointer
     ckpt = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
       state, _ = ckpt.restore(state)
@@ -724,6 +719,5 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-  from train.script import run_script
   run_script(run, validate=validate,
              run_name=lambda c: c.distillspec.save_name or "distillspec")

@@ -68,13 +68,15 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
 from models import artifacts, eagle_head as dh, registry
-from models.datasets import corpus_texts
-from train import model_setup
+from models.datasets import arithmetic, corpus_texts
+from train import data as data_lib, model_setup, optim, tasks, text_data, trainer as trainer_lib
+from train.script import run_script
 
 Array = jax.Array
 
@@ -167,7 +169,6 @@ def austen_passages(texts: Sequence[str], num: int, seed: int, min_words: int = 
 def build_prompts(dcfg: Any, corpus: Optional[Sequence[str]] = None) -> list[dict]:
   """The deterministic prompt set: dicts {"kind", "text"} (user messages), shuffled with
   `dcfg.seed`. `corpus` (Austen chapters) is needed when `dcfg.num_text > 0`."""
-  from models.datasets import arithmetic
   rng = random.Random(dcfg.seed)
   chat = [t.format(topic=topic) for t in CHAT_TEMPLATES for topic in TOPICS]
   rng.shuffle(chat)
@@ -500,8 +501,6 @@ def acceptance(head: dh.EagleHead, hp, out_w, arrays: dict, depth: int = 5,
 def train_variant(name: str, head: dh.EagleHead, out_w: dict, train: dict, heldout: dict,
                   config: Any, workdir: str, log=print) -> tuple[Any, dict]:
   """Trains one head variant; returns (params, results) and writes workdir/results.json."""
-  from train import data as data_lib
-  from train import optim, trainer as trainer_lib
   num_steps = int(config.num_steps)
   lcfg = config.loss
   window = int(config.logit_window)
@@ -610,7 +609,6 @@ def load_target(mcfg: Any, seed: int):
 
 
 def run(config: Any, log=print) -> dict:
-  from train import text_data
   t_start = time.perf_counter()
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -643,7 +641,6 @@ def run(config: Any, log=print) -> dict:
   train = {k: v[:-n_eval] for k, v in arrays.items()}
   heldout = {k: v[-n_eval:] for k, v in arrays.items()}
   if dcfg.num_corpus:  # plain Austen text rows (training only): every pair is an answer pair
-    from train import tasks
     rows = text_data.load_text_sequences("train", tok, dcfg.seq_len,
                                          max_sequences=int(dcfg.num_corpus),
                                          eos_id=tasks.document_separator(tok))
@@ -722,12 +719,10 @@ def validate(config: Any) -> None:
 
 
 def _run_quietly(config: Any) -> dict:
-  from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax and the trainer log every save / step at INFO
   return run(config, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":
-  from train.script import run_script
   run_script(_run_quietly, validate=validate, print_result=False,
              config_help="draft-head config (configs/eagle_smollm2.py)")

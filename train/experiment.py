@@ -86,7 +86,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
     assemble = lambda adapters, base: lora.merge(base, adapters, alpha, rank)
     frozen = model.params
   else:
-    trainable, frozen, assemble = model.params, None, trainer_lib._identity
+    trainable, frozen, assemble = model.params, None, trainer_lib.identity_assemble
   trainer = trainer_lib.Trainer(task.loss_fn, optimizer, assemble=assemble,
                                 grad_accum=config.grad_accum, mesh=mesh, schedule=schedule,
                                 eval_loss_fn=task.eval_loss_fn)

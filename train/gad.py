@@ -1,4 +1,4 @@
-"""Training the GAD block drafter (`decoding.gad`) by distillation from the target's greedy outputs.
+"""Training the GAD block drafter (`decoding.speculative.gad_drafter`) by distillation from the target's greedy outputs.
 
 GAD ("Lossless Acceleration for Seq2seq Generation with Aggressive Decoding", Ge et al.,
 2022) drafts k tokens in parallel with a non-autoregressive drafter that fills k [MASK]
@@ -58,6 +58,9 @@ from decoding.speculative.acceptance import GadPlus
 from decoding.speculative.loop import speculative_decode
 from models import artifacts, registry, transformer
 from models.lm import TransformerLM
+from train import (data as data_lib, distillspec, experiment, optim, tasks,
+                   trainer as trainer_lib)
+from train.script import run_script, start_run
 
 Array = jax.Array
 
@@ -173,7 +176,6 @@ def greedy_rows(lm: TransformerLM, params: Any, prompts: np.ndarray, prompt_len:
 def prompt_set(g: Any, model, split: str, num: int, seed: int, pad_id: int):
   """(prompts [N, P], prompt_len [N]): templated chat prompts ("chat"; "heldout" uses
   subjects never trained on) or random token prompts ("synthetic", tokenizer-free)."""
-  from train import distillspec
   if g.prompts == "chat":
     if model.tokenizer is None:
       raise ValueError("chat prompts need a model with a tokenizer (or prompts='synthetic')")
@@ -190,7 +192,6 @@ def prompt_set(g: Any, model, split: str, num: int, seed: int, pad_id: int):
 
 def corpus_prompts(config: Any, model, num: int, length: int, seed: int):
   """`num` text-corpus contexts of `length` tokens (no chat template) as prompts."""
-  from train import tasks
   dcfg = config.data.copy_and_resolve_references()
   dcfg.seq_len = int(length)
   rows = tasks.text_sequences(dcfg, model.tokenizer, dcfg.split, num, seed)
@@ -357,7 +358,6 @@ def save_gad_drafter(directory: str, dparams: dict, drafter: gad.GadDrafter, *,
 
 
 def validate(config: Any) -> None:
-  from train import optim
   optim.validate(config.optimizer)
   g = config.gad
   if int(g.block) < 1:
@@ -384,9 +384,6 @@ def validate(config: Any) -> None:
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Generates the greedy training rows (cached), trains the drafter, measures it before
   and after, saves it; returns the results (also `workdir/results.json`)."""
-  from train import data as data_lib, experiment, optim, trainer as trainer_lib
-
-  from train.script import start_run
   validate(config)
   g = config.gad
   t_start = time.perf_counter()
@@ -521,5 +518,4 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-  from train.script import run_script
   run_script(run, validate=validate, run_name=lambda c: c.gad.save_name or "gad")

@@ -12,6 +12,11 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from train import model_setup
+
 
 def prepare_workdir(config: Any, workdir: str) -> str:
   """Creates `workdir` (returned absolute) and writes the run's config.json into it."""
@@ -35,7 +40,6 @@ def start_run(config: Any, workdir: str):
 
   Returns (workdir, target, eos_ids, pad_id) for `train.model_setup.build(config.model)`.
   """
-  from train import model_setup
   workdir = prepare_workdir(config, workdir)
   target = model_setup.build(config.model, seed=config.seed)
   tok = target.tokenizer
@@ -63,8 +67,6 @@ def run_script(run: Callable[..., Any], *, validate: Optional[Callable[[Any], No
     config_help: the `--config` flag's help text.
     print_result: print what `run` returns as JSON.
   """
-  from absl import app, flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, config_help, lock_config=False)
   if run_name is not None:
     flags.DEFINE_string("workdir", "", "checkpoints, metrics and results (default: "

@@ -13,8 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from models.datasets import corpus_texts
-from train import data as data_lib
-from train import losses
+from train import data as data_lib, ditto, evaluation, losses, text_data
 
 
 @dataclasses.dataclass
@@ -67,7 +66,6 @@ def text_sequences(dcfg: Any, tokenizer, split: str, num: int, seed: int) -> np.
     raise ValueError(f"unknown data.source {dcfg.source!r}; choose 'text_corpus' or 'synthetic'")
   if tokenizer is None:
     raise ValueError("data.source='text_corpus' needs a model with a tokenizer")
-  from train import text_data
   rows = text_data.load_text_sequences(split, tokenizer, dcfg.seq_len,
                                        max_sequences=int(dcfg.get("skip", 0)) + num,
                                        data_dir=dcfg.get("data_dir") or None,
@@ -99,7 +97,6 @@ def lm_task(config: Any, model) -> Task:
   ecfg = config.evaluate
 
   def report(params):
-    from train import evaluation
     return evaluation.evaluate_lm(
         model.lm, params, heldout, train, context_len=ecfg.context_len,
         gen_len=ecfg.gen_len, num_generations=ecfg.num_generations,
@@ -128,7 +125,6 @@ def repetition_probe(docs: list, end_table: np.ndarray, num: int, seed: int, min
                      max_len: int = 40) -> tuple[list, list]:
   """`num` (sentence, previous sentence) pairs drawn deterministically from tokenized
   documents, for the self-reinforcement curve."""
-  from train import ditto
   rng = np.random.default_rng([seed, 23])
   pairs = []
   for doc in docs:
@@ -152,7 +148,6 @@ def ditto_task(config: Any, model) -> Task:
   copies 1..10), the sentence-repetition rate and rep-n of greedy continuations of held-out
   contexts, and held-out perplexity (DITTO should not hurt it much).
   """
-  from train import ditto, evaluation
   dcfg, tcfg = config.data, config.ditto
   if model.tokenizer is None:
     raise ValueError("the ditto task needs a model with a tokenizer (sentence boundaries)")

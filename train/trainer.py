@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from models import sharding as shd
 from train.checkpointing import Checkpointer
@@ -47,9 +48,14 @@ class TrainState:
   key: Array  # [2] uint32 raw PRNG key; step t uses fold_in(key, t)
 
 
-def _identity(trainable, frozen):
+def identity_assemble(trainable, frozen):
+  """The `assemble` of full fine-tuning (the default): the model parameters are the
+  trainable ones; there is nothing frozen."""
   del frozen
   return trainable
+
+
+_identity = identity_assemble  # the former private name, still used by tests/test_trainer.py
 
 
 class MetricWriter:
@@ -107,7 +113,7 @@ def check_resumable(saved: dict, current: dict) -> None:
 class Trainer:
 
   def __init__(self, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-               assemble: Callable = _identity, grad_accum: int = 1, mesh=None,
+               assemble: Callable = identity_assemble, grad_accum: int = 1, mesh=None,
                schedule: Optional[optax.Schedule] = None,
                eval_loss_fn: Optional[Callable] = None,
                post_update: Optional[Callable] = None):
@@ -286,7 +292,6 @@ class Trainer:
     start = int(state.step)
     bar = None
     if progress:
-      from tqdm.auto import tqdm
       bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     window: list[dict] = []
     t0, tokens_seen = time.perf_counter(), 0.0

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from models.datasets._common import (MissingSourceError, SourceChecksumError, LocalSourceBuilder,
                                     resolve_data_dir)
 from models.datasets.fashion_mnist import DecodaxFashionMnist
@@ -78,7 +80,6 @@ def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None
                 features: tuple[str, ...] | None = None) -> dict:
   """A whole split in memory, read through the tfds data source: feature -> numpy array
   stacked over records (in record order). Meant for the small image sets."""
-  import numpy as np
   ds = load(name, split, data_dir, source_dir=source_dir)
   records = ds.__getitems__(list(range(len(ds))))
   keys = features or tuple(records[0])
