@@ -17,7 +17,7 @@ class Greedy(Penalties):
 
 
 def prepare(s: Greedy, target, resources):
-  return token_loop.runner(target, s.penalty_processors(target.eos_ids),
+  return token_loop.make_run(target, s.penalty_processors(target.eos_ids),
                            token_loop.greedy_select, s.max_new_tokens)
 
 

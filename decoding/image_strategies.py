@@ -114,7 +114,7 @@ def _lm(model: ImageModel, s: ImageSettings):
   return guidance.GuidedLM(model.lm, float(s.cfg_scale), model.layout.null_class, cond_len=1)
 
 
-def _bucket_cache(model: ImageModel) -> int:
+def _cache_len(model: ImageModel) -> int:
   return 1 + model.layout.num_tokens + 1  # the class token, the codes, one spare slot
 
 
@@ -126,7 +126,7 @@ def prepare_ar(s: ImageAR, model: ImageModel, resources):
     n = model.layout.num_tokens
     res = token_loop.decode(lm, model.params, prompts, jnp.ones((prompts.shape[0],), jnp.int32),
                             keys, NO_EOS, processor=proc, select=select, pad_id=0,
-                            max_new_tokens=n, cache_len=_bucket_cache(model))
+                            max_new_tokens=n, cache_len=_cache_len(model))
     return res, np.full((prompts.shape[0],), n), np.zeros((prompts.shape[0],), np.int64)
   return run
 
@@ -141,7 +141,7 @@ def _speculative(drafter, dparams, s, model, resources):
                              jnp.ones((prompts.shape[0],), jnp.int32), keys, NO_EOS,
                              processor=proc, sample=bool(s.do_sample), pad_id=0,
                              max_new_tokens=model.layout.num_tokens,
-                             cache_len=_bucket_cache(model), acceptance=acceptance)
+                             cache_len=_cache_len(model), acceptance=acceptance)
     passes = 1 + np.asarray(res.extras["target_calls"])  # the prefill, then the calls
     return res, passes, np.asarray(res.extras["accepted_drafts"])
   return run

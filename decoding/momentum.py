@@ -174,7 +174,7 @@ class Momentum(Penalties):
 
 
 def prepare(s: Momentum, target, resources):
-  return token_loop.runner(target, s.logits_processor(target.eos_ids),
+  return token_loop.make_run(target, s.logits_processor(target.eos_ids),
                            token_loop.greedy_select, s.max_new_tokens)
 
 

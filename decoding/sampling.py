@@ -29,7 +29,7 @@ class Sample(Penalties, Warpers):
 
 
 def prepare(s: Sample, target, resources):
-  return token_loop.runner(target, s.logits_processor(target.eos_ids),
+  return token_loop.make_run(target, s.logits_processor(target.eos_ids),
                            token_loop.sample_select, s.max_new_tokens)
 
 

@@ -152,7 +152,7 @@ def decode(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_i
   return finalize(state, pad_id)
 
 
-def runner(target, processor: LogitsProcessor, select: Selector, max_new_tokens: int):
+def make_run(target, processor: LogitsProcessor, select: Selector, max_new_tokens: int):
   """`run(batch) -> DecodeResult` of this loop on `target` (a `decoding.strategy.Target`):
   what the token-by-token strategies hand to the runner."""
   def run(batch) -> DecodeResult:

@@ -54,6 +54,10 @@ TABLE = np.zeros((10, 10), np.float32)
     (dict(strategy="speculative", drafter="prompt_lookup", tree_budget=4), [[1]],
      "tree_budget does not apply to drafter 'prompt_lookup'"),
     (dict(strategy="sjd"), [[1]], "generates images"),
+    # sampled speculative decoding is not deterministic: the message must not say it is
+    (dict(strategy="speculative", do_sample=True, num_return_sequences=2), [[1]],
+     "^num_return_sequences does not apply to strategy 'speculative' \\(it is a field of "
+     "sample, beam, diverse_beam, superposed\\)$"),
 ])
 def test_generate_rejects(no_compile, kw, prompts, match):
   with pytest.raises(GenerationError, match=match):
