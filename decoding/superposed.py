@@ -43,7 +43,7 @@ What a returned draft reports (`decoding.records.DecodeResult` with a draft axis
   re-score the returned drafts teacher-forced with `decoding.scoring.score_continuations`.
 * `token_entropy` / `token_mean_logp`: statistics of that shared distribution.
 
-Choices where the paper and code leave room (tested in tests/test_superposed.py):
+Choices where the paper and code leave room (tested in tests/decoding/test_superposed.py):
 * alpha = 0 means no n-gram term at all (the reference would compute 0 * log 0 = nan).
   With k = 1 the alive draft is then greedy decoding token for token; an EOS among the
   2 candidates goes to the finished list (as in the reference), and the final ranking by

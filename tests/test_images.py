@@ -51,6 +51,7 @@ def test_vq_config_rejects_bad_values():
     vqvae.VQConfig(decay=1.0)
 
 
+@pytest.mark.data
 def test_shipped_tokenizer_reconstructs_and_uses_its_codebook(fmnist_test):
   tok, params, manifest = vqvae.load(image_ar.repo_path("checkpoints/vqvae-fmnist"))
   images = fmnist_test["image"][:1000]
@@ -65,6 +66,7 @@ def test_shipped_tokenizer_reconstructs_and_uses_its_codebook(fmnist_test):
   assert abs(manifest["info"]["test"]["recon_mse"] - mse) < 0.003
 
 
+@pytest.mark.data
 def test_shipped_classifier_and_fid(fmnist_test):
   clf, params, _ = image_classifier.load(image_ar.repo_path("checkpoints/classifier-fmnist"))
   images, labels = fmnist_test["image"], fmnist_test["label"]
@@ -148,6 +150,7 @@ def tiny_image_model():
   return image_ar.ImageModel(TransformerLM(cfg), params, lay, tok, tok_params, {})
 
 
+@pytest.mark.slow
 def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model, tmp_path):
   """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains with
   LANTERN sampled in one batch or in two = the same images (per-image keys)."""
@@ -162,8 +165,9 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   greedy = images.ImageAR(do_sample=False, cfg_scale=2.0)
   ar = images.generate_codes(m, labels, greedy, batch_size=5)
   assert (ar["codes"] < m.layout.codebook_size).all()  # class ids never generated
-  # (greedy SJD = greedy AR, spatial init included: tests/test_jacobi_guidance.py; the
-  # Jacobi drafter under GuidedLM's cache rollback: the prompt-lookup case there)
+  # (greedy SJD = greedy AR, spatial init included:
+  # tests/decoding/speculative/test_jacobi_guidance.py; the Jacobi drafter under GuidedLM's
+  # cache rollback: the prompt-lookup case there)
   out = images.generate_codes(m, labels, images.ImageEagle(
       do_sample=False, cfg_scale=2.0, eagle_head=head_path, eagle_tree=True, tree_budget=6),
       batch_size=5)
@@ -176,6 +180,31 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   np.testing.assert_array_equal(whole["codes"], parts["codes"])
   imgs = m.decode_images(jnp.asarray(whole["codes"][:2]))
   assert imgs.shape == (2, 12, 12, 1) and imgs.dtype == np.uint8
+
+
+def test_every_image_strategy_runs_and_greedy_ones_give_the_ar_codes(tiny_image_model, tmp_path):
+  """AR, SJD and EAGLE (a chain from an untrained head) through `generate_codes` without
+  guidance: greedy SJD and greedy EAGLE give the greedy AR codes in at most one forward pass
+  per code, and sampled AR gives codes of the codebook. (Under guidance, the EAGLE-2 tree and
+  LANTERN: the slow test above.)"""
+  from decoding import image_strategies as images
+  from models import eagle_head as dh
+  m = tiny_image_model
+  head = dh.EagleHead(dh.HeadConfig(m.lm.config))
+  head_path = str(tmp_path / "head")
+  dh.save_head(head_path, head, dh.init_head_params(head, jax.random.key(4)), {},
+               target_name="tiny", target_sha256=m.weights_sha256)
+  labels = np.asarray([0, 2, 1])
+  greedy = dict(do_sample=False, cfg_scale=1.0)
+  ar = images.generate_codes(m, labels, images.ImageAR(**greedy), batch_size=3)
+  for s in (images.ImageSJD(window=4, **greedy),
+            images.ImageEagle(window=3, eagle_head=head_path, **greedy)):
+    out = images.generate_codes(m, labels, s, batch_size=3)
+    np.testing.assert_array_equal(out["codes"], ar["codes"], err_msg=type(s).__name__)
+    assert (out["forward_passes"] <= m.layout.num_tokens).all()
+  sampled = images.generate_codes(m, labels, images.ImageAR(cfg_scale=1.0), seed=1, batch_size=3)
+  assert sampled["codes"].shape == (3, m.layout.num_tokens)
+  assert ((sampled["codes"] >= 0) & (sampled["codes"] < m.layout.codebook_size)).all()
 
 
 def test_image_head_is_tied_to_its_model(tiny_image_model, tmp_path):

@@ -14,6 +14,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm_gguf")  # both load SmolLM2 or its tokenizer
 def test_notebook_executes(path):
   nb = nbformat.read(path, as_version=4)
   env_backend = os.environ.get("MPLBACKEND")

@@ -55,9 +55,6 @@ def identity_assemble(trainable, frozen):
   return trainable
 
 
-_identity = identity_assemble  # the former private name, still used by tests/test_trainer.py
-
-
 class MetricWriter:
   """Appends one JSON object per record to `path` (and nothing when `path` is None)."""
 

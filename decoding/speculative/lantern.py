@@ -15,7 +15,8 @@ law is the target's with that mass moved from the lent neighbours onto the draft
 variation from the target is exactly c <= delta. With a sampled draft the rejection residual
 (the reference code's heuristic, `verify_chain`) does not keep that property, and the distance
 can exceed delta: 0.17 at delta = 0.1 on one position of the test case in
-tests/test_lantern.py. Over a sequence, the per-position distortions compound.
+tests/decoding/speculative/test_lantern.py. Over a sequence, the per-position distortions
+compound.
 """
 from __future__ import annotations
 

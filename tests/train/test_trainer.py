@@ -1,11 +1,11 @@
-"""The training stack on tiny models: exact resumption, accumulation, LoRA, sharding, CLI."""
+"""The training stack on tiny models: exact resumption, accumulation, LoRA, CLI (on a
+simulated device mesh: tests/train/test_trainer_mesh.py)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,9 @@ import pytest
 
 from models import transformer
 from models.config import tiny_config
+from tests import REPO
 from train import data, lora, losses, optim, tasks, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny_config(vocab_size=48, hidden_size=32, intermediate_size=48)
 OPT = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-3, weight_decay=0.01,
                                      grad_clip=1.0, schedule="cosine", warmup_steps=2))
@@ -164,61 +164,14 @@ def test_schedule_warmup_then_cosine():
   assert float(sched(11)) < 3e-3 * 0.05
 
 
-SHARDED = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp, ml_collections
-    from models import sharding
-    from models import transformer
-    from models.config import tiny_config
-    from train import data, lora, losses, optim, tasks, trainer
-    assert len(jax.devices()) == 8
-    cfg = tiny_config(vocab_size=48, hidden_size=32, intermediate_size=48)
-    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-    rows = tasks.synthetic_sequences(16, 12, 48, seed=0)
-    src = data.ArrayData({"tokens": rows}, batch_size=8, seed=0)
-    opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-3, grad_clip=1.0))
-    out = {}
-    for use_lora in (False,):  # full parameters split over the mesh (LoRA: single device only)
-      for name, mesh in (("single", None), ("mesh", sharding.make_mesh(4, 2))):
-        if use_lora:
-          train_p = lora.init(params, jax.random.key(1), rank=4)
-          frozen, asm = params, (lambda a, b: lora.merge(b, a, 8.0, 4))
-        else:
-          train_p, frozen, asm = params, None, trainer._identity
-        tr = trainer.Trainer(losses.next_token_loss(cfg), optim.make_optimizer(opt, 3),
-                             assemble=asm, mesh=mesh, grad_accum=2)
-        st = tr.init_state(train_p, jax.random.key(2))
-        fz = tr.shard_params(frozen)
-        for i in range(3):
-          st, m = tr.train_step(st, fz, src.batch(i))
-        out[(use_lora, name)] = (st.params, float(m["loss"]))
-      (a, la), (b, lb) = out[(use_lora, "single")], out[(use_lora, "mesh")]
-      diff = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-      print(json.dumps({"lora": use_lora, "diff": diff, "loss": [la, lb],
-                        "q_spec": str(b["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)
-                        if not use_lora else ""}))
-""")
-
-
-def test_sharded_step_equals_single_device_step():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-  assert len(lines) == 1
-  for rec in lines:
-    assert rec["diff"] < 1e-4, rec  # Adam divides by sqrt(v): reduction-order noise grows
-    assert abs(rec["loss"][0] - rec["loss"][1]) < 1e-5, rec
-  assert "model" in lines[0]["q_spec"]  # weights really were split over the model axis
-
-
 def _main(workdir, *overrides):
   cmd = [sys.executable, "-m", "train.main", "--config=configs/train_tiny.py",
          f"--workdir={workdir}", *overrides]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm_gguf")  # the CLI reads its tokenizer
 def test_cli_trains_and_exports_a_model_the_decoding_cli_loads(tmp_path):
   """`python -m train.main` trains and exports a checkpoint `python -m decoding.generate`
   loads. (Resuming: test_killed_run_resumes_to_identical_parameters in-process, and
@@ -240,6 +193,7 @@ def test_cli_trains_and_exports_a_model_the_decoding_cli_loads(tmp_path):
   assert gen.stdout.strip()
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_config_before_loading(tmp_path):
   proc = _main(tmp_path, "--config.optimizer.name=adagrad")
   assert proc.returncode == 2 and "unknown optimizer" in proc.stderr

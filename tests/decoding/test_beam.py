@@ -88,6 +88,7 @@ def _compare_with_hf(lm, params, hf, prompts, c, eos, pad):
   return [[g.output_ids for g in row] for row in ours]
 
 
+@pytest.mark.slow
 def test_beam_search_matches_hf_on_smollm(smollm, hf_smollm, prompt_ids):
   """SmolLM2, one ragged batch (a raw text prompt and a chat prompt with a one-word answer,
   so hypotheses end early), 3 sequences per prompt, length_penalty 1.5 with early_stopping
@@ -100,6 +101,7 @@ def test_beam_search_matches_hf_on_smollm(smollm, hf_smollm, prompt_ids):
   assert runs[0] != runs[1]
 
 
+@pytest.mark.slow
 def test_diverse_beam_matches_hf_group_beam_search_on_smollm(smollm, hf_smollm, prompt_ids):
   """HF 4.55.4's built-in group beam search (num_beam_groups, diversity_penalty)."""
   c = _cfg(strategy="diverse_beam", max_new_tokens=8, num_beams=6, num_beam_groups=3,
@@ -131,6 +133,7 @@ def tiny_llama(tmp_path_factory):
   return TransformerLM(config), params, hf, prompts
 
 
+@pytest.mark.slow
 def test_beam_search_matches_hf_on_tiny_llama(tiny_llama):
   """Many settings, cheaply: every early_stopping mode with positive, unit and negative
   length penalties, and group beam search with HF's processors (after the diversity

@@ -59,14 +59,9 @@ def test_sentence_end_ids_rules():
   np.testing.assert_array_equal(table, expected)
 
 
-def test_sentence_end_ids_smollm_tokenizer():
-  """One cheap real-vocabulary check (tokenizer only; skipped without the GGUF file)."""
-  try:
-    from models import registry
-    from models.tokenizer import Tokenizer
-    tok = Tokenizer.from_gguf(registry.resolve("smollm2-135m-instruct")[0])
-  except Exception as e:  # noqa: BLE001 - any missing-file / offline error
-    pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+def test_sentence_end_ids_smollm_tokenizer(smollm_tokenizer):
+  """One cheap real-vocabulary check (SmolLM2's tokenizer only)."""
+  tok = smollm_tokenizer
   table = ditto.sentence_end_ids(tok)
   ids = tok.encode("It rains. Does it? Yes! The end", add_special_tokens=False)
   spans = ditto.split_sentences(ids, table)

@@ -432,6 +432,7 @@ class _CheckedHead(eagle_head.EagleHead):
     return super().__call__(hparams, tparams, features, tokens, positions, cache, *args, **kw)
 
 
+@pytest.mark.slow
 def test_eagle_chain_and_tree_are_exact_whatever_the_head():
   """An untrained (random) EAGLE head still gives exactly the greedy tokens, as a chain and as
   an EAGLE-2 tree, on a ragged batch with context processors: exactness must not depend on the
@@ -548,6 +549,7 @@ def test_prompt_lookup_proposes_once_per_iteration():
 
 # ----------------------------------------------------------------------------- SmolLM2
 
+@pytest.mark.slow
 def test_smollm2_speculative_greedy_equals_greedy(smollm, prompt_ids):
   """On the real model, through `generate`: prompt lookup gives the greedy tokens and their
   log-probabilities (a ragged batch of raw and chat prompts). The other drafters' exactness is

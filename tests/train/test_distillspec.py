@@ -160,6 +160,7 @@ def _draft_data(batch_size, mix, refresh_every, prompts, **kw):
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd"])
+@pytest.mark.slow
 def test_on_policy_kd_raises_the_acceptance_rate(toy_target, divergence):
   """A few hundred DistillSpec steps on draft-generated data: 1 - E[TVD] on held-out
   prefixes, the Monte Carlo acceptance of the shared verifier and the greedy agreement

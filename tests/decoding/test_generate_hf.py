@@ -23,6 +23,7 @@ def ours_batched(smollm, prompt_ids):
   return run_config(smollm.lm, smollm.params, prompt_ids, _cfg(), [2], 2)
 
 
+@pytest.mark.slow
 def test_greedy_equals_hf_generate(smollm, hf_smollm, prompt_ids, ours_batched):
   """8 prompts x 32 new tokens decoded as one mixed-length batch; the shortest, the longest
   and two between are identical to HF greedy per prompt (HF's CPU generate is the slow part)."""
@@ -50,6 +51,7 @@ def test_greedy_logprobs_equal_hf_scores(smollm, hf_smollm, prompt_ids, ours_bat
   np.testing.assert_allclose(ours_batched[0].token_logprobs[:8], ref_lp, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_batch_equals_each_prompt_alone(smollm, prompt_ids, ours_batched):
   """Mixed-length batch gives each prompt's single-row tokens."""
   cfg = _cfg(max_new_tokens=16, min_new_tokens=16)
@@ -58,6 +60,7 @@ def test_batch_equals_each_prompt_alone(smollm, prompt_ids, ours_batched):
     assert alone[0].output_ids == ours_batched[i].output_ids[:16]
 
 
+@pytest.mark.slow
 def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
   cfg = _cfg(strategy="sample", max_new_tokens=12, min_new_tokens=0, temperature=0.8, top_p=0.95,
              top_k=50)
@@ -66,6 +69,7 @@ def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
   assert alone[0].output_ids == together[2].output_ids
 
 
+@pytest.mark.slow
 def test_unrolled_layout_greedy_equals_scanned(smollm, prompt_ids, ours_batched):
   from models import transformer
   from models.lm import TransformerLM

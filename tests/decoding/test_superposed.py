@@ -18,7 +18,7 @@ from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import embed_mixture, init_params
 from tests.helpers import run_config
-from tests.test_ngram import brute_force
+from tests.decoding.test_ngram import brute_force
 
 PAD = 0
 EOS_IDS = (1, 2)
@@ -202,6 +202,7 @@ def sup_config(**kw):
   return ml_collections.ConfigDict(base)
 
 
+@pytest.mark.slow
 def test_one_draft_without_ngrams_is_greedy(smollm, prompt_ids):
   tok = smollm.tokenizer
   eos, pad = [tok.eos_id], tok.pad_id

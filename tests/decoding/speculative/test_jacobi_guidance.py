@@ -15,7 +15,7 @@ from models import transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
 from tests.helpers import processor_of
-from tests.test_speculative import _chi2_pvalue, _keys
+from tests.decoding.speculative.test_speculative import _chi2_pvalue, _keys
 
 
 def _tiny(V=32, seed=0):

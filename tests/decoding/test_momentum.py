@@ -178,6 +178,7 @@ def test_alpha_zero_or_one_candidate_is_greedy_on_fake_model():
     assert [g.output_ids for g in out] == [g.output_ids for g in greedy]
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_greedy_on_smollm(smollm, prompt_ids):
   c = cfg(max_new_tokens=12, momentum_alpha=0.0)
   out = run_config(smollm.lm, smollm.params, prompt_ids, c, [2], 2)

@@ -4,12 +4,13 @@ it with speculative Jacobi decoding."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from decoding.speculative import jacobi, lantern, loop, verify
 from decoding.speculative.acceptance import Lantern, Strict
 from tests.fakes import BigramLM
 from tests.helpers import processor_of
-from tests.test_speculative import _keys
+from tests.decoding.speculative.test_speculative import _keys
 
 
 def test_neighbor_table_is_the_brute_force_order_without_self():
@@ -111,6 +112,7 @@ def _one_token_law(p, q, table, delta, point_mass, n=200000, seed=0):
   return np.bincount(out, minlength=V) / n, float(np.mean(np.asarray(v.num_accepted)))
 
 
+@pytest.mark.slow
 def test_lantern_bounds_the_borrowed_mass_not_the_output_distance():
   """What LANTERN bounds is the mass a draft borrows from its neighbours (c <= delta). With a
   point-mass draft the emitted token's law is the target's with that mass moved from the

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import io
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from decoding.errors import GenerationError
 from decoding.greedy import Greedy
 from decoding.results import Generation
 from decoding.self_agreement import SelfAgreement
+from tests.fakes import BigramLM, ByteTokenizer
 from tests.helpers import run_config, target
 
 
@@ -72,6 +74,57 @@ def test_answer_extractors():
     extractors.get_extractor("nope")
 
 
+def _ascii_bigram(seed: int) -> tuple[BigramLM, jnp.ndarray]:
+  """A bigram model over bytes that only emits printable ASCII (so paths are plain text)."""
+  V = 128
+  table = np.random.RandomState(seed).randn(V, V).astype(np.float32) * 2.0
+  table[:, :32] = table[:, 127:] = -1e9
+  return BigramLM(V), jnp.asarray(table)
+
+
+def test_best_of_n_on_a_fake_model_selects_the_most_self_certain_sample():
+  """The pipeline on a bigram model: N samples per prompt (plain sampling's, same seed), the
+  most self-certain one returned."""
+  lm, table = _ascii_bigram(0)
+  prompts = [[72, 105], [65], [50, 43, 51]]
+  sample = dict(max_new_tokens=6, seed=3, temperature=0.8)
+  chosen = run_config(lm, table, prompts, dict(strategy="best_of_n", num_samples=4,
+                                               selection="self_certainty", **sample))
+  groups = best_of_n.group_by_prompt(
+      run_config(lm, table, prompts, dict(strategy="sample", num_return_sequences=4, **sample)),
+      len(prompts))
+  assert len(chosen) == len(prompts)
+  for g, cands in zip(chosen, groups):
+    best = int(np.argmax([c.self_certainty for c in cands]))
+    assert g.extras["selected"] == best and g.output_ids == cands[best].output_ids
+    assert len({tuple(c.output_ids) for c in cands}) > 1  # samples differ
+
+
+def test_self_agreement_on_a_fake_model_answers_a_prompt_holding_every_path():
+  """Both stages on a bigram model over bytes: num_paths sampled paths per prompt (plain
+  sampling's, same seed), then the greedy continuation of one text prompt holding the
+  question and every path."""
+  lm, table = _ascii_bigram(1)
+  tok = ByteTokenizer()
+  prompts = [tok.encode("What is 2 + 3?"), tok.encode("Name a color.")]
+  sample = dict(max_new_tokens=6, seed=1, temperature=0.7)
+  finals = run_config(lm, table, prompts, dict(strategy="self_agreement", num_paths=3,
+                                               agreement_max_new_tokens=4, **sample),
+                      tokenizer=tok)
+  paths = run_config(lm, table, prompts, dict(strategy="sample", num_return_sequences=3, **sample),
+                     tokenizer=tok)
+  assert len(finals) == len(prompts)
+  for i, (final, prompt) in enumerate(zip(finals, prompts)):
+    assert final.prompt_ids == prompt
+    texts = [tok.decode(g.output_ids) for g in paths[3 * i:3 * i + 3]]
+    assert final.extras["paths"] == texts
+    asked = tok.decode(final.extras["agreement_prompt_ids"])
+    assert tok.decode(prompt) in asked and all(t.strip() in asked for t in texts)
+    answer = run_config(lm, table, [final.extras["agreement_prompt_ids"]],
+                        dict(strategy="greedy", max_new_tokens=4))
+    assert final.output_ids == answer[0].output_ids
+
+
 def _best_cfg(**kw):
   c = dict(strategy="best_of_n", max_new_tokens=10, seed=3, num_samples=4, temperature=0.8,
            selection="self_certainty", answer_extractor="last_number", batch_size=8)
@@ -86,6 +139,7 @@ def _samples(smollm, prompts, n):
                                    len(prompts))
 
 
+@pytest.mark.slow
 def test_best_of_n_on_smollm(smollm, prompt_ids):
   """The selected response is the most self-certain of N samples; the first N samples
   do not depend on N (so best-of-N curves can reuse one sample set)."""
@@ -154,6 +208,7 @@ def test_self_agreement_with_majority_stub_equals_self_consistency(smollm):
   assert [f.extras["answer"] for f in finals] == expected
 
 
+@pytest.mark.slow
 def test_self_agreement_end_to_end_cli(smollm, tmp_path, monkeypatch):
   """The CLI runs the two stages; the final prompt holds every sampled path."""
   from configs import self_agreement as sa_config

@@ -60,6 +60,7 @@ def test_names_and_unknown_name(data_dir):
     datasets.load("mnist", "train", data_dir)
 
 
+@pytest.mark.data
 def test_unknown_split(he, data_dir):
   with pytest.raises(ValueError, match="no split 'train'"):
     datasets.load("humaneval", "train", data_dir)
@@ -112,6 +113,7 @@ def test_default_data_dir(monkeypatch, tmp_path):
 # fashion_mnist
 
 
+@pytest.mark.data
 def test_fashion_mnist_test_split_equals_idx_file(fmnist):
   ds = fmnist["test"]
   assert len(ds) == 10000
@@ -124,6 +126,7 @@ def test_fashion_mnist_test_split_equals_idx_file(fmnist):
   assert np.bincount(labels, minlength=10).tolist() == [1000] * 10
 
 
+@pytest.mark.data
 def test_fashion_mnist_train_split(fmnist):
   ds = fmnist["train"]
   assert len(ds) == 60000
@@ -172,6 +175,7 @@ def _program(task: dict, completion: str) -> str:
           + f"check({text['entry_point']})\n")
 
 
+@pytest.mark.data
 def test_humaneval_tasks(he):
   assert len(he) == 164
   tasks = _all(he)
@@ -183,6 +187,7 @@ def test_humaneval_tasks(he):
 
 
 @pytest.mark.parametrize("index", [0, 2])
+@pytest.mark.data
 def test_humaneval_canonical_solution_passes_its_test(he, index):
   task = he[index]
   ok = _sandboxed_python(_program(task, task["canonical_solution"].decode()))
@@ -195,6 +200,7 @@ def test_humaneval_canonical_solution_passes_its_test(he, index):
 # text_corpus
 
 
+@pytest.mark.data
 def test_text_corpus_splits_are_disjoint_and_complete(corpus):
   ids = {split: [r["id"].decode() for r in _all(ds)] for split, ds in corpus.items()}
   assert {s: len(v) for s, v in ids.items()} == {"train": 240, "validation": 11, "test": 18}
@@ -209,6 +215,7 @@ def test_text_corpus_splits_are_disjoint_and_complete(corpus):
   assert len({i.split("/")[0] for i in ids["train"]}) == 6
 
 
+@pytest.mark.data
 def test_text_corpus_is_clean_english_prose(corpus):
   records = _all(corpus["train"])
   texts = {r["id"].decode(): r["text"].decode("utf-8") for r in records}
@@ -224,6 +231,7 @@ def test_text_corpus_is_clean_english_prose(corpus):
   assert all("\n\n\n" not in t and "  " not in t for t in texts.values())
 
 
+@pytest.mark.data
 def test_text_corpus_build_is_deterministic(corpus, tmp_path):
   again = datasets.load("text_corpus", "validation", str(tmp_path))
   assert _all(again) == _all(corpus["validation"])
@@ -288,15 +296,7 @@ def test_tokenize_to_sequences_limits_and_errors():
     tokenize_to_sequences("not a list", tok, 4)
 
 
-@pytest.fixture(scope="module")
-def smollm_tokenizer():
-  """SmolLM2's tokenizer alone (reads only the GGUF metadata, well under a second)."""
-  from models import registry
-  from models.tokenizer import Tokenizer
-  path, _, _ = registry.resolve("smollm2-135m-instruct")
-  return Tokenizer.from_gguf(path)
-
-
+@pytest.mark.data
 def test_load_text_sequences_with_real_tokenizer(corpus, data_dir, smollm_tokenizer):
   tok = smollm_tokenizer
   rows = load_text_sequences("validation", tok, 512, data_dir=data_dir)

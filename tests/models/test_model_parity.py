@@ -21,6 +21,7 @@ def fwd(smollm):
   return jax.jit(lambda p, t, pos, c: smollm.lm(p, t, pos, c))
 
 
+@pytest.mark.slow
 def test_logits_match_hf(smollm, hf_smollm, prompt_ids):
   """fp32 logits equal HF's to 1e-4 absolute on several prompts, every position.
 
@@ -135,6 +136,7 @@ def test_cache_rollback_is_lowering_length(smollm, prompt_ids, fwd):
   np.testing.assert_array_equal(np.asarray(right.logits), np.asarray(direct.logits))
 
 
+@pytest.mark.slow
 def test_unrolled_layers_equal_scanned_layers(smollm, prompt_ids):
   """Per-layer parameters (unrolled, the fast CPU decode path) compute the scanned model."""
   from models.lm import TransformerLM

@@ -6,6 +6,7 @@ import json
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from models import transformer
 from models.config import tiny_config
@@ -24,6 +25,7 @@ def _train(params, rows, steps, lr, batch):
   return state.params, tr.evaluate(state, None, data.eval_batches({"tokens": rows}, batch))
 
 
+@pytest.mark.slow
 def test_hyperfitting_drives_train_loss_to_zero_and_sharpens_predictions():
   lm = TransformerLM(CFG)
   corpus = tasks.synthetic_sequences(256, 32, CFG.vocab_size, seed=0)  # entropy log 3 per token
@@ -45,6 +47,8 @@ def test_hyperfitting_drives_train_loss_to_zero_and_sharpens_predictions():
   assert evaluation.copy_fraction(g1, tiny_set, n=10) < 0.5  # copying stays rare
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_ditto_task_runs_end_to_end(tmp_path, smollm):
   """The DITTO experiment pipeline (corpus sentences, pseudo-repetition batches, mixture
   loss, curve and repetition report, export) on a tiny model with SmolLM2's tokenizer."""
