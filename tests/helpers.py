@@ -1,5 +1,13 @@
-"""Test helpers: run a flat, Hugging Face-named config (as the command line does) on any model."""
+"""Test helpers: run a flat, Hugging Face-named config (as the command line does) on any model;
+per-row PRNG keys; a chi-square p-value; brute-force n-gram counts."""
 from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
 
 from decoding.cli import as_dict, settings_from_config
 from decoding.greedy import Greedy
@@ -31,3 +39,25 @@ def processor_of(fields: dict, eos_ids, sampling: bool = False):
   if sampling:
     return Sample(**fields).logits_processor(eos_ids)
   return Greedy(**fields).penalty_processors(eos_ids)
+
+
+def row_keys(n: int, seed: int = 0):
+  """[n, 2] keys fold_in(PRNGKey(seed), i), one per row."""
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
+
+
+def chi2_pvalue(obs, exp) -> float:
+  """Pearson's chi-square p-value of counts `obs` against expected counts or probabilities
+  `exp` (rescaled to the total of `obs`)."""
+  exp = np.asarray(exp, np.float64) * obs.sum() / np.sum(exp)
+  return float(stats.chi2.sf(np.sum((obs - exp) ** 2 / exp), len(obs) - 1))
+
+
+def ngram_counts(docs, max_context):
+  """{c: {context tuple: Counter(next token)}} counted per document, by brute force."""
+  table = {c: collections.defaultdict(collections.Counter) for c in range(1, max_context + 1)}
+  for d in docs:
+    for c in range(1, max_context + 1):
+      for i in range(len(d) - c):
+        table[c][tuple(d[i:i + c])][d[i + c]] += 1
+  return table

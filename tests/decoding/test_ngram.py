@@ -1,7 +1,6 @@
 """Device n-gram tables (decoding/ngram.py) against brute-force counting in Python."""
 from __future__ import annotations
 
-import collections
 import os
 
 import jax
@@ -10,16 +9,7 @@ import numpy as np
 import pytest
 
 from decoding import ngram
-
-
-def brute_force(docs, max_context):
-  """{c: {context tuple: Counter(next token)}} counted per document."""
-  table = {c: collections.defaultdict(collections.Counter) for c in range(1, max_context + 1)}
-  for d in docs:
-    for c in range(1, max_context + 1):
-      for i in range(len(d) - c):
-        table[c][tuple(d[i:i + c])][d[i + c]] += 1
-  return table
+from tests.helpers import ngram_counts
 
 
 def expected_probs(table, history, available, candidates, max_context):
@@ -62,7 +52,7 @@ def test_device_probabilities_equal_brute_force(vocab, offset):
   assert model.tokens_per_word == (2 if vocab <= 65536 else 1)
   got = np.asarray(ngram.order_probs(model, jnp.asarray(hist), jnp.asarray(avail),
                                               jnp.asarray(cands)))
-  table = brute_force(docs, ngram.MAX_CONTEXT)
+  table = ngram_counts(docs, ngram.MAX_CONTEXT)
   want = np.stack([expected_probs(table, h, a, c, ngram.MAX_CONTEXT)
                    for h, a, c in zip(hist, avail, cands)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
@@ -86,7 +76,7 @@ def test_every_stored_ngram_is_found_with_its_count():
   rng = np.random.default_rng(1)
   docs = [list(rng.integers(0, 6, 60)) for _ in range(10)]
   model = ngram.build_ngram_model(docs, 6, max_context=3)
-  table = brute_force(docs, 3)
+  table = ngram_counts(docs, 3)
   rows = sum(len(n) for c in table.values() for n in c.values())
   assert model.num_rows == rows + 1  # + the padding row
   keys, offsets = np.asarray(model.keys), np.asarray(model.offsets)

@@ -17,8 +17,7 @@ from decoding.prefill import prefill
 from models.config import tiny_config
 from models.lm import TransformerLM
 from models.transformer import embed_mixture, init_params
-from tests.helpers import run_config
-from tests.decoding.test_ngram import brute_force
+from tests.helpers import ngram_counts, run_config
 
 PAD = 0
 EOS_IDS = (1, 2)
@@ -126,7 +125,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 4], [9], [4, 4, 3]]
 def test_batch_matches_host_reference_row_by_row(tiny, eos_ids, alpha, some_finished):
   lm, params, docs, model = tiny
   res = run_tiny(lm, params, model, PROMPTS, eos_ids=eos_ids, alpha=alpha)
-  table = brute_force(docs, ngram.MAX_CONTEXT)
+  table = ngram_counts(docs, ngram.MAX_CONTEXT)
   finished = 0
   for b, prompt in enumerate(PROMPTS):
     want = reference_decode(lm, params, table, prompt, 3, alpha, 0.5, 4, WEIGHTS, 200.0, 10,

@@ -3,7 +3,6 @@ simulated device mesh: tests/train/test_trainer_mesh.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -14,8 +14,7 @@ from decoding.speculative import jacobi, loop, prompt_lookup
 from models import transformer
 from models.config import tiny_config
 from models.lm import TransformerLM
-from tests.helpers import processor_of
-from tests.decoding.speculative.test_speculative import _chi2_pvalue, _keys
+from tests.helpers import chi2_pvalue, processor_of, row_keys
 
 
 def _tiny(V=32, seed=0):
@@ -25,14 +24,14 @@ def _tiny(V=32, seed=0):
 
 def _greedy(lm, params, prompts, lens, n, proc=None):
   proc = proc or processor_of({}, [])
-  return token_loop.decode(lm, params, prompts, lens, _keys(prompts.shape[0]),
+  return token_loop.decode(lm, params, prompts, lens, row_keys(prompts.shape[0]),
                      jnp.asarray([-1], jnp.int32), processor=proc,
                      select=token_loop.greedy_select, pad_id=0, max_new_tokens=n, cache_len=64)
 
 
 def _jacobi(lm, params, drafter, prompts, lens, n, sample=False, proc=None, keys=None):
   proc = proc or processor_of({}, [], sampling=sample)
-  keys = _keys(prompts.shape[0]) if keys is None else keys
+  keys = row_keys(prompts.shape[0]) if keys is None else keys
   return loop.speculative_decode(
       lm, params, drafter, None, prompts, lens, keys, jnp.asarray([-1], jnp.int32),
       processor=proc, sample=sample, pad_id=0, max_new_tokens=n, cache_len=64)
@@ -108,14 +107,14 @@ def test_jacobi_sampling_matches_the_sequence_distribution():
   lens = jnp.full((B,), P, jnp.int32)
   for init_mode in ("random", "spatial"):
     d = jacobi.JacobiDrafter(num_draft=3, init_mode=init_mode, grid=2)
-    res = _jacobi(lm, params, d, prompts, lens, N, sample=True, proc=proc, keys=_keys(B, 7))
+    res = _jacobi(lm, params, d, prompts, lens, N, sample=True, proc=proc, keys=row_keys(B, 7))
     idx = (np.asarray(res.tokens)[:, :N] * (Vt ** np.arange(N - 1, -1, -1))).sum(1)
     counts = np.bincount(idx, minlength=Vt ** N)
     expected = probs * B
     big = expected >= 5
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
-    assert _chi2_pvalue(obs, exp) > 1e-3, init_mode
+    assert chi2_pvalue(obs, exp) > 1e-3, init_mode
     assert float(res.extras["target_calls"].sum()) < B * (N - 1)  # some drafts accepted
 
 
@@ -183,8 +182,8 @@ def test_every_strategy_runs_guided():
   kw = dict(num_beams=3, max_new_tokens=8, cache_len=32, pad_id=0)
   eos = jnp.asarray([-1], jnp.int32)
   guided = beam.beam_search(guidance.GuidedLM(lm, 1.0, null), params, prompts, lens,
-                            _keys(3), eos, **kw)
-  plain = beam.beam_search(lm, params, prompts, lens, _keys(3), eos, **kw)
+                            row_keys(3), eos, **kw)
+  plain = beam.beam_search(lm, params, prompts, lens, row_keys(3), eos, **kw)
   np.testing.assert_array_equal(guided.tokens, plain.tokens)
 
 

@@ -9,8 +9,7 @@ import pytest
 from decoding.speculative import jacobi, lantern, loop, verify
 from decoding.speculative.acceptance import Lantern, Strict
 from tests.fakes import BigramLM
-from tests.helpers import processor_of
-from tests.decoding.speculative.test_speculative import _keys
+from tests.helpers import processor_of, row_keys
 
 
 def test_neighbor_table_is_the_brute_force_order_without_self():
@@ -29,7 +28,7 @@ def _random_case(B=64, K=4, V=16, k=6, seed=0):
   rng = np.random.RandomState(seed)
   logits = jnp.asarray(rng.randn(B, K + 1, V) * 1.5, jnp.float32)
   q = jax.nn.softmax(jnp.asarray(rng.randn(B, K, V), jnp.float32), -1)
-  keys = _keys(B, seed)
+  keys = row_keys(B, seed)
   dkeys = jax.vmap(lambda kk: jax.random.split(jax.random.fold_in(kk, 99), K))(keys)
   drafts = jax.vmap(jax.vmap(jax.random.categorical))(dkeys, jnp.log(q)).astype(jnp.int32)
   table = lantern.neighbor_table(rng.randn(V, 2), k)
@@ -82,7 +81,7 @@ def test_lantern_in_the_loop_with_jacobi_decoding():
 
   def run(acceptance):
     return loop.speculative_decode(
-        lm, params, d, None, prompts, lens, _keys(B, 5), jnp.asarray([-1], jnp.int32),
+        lm, params, d, None, prompts, lens, row_keys(B, 5), jnp.asarray([-1], jnp.int32),
         processor=proc, sample=True, pad_id=0, max_new_tokens=16, cache_len=16,
         acceptance=acceptance)
 
@@ -96,7 +95,7 @@ def _one_token_law(p, q, table, delta, point_mass, n=200000, seed=0):
   """The empirical law of the token one verified position emits (the accepted draft, or the
   residual draw after a rejection), over n independent draws, and the fraction accepted."""
   V = p.shape[0]
-  keys = _keys(n, seed)
+  keys = row_keys(n, seed)
   logits = jnp.broadcast_to(jnp.log(p), (n, 2, V))
   if point_mass:  # a deterministic draft: always the same token, q = one-hot
     drafts = jnp.full((n, 1), int(jnp.argmax(q)), jnp.int32)

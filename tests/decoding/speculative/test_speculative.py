@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from decoding import processors, token_loop
 from decoding.errors import GenerationError
@@ -22,13 +21,9 @@ from models.config import tiny_config
 from models.kv_cache import KVCache
 from models.lm import TransformerLM
 from tests.fakes import BigramLM, RandomDrafter
-from tests.helpers import processor_of, run_config
+from tests.helpers import chi2_pvalue, processor_of, row_keys, run_config
 
 V = 12
-
-
-def _keys(n, seed=0):
-  return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
 
 
 def _bigram(seed, sharp=3.0, V=V):
@@ -43,14 +38,14 @@ def _ragged(B, P, V, seed=0):
 
 
 def _greedy(lm, params, prompts, lens, eos, proc, n, cache_len=64):
-  return token_loop.decode(lm, params, prompts, lens, _keys(prompts.shape[0]), eos, processor=proc,
+  return token_loop.decode(lm, params, prompts, lens, row_keys(prompts.shape[0]), eos, processor=proc,
                      select=token_loop.greedy_select, pad_id=0, max_new_tokens=n,
                      cache_len=cache_len)
 
 
 def _spec(lm, params, drafter, dparams, prompts, lens, eos, proc, n, sample=False, keys=None,
           cache_len=64):
-  keys = _keys(prompts.shape[0]) if keys is None else keys
+  keys = row_keys(prompts.shape[0]) if keys is None else keys
   return loop.speculative_decode(lm, params, drafter, dparams, prompts, lens, keys, eos,
                                  processor=proc, sample=sample, pad_id=0, max_new_tokens=n,
                                  cache_len=cache_len)
@@ -68,7 +63,7 @@ def test_verify_chain_greedy_counts_and_next_token():
   argmax = jnp.asarray([[1, 2, 3, 4], [0, 0, 0, 0]])
   logits = logits.at[jnp.arange(2)[:, None], jnp.arange(4)[None], argmax].set(5.0)
   drafts = jnp.asarray([[1, 2, 0], [0, 0, 0]])
-  v = verify.verify_chain(logits, drafts, None, _keys(2), sample=False)
+  v = verify.verify_chain(logits, drafts, None, row_keys(2), sample=False)
   assert v.num_accepted.tolist() == [2, 3]
   assert v.next_token.tolist() == [3, 0]  # correction; bonus token
 
@@ -80,13 +75,13 @@ def test_verify_tree_greedy_follows_the_targets_argmax():
   tokens = jnp.asarray([[9, 1, 2, 3, 4]])
   argmax = jnp.asarray([[2, 0, 4, 0, 7]])  # root wants 2 -> node2 wants 4 -> node4 says 7
   logits = jnp.full((1, 5, 10), -5.0).at[0, jnp.arange(5), argmax[0]].set(5.0)
-  v = verify.verify_tree(logits, tokens, parents, depth, jnp.ones((1, 5), bool), _keys(1),
+  v = verify.verify_tree(logits, tokens, parents, depth, jnp.ones((1, 5), bool), row_keys(1),
                          False, max_depth=2)
   assert v.num_accepted.tolist() == [2]
   assert v.path.tolist() == [[2, 4]]
   assert v.next_token.tolist() == [7]
   invalid = jnp.ones((1, 5), bool).at[0, 4].set(False)  # padding nodes are never accepted
-  v = verify.verify_tree(logits, tokens, parents, depth, invalid, _keys(1), False, max_depth=2)
+  v = verify.verify_tree(logits, tokens, parents, depth, invalid, row_keys(1), False, max_depth=2)
   assert v.num_accepted.tolist() == [1] and v.next_token.tolist() == [4]
 
 
@@ -189,12 +184,7 @@ def _chi_square_pvalue(tokens, seqs, probs, Vt):
   exp = np.append(expected[big], expected[~big].sum())
   keep = exp > 0
   assert counts[expected == 0].sum() == 0  # nothing outside the support
-  return _chi2_pvalue(obs[keep], exp[keep])
-
-
-def _chi2_pvalue(obs, exp):
-  exp = np.asarray(exp, np.float64) * obs.sum() / np.sum(exp)
-  return float(stats.chi2.sf(np.sum((obs - exp) ** 2 / exp), len(obs) - 1))
+  return chi2_pvalue(obs[keep], exp[keep])
 
 
 def test_sampling_matches_the_targets_sequence_distribution():
@@ -217,7 +207,7 @@ def test_sampling_matches_the_targets_sequence_distribution():
       (prompt_lookup.PromptLookupDrafter(2, 1, 1), None),
   ]:
     res = _spec(target, table, drafter, dparams, prompts, lens, eos, proc, N, sample=True,
-                keys=_keys(B, seed=11))
+                keys=row_keys(B, seed=11))
     p = _chi_square_pvalue(res.tokens, seqs, probs, Vt)
     assert p > 1e-3, (type(drafter).__name__, p)
     assert _tau(res) > 1.0
@@ -229,7 +219,7 @@ def test_sampled_drafts_accept_at_one_minus_tv():
   p_logits = jnp.asarray(np.random.RandomState(0).randn(Vt), jnp.float32)
   q_logits = jnp.asarray(np.random.RandomState(1).randn(Vt), jnp.float32)
   p, q = jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)
-  keys = _keys(B, seed=3)
+  keys = row_keys(B, seed=3)
   drafts = jax.vmap(lambda k: jax.random.categorical(jax.random.fold_in(k, 99), q_logits))(keys)
   logits = jnp.broadcast_to(p_logits, (B, 2, Vt))
   v = verify.verify_chain(logits, drafts[:, None].astype(jnp.int32),
@@ -239,7 +229,7 @@ def test_sampled_drafts_accept_at_one_minus_tv():
   # and the emitted token (accepted draft or residual draw) is distributed as p
   out = np.where(np.asarray(v.num_accepted) == 1, np.asarray(drafts), np.asarray(v.next_token))
   counts = np.bincount(out, minlength=Vt)
-  assert _chi2_pvalue(counts, np.asarray(p)) > 1e-3
+  assert chi2_pvalue(counts, np.asarray(p)) > 1e-3
 
 
 def test_deterministic_drafts_reproduce_ancestral_sampling_exactly():
@@ -250,7 +240,7 @@ def test_deterministic_drafts_reproduce_ancestral_sampling_exactly():
   prompts, lens = _ragged(8, 6, V, seed=2)
   eos = jnp.asarray([5], jnp.int32)
   proc = processor_of({"temperature": 0.8}, [5], sampling=True)
-  ref = token_loop.decode(target, tparams, prompts, lens, _keys(8), eos, processor=proc,
+  ref = token_loop.decode(target, tparams, prompts, lens, row_keys(8), eos, processor=proc,
                     select=token_loop.sample_select, pad_id=0, max_new_tokens=24, cache_len=64)
   res = _spec(target, tparams, prompt_lookup.PromptLookupDrafter(4, 2, 1), None, prompts, lens, eos,
               proc, 24, sample=True)
@@ -267,7 +257,7 @@ def test_rows_do_not_depend_on_the_batch():
   dp = _bigram(1, sharp=1.0)
   full = _spec(target, tparams, d, dp, prompts, lens, eos, proc, 12, sample=True)
   one = _spec(target, tparams, d, dp, prompts[2:3], lens[2:3], eos, proc, 12, sample=True,
-              keys=_keys(4)[2:3])
+              keys=row_keys(4)[2:3])
   np.testing.assert_array_equal(full.tokens[2:3], one.tokens)
 
 
@@ -514,7 +504,7 @@ def test_sampling_law_holds_through_the_bonus_token(name):
   prompts = jnp.asarray(np.broadcast_to(prompt, (B, 3)))
   lens = jnp.full((B,), 3, jnp.int32)
   res = _spec(lm, params, drafter, dparams, prompts, lens, jnp.asarray([-1], jnp.int32), proc,
-              N, sample=True, keys=_keys(B, seed=21), cache_len=3 + N)
+              N, sample=True, keys=row_keys(B, seed=21), cache_len=3 + N)
   # rows whose one verification call accepted the whole depth: their last token is the bonus
   bonus_rows = int(np.sum((np.asarray(res.extras["target_calls"]) == 1)
                           & (np.asarray(res.extras["accepted_drafts"]) == depth)))
@@ -594,7 +584,7 @@ def test_lossy_rules_reduce_to_the_lossless_ones_at_their_neutral_settings():
   rng = np.random.RandomState(0)
   logits = jnp.asarray(rng.randn(64, 5, 7) * 2, jnp.float32)
   drafts = jnp.asarray(rng.randint(0, 7, (64, 4)), jnp.int32)
-  exact = verify.verify_chain(logits, drafts, None, _keys(64), sample=False)
+  exact = verify.verify_chain(logits, drafts, None, row_keys(64), sample=False)
   for beta, tau in [(1, 3.0), (5, 0.0)]:
     r = verify.verify_chain_relaxed(logits, drafts, beta, tau)
     np.testing.assert_array_equal(r.num_accepted, exact.num_accepted)
@@ -603,10 +593,10 @@ def test_lossy_rules_reduce_to_the_lossless_ones_at_their_neutral_settings():
   assert np.all(loose.num_accepted >= exact.num_accepted)
   assert loose.num_accepted.sum() > exact.num_accepted.sum()
   q = jax.nn.softmax(jnp.asarray(rng.randn(64, 4, 7), jnp.float32), -1)
-  strict = verify.verify_chain(logits, drafts, q, _keys(64), sample=True)
-  same = verify.verify_chain(logits, drafts, q, _keys(64), sample=True,
+  strict = verify.verify_chain(logits, drafts, q, row_keys(64), sample=True)
+  same = verify.verify_chain(logits, drafts, q, row_keys(64), sample=True,
                              acceptance=Lenient(epsilon=1.0))
-  lenient = verify.verify_chain(logits, drafts, q, _keys(64), sample=True,
+  lenient = verify.verify_chain(logits, drafts, q, row_keys(64), sample=True,
                                 acceptance=Lenient(epsilon=0.3))
   np.testing.assert_array_equal(strict.num_accepted, same.num_accepted)
   assert np.all(lenient.num_accepted >= strict.num_accepted)
