@@ -145,7 +145,7 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
       padded[b, :len(prompts[i])] = prompts[i]
       lens[b] = len(prompts[i])
     keys = sample_keys(jnp.asarray(np.repeat(base_keys[rows], R, axis=0)),
-                        jnp.asarray(np.tile(np.arange(R), B), jnp.uint32))
+                       jnp.asarray(np.tile(np.arange(R), B), jnp.uint32))
     arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
     if shard is not None:
       arrays = shard(arrays)

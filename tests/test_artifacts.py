@@ -4,6 +4,7 @@ refusal of the formats before it, and the shipped artifacts' manifests. Tiny ran
 only (parameters filled on the host: nothing here compiles)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,7 +33,8 @@ def _fill(shapes, seed: int):
 
 
 def _target_params(seed: int = 0):
-  return _fill(jax.eval_shape(transformer.init_params, CFG, jax.random.PRNGKey(0)), seed)
+  return _fill(jax.eval_shape(functools.partial(transformer.init_params, CFG),
+                              jax.random.PRNGKey(0)), seed)
 
 
 def _target(params, sha=SHA, config=CFG) -> LoadedModel:

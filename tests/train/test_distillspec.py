@@ -2,6 +2,7 @@
 pair, the data sources, draft checkpoints and the training command end to end."""
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -27,7 +28,7 @@ def _init(cfg, seed):
   """Random parameters with `transformer.init_params`' tree and initializers (normal(0.02)
   weights, unit norm scales), drawn with numpy: the tree comes from tracing init_params,
   which skips compiling the Flax init for every tiny config."""
-  shapes = jax.eval_shape(transformer.init_params, cfg, jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(functools.partial(transformer.init_params, cfg), jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
 
   def leaf(path, s):
