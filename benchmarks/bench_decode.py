@@ -1,17 +1,27 @@
-"""Greedy decoding throughput against Hugging Face transformers and the memory roofline.
+"""Greedy decoding speed against the hardware floor, llama.cpp and Hugging Face, in one run.
 
-  python -m benchmarks.bench_decode [--runs 3] [--new-tokens 64] [--skip-hf] [--out BENCHMARKS.md]
-      [--model smollm2-135m-instruct] [--batch 16]
+  python -m benchmarks.bench_decode [--runs 5] [--new-tokens 64] [--skip-hf] [--skip-llama-cpp]
+      [--model smollm2-135m-instruct] [--batch 16] [--out BENCHMARKS.md]
 
-Measured in one run, on the same weights (by default SmolLM2-135M-Instruct GGUF, dequantized;
-`--model` takes any registered name, e.g. qwen2.5-coder-1.5b-instruct once installed):
-  * our greedy tokens/s at batch 1 and batch --batch (median of --runs warm runs), with the
-    layers stacked under a scan (the default layout) and with per-layer weights;
-  * the first call (trace + compile + run) of the batch-1 loop;
-  * Hugging Face transformers `generate` (greedy, fp32, batch 1) tokens/s;
-  * the memory-bandwidth roofline: measured read bandwidth / bytes of weights read per token.
-The table is written into BENCHMARKS.md between markers (`bench_decode`, or
-`bench_decode_<model>` for another model), with the machine and the command.
+Measured in one process, on the same weights (by default SmolLM2-135M-Instruct's GGUF,
+dequantized to float32):
+
+* the machine: read bandwidth (a 512 MiB sum) and fp32 matmul peak (a 1024^3 dot) under XLA;
+* per row count R in 1, 5, 11, 16 (a batch-1 step, a 5- and an 11-token verification call,
+  a batch-16 step): the step floor max(weight bytes / bandwidth, 2 R matmul-params / peak),
+  the model's weight matmuls alone (every projection and the LM head, chained as the model
+  runs them, nothing else), and the model call itself (a cached forward pass inside a jitted
+  loop, as decoding runs it), in both layer layouts;
+* end-to-end greedy tokens/s (prefill included, fixed length) at batch 1 and `--batch`, in
+  both layer layouts, with bf16 weights computed in fp32 (LayerCast) and in pure bf16; Hugging
+  Face transformers (fp32); llama.cpp (`llama-cpp-python`, optional) on F32 and BF16 copies of
+  the same weights (`benchmarks.llama_cpp_anchor`).
+
+Every timing is a median of `--runs` (>= 5 by default) taken in interleaved rounds (each round
+times every configuration once, `benchmarks.hardware.interleaved`), so machine warm-up and
+noise do not favour the configuration that runs last. The tables are written into BENCHMARKS.md
+between markers (`bench_decode`, or `bench_decode_<model>` for another model), with the machine
+and the command.
 """
 from __future__ import annotations
 
@@ -19,13 +29,14 @@ import argparse
 import dataclasses
 import gc
 import os
-import platform
 import statistics
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import hardware, llama_cpp_anchor
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
@@ -33,50 +44,68 @@ from models import registry, transformer
 from models.lm import TransformerLM, load_model
 
 DEFAULT = registry.DEFAULT_MODEL
-
-
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def measure_bandwidth(runs: int) -> float:
-  """Read bandwidth in bytes/s: XLA sum over a 512 MiB fp32 array (median of runs)."""
-  x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
-  f = jax.jit(lambda a: a.sum())
-  f(x).block_until_ready()
-  times = []
-  for _ in range(max(runs, 5)):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return x.nbytes / statistics.median(times)
+ROWS = ((1, 1), (1, 5), (1, 11), (16, 1))  # (batch, tokens per row) of the timed model calls
+PROJECTIONS = (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
 def weight_bytes(params) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
-def time_ours(model, prompts, n_new: int, runs: int):
+def matmul_params(config) -> int:
+  """Parameters that take part in a step's matmuls (projections and the LM head)."""
+  d, hd, i = config.hidden_size, config.head_dim, config.intermediate_size
+  per_layer = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * i
+  return config.num_layers * per_layer + d * config.vocab_size
+
+
+def per_layer_weights(params, config) -> tuple[list, jax.Array]:
+  """([one tuple of projection kernels per layer], LM-head matrix [D, V]) of either layout."""
+  if config.scan_layers:
+    params = transformer.unstack_layers(params, config.num_layers)
+  layers = [tuple(params[f"layers_{i}"][a][b]["kernel"] for a, b in PROJECTIONS)
+            for i in range(config.num_layers)]
+  head = (params["embed"]["table"] if config.tie_word_embeddings
+          else params["lm_head"]["kernel"])
+  return layers, head
+
+
+@jax.jit
+def weight_matmuls(layers, head, x):
+  """The step's weight matmuls alone, in the model's order and shapes ([R, D] rows in):
+  q, k, v, o, gate, up, down per layer, then the LM head; cheap elementwise glue keeps each
+  product's input dependent on the previous one, so nothing is skipped or reordered."""
+  h = x
+  for wq, wk, wv, wo, wg, wu, wd in layers:
+    q, k, v = h @ wq, h @ wk, h @ wv
+    h = h + 1e-3 * (q @ wo) + 1e-3 * (k.sum(-1, keepdims=True) + v.sum(-1, keepdims=True))
+    h = h + 1e-3 * ((jax.nn.silu(h @ wg) * (h @ wu)) @ wd)
+  return h @ head
+
+
+def model_call(lm, iters: int):
+  """A jitted function running `iters` cached forward passes of [B, S] tokens, each at the
+  same cache position (the cache is updated in place and rolled back, as a speculative
+  verification does), feeding the argmax back in: seconds per call = time / iters."""
+  @jax.jit
+  def run(params, cache, tokens):
+    start = cache.lengths
+
+    def body(_, carry):
+      cache, tokens = carry
+      S = tokens.shape[1]
+      positions = start[:, None] + jnp.arange(S)[None]
+      out = lm(params, tokens, positions, cache)
+      return out.cache.rollback(start), jnp.argmax(out.logits, -1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, iters, body, (cache, tokens))[1]
+  return run
+
+
+def greedy_call(target, prompts, n_new: int):
   settings = Greedy(max_new_tokens=n_new, min_new_tokens=n_new)
-  target = Target(model.lm, model.params, eos_ids=(model.tokenizer.eos_id,),
-                  pad_id=model.tokenizer.pad_id)
-  t = time.perf_counter()
-  generate(target, prompts, settings, batch_size=len(prompts))
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    out = generate(target, prompts, settings, batch_size=len(prompts))
-    times.append(time.perf_counter() - t)
-  assert all(len(o.output_ids) == n_new for o in out)
-  med = statistics.median(times)
-  return first, med, len(prompts) * n_new / med
+  return lambda: generate(target, prompts, settings, batch_size=len(prompts))
 
 
 def load_hf(name: str = "smollm2-135m-instruct"):
@@ -88,22 +117,30 @@ def load_hf(name: str = "smollm2-135m-instruct"):
       os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=torch.float32).eval()
 
 
-def time_hf(prompt, n_new: int, runs: int, hf=None, **generate_kwargs) -> float:
-  """New tokens/s of HF `generate` on one prompt (greedy unless `generate_kwargs` say
-  otherwise, e.g. num_beams=4), median of `runs` after one warm-up call."""
-  import torch
-  hf = hf if hf is not None else load_hf()
+def hf_call(hf, prompt, n_new: int, **generate_kwargs):
+  """A callable running HF `generate` on one prompt for exactly n_new tokens (greedy unless
+  `generate_kwargs` say otherwise, e.g. num_beams=4)."""
+  import torch  # test extra, only for the Hugging Face baseline
   ids = torch.tensor([prompt])
   kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=2,
             pad_token_id=2, attention_mask=torch.ones_like(ids))
   kw.update(generate_kwargs)
-  with torch.no_grad():
-    hf.generate(ids, **kw)
-    times = []
-    for _ in range(runs):
-      t = time.perf_counter()
-      hf.generate(ids, **kw)
-      times.append(time.perf_counter() - t)
+
+  def call():
+    with torch.no_grad():
+      return hf.generate(ids, **kw)
+  return call
+
+
+def time_hf(prompt, n_new: int, runs: int, hf=None, **generate_kwargs) -> float:
+  """New tokens/s of HF `generate` on one prompt, median of `runs` after one warm-up call."""
+  call = hf_call(hf if hf is not None else load_hf(), prompt, n_new, **generate_kwargs)
+  call()
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t)
   return n_new / statistics.median(times)
 
 
@@ -121,76 +158,143 @@ def write_table(path: str, table: str, marker: str = "bench_decode", heading: st
     f.write(text)
 
 
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--skip-hf", action="store_true")
-  ap.add_argument("--param-dtype", default="float32")
+  ap.add_argument("--skip-llama-cpp", action="store_true")
   ap.add_argument("--out", default="BENCHMARKS.md")
   ap.add_argument("--model", default=DEFAULT)
   ap.add_argument("--batch", type=int, default=16, help="the larger batch size measured")
+  ap.add_argument("--step-iters", type=int, default=8, help="model calls per timed loop")
   args = ap.parse_args()
-  if args.batch < 2 or args.runs < 1 or args.new_tokens < 1:
-    ap.error("--batch must be >= 2, --runs and --new-tokens >= 1")
+  if args.batch < 2 or args.runs < 1 or args.new_tokens < 1 or args.step_iters < 1:
+    ap.error("--batch must be >= 2, --runs, --new-tokens and --step-iters >= 1")
 
-  model = load_model(args.model, param_dtype=args.param_dtype)
-  tok = model.tokenizer
+  model = load_model(args.model)  # float32 storage and compute, scanned layers
+  tok, cfg = model.tokenizer, model.config
   base = tok.encode_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])
   texts = ["Tell me a story.", "Explain gravity.", "Write a poem about rain.", "List fruits.",
            "What is 7 * 8?", "Describe Paris.", "How do plants grow?", "Name five rivers."]
-  batch16 = [tok.encode_chat([{"role": "user", "content": texts[i % 8] + " " * (i // 8)}])
-             for i in range(args.batch)]
-  bw = measure_bandwidth(args.runs)
-  wb = weight_bytes(model.params)
-  roofline = bw / wb
+  batch = [tok.encode_chat([{"role": "user", "content": texts[i % 8] + " " * (i // 8)}])
+           for i in range(args.batch)]
+  bandwidth = hardware.measure_bandwidth(args.runs)
+  peak = hardware.measure_matmul_peak(args.runs)
+  wbytes, mparams = weight_bytes(model.params), matmul_params(cfg)
 
-  # Hugging Face first, and its model freed before the per-layer copy of our weights is
-  # made: a 1.5B-parameter model in fp32 would not fit three times in memory.
-  hf_tps = None if args.skip_hf else time_hf(
-      base, args.new_tokens, args.runs, load_hf(args.model), eos_token_id=tok.eos_id,
-      pad_token_id=tok.pad_id)
-  gc.collect()
-  unrolled_cfg = model.config.replace(scan_layers=False)
-  layouts = {
-      "scan_layers=True (default)": (model.lm, model.params),
-      "scan_layers=False": (TransformerLM(unrolled_cfg),
-                            transformer.unstack_layers(model.params, unrolled_cfg.num_layers)),
-  }
-  rows, notes = [], []
+  # Hugging Face first, timed alone and freed before more copies of the weights are made (a
+  # 1.5B model in fp32 would not fit several times in memory); its configuration is re-timed
+  # at the end, so a drift of the machine shows.
+  hf_tps = None
+  if not args.skip_hf:
+    hf = load_hf(args.model)
+    hf_tps = time_hf(base, args.new_tokens, args.runs, hf, eos_token_id=tok.eos_id,
+                     pad_token_id=tok.pad_id)
+    del hf
+    gc.collect()
+
+  unrolled_cfg = cfg.replace(scan_layers=False)
+  unrolled = (TransformerLM(unrolled_cfg), transformer.unstack_layers(model.params, cfg.num_layers))
+  layouts = {"scanned": (model.lm, model.params), "per-layer": unrolled}
+
+  # -- model calls and their floors, per row count
+  layers, head = per_layer_weights(model.params, cfg)
+  calls = {}
+  for b, s in ROWS:
+    rows = b * s
+    x = jnp.ones((rows, cfg.hidden_size), jnp.float32) * 0.01
+    calls[f"matmuls {rows}"] = (lambda x=x: weight_matmuls(layers, head, x))
+    for name, (lm, params) in layouts.items():
+      fn = model_call(lm, args.step_iters)
+      cache = lm.init_cache(b, 128).with_lengths(jnp.full((b,), 60, jnp.int32))
+      tokens = jnp.ones((b, s), jnp.int32)
+      calls[f"{name} {rows}"] = (lambda fn=fn, p=params, c=cache, t=tokens: fn(p, c, t))
+  step_times = {k: statistics.median(v) for k, v in hardware.interleaved(calls, args.runs).items()}
+
+  # -- end-to-end greedy decoding
+  target = lambda lm, params: Target(lm, params, eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
+  e2e, first_call = {}, {}
   for name, (lm, params) in layouts.items():
-    m = dataclasses.replace(model, lm=lm, params=params)
-    first1, med1, tps1 = time_ours(m, [base], args.new_tokens, args.runs)
-    _, _, tps16 = time_ours(m, batch16, args.new_tokens, args.runs)
-    rows.append((f"decodax greedy, batch 1, {name}", f"{tps1:.1f}", f"{100 * tps1 / roofline:.0f}%"))
-    rows.append((f"decodax greedy, batch {args.batch} (total), {name}", f"{tps16:.1f}", "n/a"))
-    notes.append(f"- {name}: batch {args.batch} / batch 1 throughput {tps16 / tps1:.1f}x; first call at "
-                 f"batch 1 (trace + compile + {args.new_tokens} tokens) {first1:.1f} s, warm call "
-                 f"{med1:.2f} s")
-    if name.startswith("scan_layers=False"):
-      best1 = tps1
-  rows.append(("Hugging Face transformers greedy, batch 1",
-               "not run" if hf_tps is None else f"{hf_tps:.1f}",
-               "n/a" if hf_tps is None else f"{100 * hf_tps / roofline:.0f}%"))
-  rows.append(("memory roofline, batch 1", f"{roofline:.1f}", "100%"))
-  machine = f"{cpu_name()}, {os.cpu_count()} cores, backend {jax.default_backend()}"
+    for prompts, label in (([base], "batch 1"), (batch, f"batch {args.batch}")):
+      call = greedy_call(target(lm, params), prompts, args.new_tokens)
+      t = time.perf_counter()
+      call()
+      first_call[f"{name}, {label}"] = time.perf_counter() - t
+      e2e[f"decodax fp32, {name}, {label}"] = (call, len(prompts))
+  for dtype_name, compute in (("LayerCast (bf16 weights, fp32 compute)", jnp.float32),
+                              ("bf16 weights and compute", jnp.bfloat16)):
+    c = unrolled_cfg.replace(param_dtype=jnp.bfloat16, dtype=compute)
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), unrolled[1])
+    e2e[f"decodax {dtype_name}, per-layer, batch 1"] = (
+        greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
+  llama_note = ""
+  if not args.skip_llama_cpp:
+    try:
+      weights_dir = os.path.join(tempfile.gettempdir(), "decodax_llama_cpp")
+      for dtype_name in ("F32", "BF16"):
+        llm = llama_cpp_anchor.load(llama_cpp_anchor.dense_copy(args.model, dtype_name,
+                                                                weights_dir))
+        e2e[f"llama.cpp {dtype_name}, batch 1"] = (
+            (lambda llm=llm: llama_cpp_anchor.greedy_tokens(llm, base, args.new_tokens)), 1)
+    except ImportError:
+      llama_note = "llama.cpp not run: `pip install llama-cpp-python` to include it."
+  timed = hardware.interleaved({k: fn for k, (fn, _) in e2e.items()}, args.runs)
+  tps = {k: e2e[k][1] * args.new_tokens / statistics.median(v) for k, v in timed.items()}
+
+  # -- tables
+  floor_b1 = hardware.step_floor_s(1, wbytes, mparams, bandwidth, peak)
+  lcpp = tps.get("llama.cpp F32, batch 1")
   lines = [
-      f"Model: {args.model}. Machine: {machine}. jax {jax.__version__}. Weights {args.param_dtype} "
-      f"({wb / 1e6:.0f} MB read per token), compute float32. Median of {args.runs} warm runs, "
-      f"{args.new_tokens} new tokens per row (min_new_tokens = max_new_tokens), prompt "
-      f"{len(base)} tokens. Measured read bandwidth {bw / 1e9:.1f} GB/s.",
+      f"Model: {args.model}. Machine: {hardware.cpu_name()}, {os.cpu_count()} cores, backend "
+      f"{jax.default_backend()}, jax {jax.__version__}. Weights {wbytes / 1e6:.0f} MB in fp32 "
+      f"({mparams / 1e6:.1f} M matmul parameters). Measured in this run: read bandwidth "
+      f"{bandwidth / 1e9:.1f} GB/s, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s. Median of "
+      f"{args.runs} interleaved rounds.",
       "",
       f"Command: `python -m benchmarks.bench_decode --runs {args.runs} --new-tokens "
       f"{args.new_tokens}{' --skip-hf' if args.skip_hf else ''}"
-      f"{'' if args.param_dtype == 'float32' else ' --param-dtype ' + args.param_dtype}"
+      f"{' --skip-llama-cpp' if args.skip_llama_cpp else ''}"
       f"{'' if args.model == DEFAULT else ' --model ' + args.model}"
       f"{'' if args.batch == 16 else f' --batch {args.batch}'}`",
       "",
-      "| system | tokens/s | of roofline |",
-      "|---|---|---|",
-  ] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""] + notes
-  if hf_tps is not None:
-    lines.append(f"- decodax (scan_layers=False) / Hugging Face at batch 1: {best1 / hf_tps:.1f}x")
+      "Model calls (ms per call; the cache holds 60 tokens; x = ratio to the floor):",
+      "",
+      "| rows (batch x tokens) | floor | weight matmuls alone | scanned layers | per-layer weights |",
+      "|---|---|---|---|---|",
+  ]
+  for b, s in ROWS:
+    rows = b * s
+    floor = hardware.step_floor_s(rows, wbytes, mparams, bandwidth, peak)
+    cell = lambda sec: f"{1e3 * sec:.1f} ({sec / floor:.1f}x)"
+    per_call = lambda name: step_times[f"{name} {rows}"] / args.step_iters
+    lines.append(f"| {rows} ({b} x {s}) | {1e3 * floor:.1f} | {cell(step_times[f'matmuls {rows}'])}"
+                 f" | {cell(per_call('scanned'))} | {cell(per_call('per-layer'))} |")
+  step = lambda name, rows: step_times[f"{name} {rows}"] / args.step_iters
+  lines += [""] + [
+      f"- {name}: an 11-token verification call costs {step(name, 11) / step(name, 1):.1f} batch-1 "
+      f"steps; batch 16 gives {16 * step(name, 1) / step(name, 16):.1f}x the batch-1 throughput "
+      "(model calls alone)." for name in layouts]
+  lines += ["", "End-to-end greedy decoding (tokens/s, prefill included, "
+            f"{args.new_tokens} new tokens per row, prompt {len(base)} tokens):", "",
+            "| system | tokens/s | of the batch-1 floor | of llama.cpp F32 |", "|---|---|---|---|"]
+  for name, value in tps.items():
+    is_b1 = name.endswith("batch 1")
+    lines.append(f"| {name} | {value:.1f} | "
+                 f"{f'{value * floor_b1:.2f}' if is_b1 else 'n/a'} | "
+                 f"{f'{value / lcpp:.2f}' if (lcpp and is_b1) else 'n/a'} |")
+  lines.append(f"| Hugging Face transformers fp32, batch 1 (timed alone, before the rest) | "
+               + ("not run | n/a | n/a |" if hf_tps is None else
+                  f"{hf_tps:.1f} | {hf_tps * floor_b1:.2f} | "
+                  f"{f'{hf_tps / lcpp:.2f}' if lcpp else 'n/a'} |"))
+  lines.append(f"| batch-1 floor | {1 / floor_b1:.1f} | 1.00 | "
+               f"{f'{1 / floor_b1 / lcpp:.2f}' if lcpp else 'n/a'} |")
+  lines += [""] + [f"- first call (trace + compile + {args.new_tokens} tokens), {k}: {v:.1f} s"
+                   for k, v in first_call.items()]
+  if llama_note:
+    lines.append(f"- {llama_note}")
   table = "\n".join(lines)
   print(table)
   write_table(args.out, table, "bench_decode" if args.model == DEFAULT

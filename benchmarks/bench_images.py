@@ -27,7 +27,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from benchmarks.bench_decode import cpu_name, write_table
+from benchmarks.bench_decode import write_table
+from benchmarks.hardware import cpu_name
 from decoding.image_strategies import ImageAR, ImageEagle, ImageSJD, generate_codes, grid_image
 from decoding.registry import strategy_of
 from decoding.strategy import Resources

@@ -33,7 +33,8 @@ import shlex
 import statistics
 import time
 
-from benchmarks.bench_decode import cpu_name, load_hf, write_table
+from benchmarks.bench_decode import load_hf, write_table
+from benchmarks.hardware import cpu_name
 from configs import generate as generate_cfg
 from decoding.cli import settings_from_config
 from decoding.errors import GenerationError

@@ -18,7 +18,8 @@ import argparse
 import statistics
 import time
 
-from benchmarks.bench_decode import cpu_name, load_hf, time_hf, write_table
+from benchmarks.bench_decode import load_hf, time_hf, write_table
+from benchmarks.hardware import cpu_name
 from benchmarks.eval_open_ended import strategy_settings
 from decoding.best_of_n import BestOfN
 from decoding.runner import generate

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks.bench_decode import cpu_name, write_table
+from benchmarks.bench_decode import write_table
+from benchmarks.hardware import cpu_name
 from models import registry
 from models.lm import load_model
 from train import data, lora, losses, optim, trainer

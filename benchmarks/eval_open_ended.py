@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from benchmarks import report
-from benchmarks.bench_decode import cpu_name
+from benchmarks.hardware import cpu_name
 from decoding import scoring
 from decoding.beam_search import Beam, DiverseBeam
 from decoding.greedy import Greedy

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from benchmarks import report
-from benchmarks.bench_decode import cpu_name
+from benchmarks.hardware import cpu_name
 from decoding import best_of_n, scoring
 from decoding.answers import last_number
 from decoding.greedy import Greedy

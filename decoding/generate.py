@@ -11,7 +11,9 @@ no BOS), and writes one line per output sequence (num_return_sequences per input
 field of `decoding.results.Generation` (index, rank, prompt_ids, output_ids,
 token_logprobs, processed_logprobs, token_entropy, finished, score, score_kind,
 self_certainty, gnll) plus `text`, the input `prompt` text when one was given, and the
-strategy's extras. A line's output depends only on its content, its line number and the
+strategy's extras. Every run ends with one line on stderr: the new tokens, the wall time split
+into compiling and decoding, decode tokens/s and, for speculative strategies, tau (tokens
+per target call). A line's output depends only on its content, its line number and the
 seed, not on the batch it was run in. The config is mapped to the strategy's settings once
 (`decoding.cli`); bad values are reported in one line before anything is loaded.
 """
@@ -31,6 +33,7 @@ from decoding import cli
 from decoding.errors import GenerationError
 from decoding.runner import generate, validate_prompts
 from decoding.strategy import Resources, Target
+from decoding.timing import Stopwatch, speed_report
 from models import registry, sharding
 from models.lm import load_model
 
@@ -107,7 +110,10 @@ def load(cfg):
 
 
 def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Optional[str],
-        out=sys.stdout) -> list[dict]:
+        out=sys.stdout, err=None) -> list[dict]:
+  """Generates for one prompt or a JSONL file; prints the completion(s) to `out` (single
+  prompt) and one speed line to `err`: new tokens, wall seconds split into compile and decode
+  (prefill included), decode tokens/s and, for speculative strategies, tau."""
   settings = check_request(cfg, prompt is not None or input_path is not None)
   if input_path is not None and output_path is None:
     raise GenerationError("--input needs --output")
@@ -117,16 +123,18 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
              for r in requests]
   validate_prompts(prompts, model.lm.vocab_size)
   target, resources = Target.of(model), Resources()
-  results = []
+  results, generations, watch = [], [], Stopwatch()
   bs = int(cfg.batch_size)
   chunks = range(0, len(prompts), bs)
   if input_path is not None:
     chunks = tqdm(chunks, desc="generating", unit="batch", file=sys.stderr)
   for start in chunks:
-    gens = generate(target, prompts[start:start + bs], settings, seed=cfg.seed, batch_size=bs,
-                    max_cache_len=cfg.max_cache_len,
-                    row_ids=range(start, min(start + bs, len(prompts))), shard=shard,
-                    resources=resources)
+    with watch:
+      gens = generate(target, prompts[start:start + bs], settings, seed=cfg.seed, batch_size=bs,
+                      max_cache_len=cfg.max_cache_len,
+                      row_ids=range(start, min(start + bs, len(prompts))), shard=shard,
+                      resources=resources)
+    generations += gens
     for g in gens:
       g.index += start
       text = model.tokenizer.decode(g.output_ids, skip_special_tokens=True) if (
@@ -143,6 +151,7 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
     for r in results:
       print(f"--- sequence {r['rank']} (score {r['score']:.3f}, {r['score_kind']})", file=out)
       print(r["text"], file=out)
+  print(f"speed: {speed_report(generations, watch).line()}", file=err or sys.stderr)
   return results
 
 

@@ -171,7 +171,9 @@ SJD = Strategy("sjd", ImageSJD, "speculative Jacobi decoding (training-free), LA
 EAGLE = Strategy("eagle", ImageEagle, "EAGLE drafting with a trained image head, chain "
                  "(LANTERN optional) or EAGLE-2 tree", modality="image", prepare=prepare_eagle)
 _STRATEGIES = {ImageAR: AR, ImageSJD: SJD, ImageEagle: EAGLE}
-NO_EOS = jnp.asarray([-1], jnp.int32)  # images end after their g*g codes
+# Images end after their g*g codes. A host array: a device array here would start the
+# backend at import, before a script can set XLA_FLAGS.
+NO_EOS = np.asarray([-1], np.int32)
 
 
 def generate_codes(model: ImageModel, labels, s: ImageSettings, seed: int = 0,

