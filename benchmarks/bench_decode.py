@@ -174,7 +174,9 @@ def main():
   if args.batch < 2 or args.runs < 1 or args.new_tokens < 1 or args.step_iters < 1:
     ap.error("--batch must be >= 2, --runs, --new-tokens and --step-iters >= 1")
 
-  model = load_model(args.model)  # float32 storage and compute, scanned layers
+  # float32 storage and compute; the stacked, separate-projection layout is the one every
+  # other layout is derived from
+  model = load_model(args.model, scan_layers=True, fused_projections=False)
   tok, cfg = model.tokenizer, model.config
   base = tok.encode_chat([{"role": "user", "content": "Tell me a long story about a dragon."}])
   texts = ["Tell me a story.", "Explain gravity.", "Write a poem about rain.", "List fruits.",
@@ -198,7 +200,10 @@ def main():
 
   unrolled_cfg = cfg.replace(scan_layers=False)
   unrolled = (TransformerLM(unrolled_cfg), transformer.unstack_layers(model.params, cfg.num_layers))
-  layouts = {"scanned": (model.lm, model.params), "per-layer": unrolled}
+  fused_cfg = unrolled_cfg.replace(fused_projections=True)
+  fused = (TransformerLM(fused_cfg), transformer.fuse_projections(unrolled[1]))
+  layouts = {"scanned": (model.lm, model.params), "per-layer": unrolled,
+             "per-layer fused (default)": fused}
 
   # -- model calls and their floors, per row count
   layers, head = per_layer_weights(model.params, cfg)
@@ -226,9 +231,9 @@ def main():
       e2e[f"decodax fp32, {name}, {label}"] = (call, len(prompts))
   for dtype_name, compute in (("LayerCast (bf16 weights, fp32 compute)", jnp.float32),
                               ("bf16 weights and compute", jnp.bfloat16)):
-    c = unrolled_cfg.replace(param_dtype=jnp.bfloat16, dtype=compute)
-    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), unrolled[1])
-    e2e[f"decodax {dtype_name}, per-layer, batch 1"] = (
+    c = fused_cfg.replace(param_dtype=jnp.bfloat16, dtype=compute)
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), fused[1])
+    e2e[f"decodax {dtype_name}, per-layer fused, batch 1"] = (
         greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
   llama_note = ""
   if not args.skip_llama_cpp:
@@ -262,8 +267,9 @@ def main():
       "",
       "Model calls (ms per call; the cache holds 60 tokens; x = ratio to the floor):",
       "",
-      "| rows (batch x tokens) | floor | weight matmuls alone | scanned layers | per-layer weights |",
-      "|---|---|---|---|---|",
+      "| rows (batch x tokens) | floor | weight matmuls alone | "
+      + " | ".join(layouts) + " |",
+      "|---" * (3 + len(layouts)) + "|",
   ]
   for b, s in ROWS:
     rows = b * s
@@ -271,7 +277,7 @@ def main():
     cell = lambda sec: f"{1e3 * sec:.1f} ({sec / floor:.1f}x)"
     per_call = lambda name: step_times[f"{name} {rows}"] / args.step_iters
     lines.append(f"| {rows} ({b} x {s}) | {1e3 * floor:.1f} | {cell(step_times[f'matmuls {rows}'])}"
-                 f" | {cell(per_call('scanned'))} | {cell(per_call('per-layer'))} |")
+                 " | " + " | ".join(cell(per_call(name)) for name in layouts) + " |")
   step = lambda name, rows: step_times[f"{name} {rows}"] / args.step_iters
   lines += [""] + [
       f"- {name}: an 11-token verification call costs {step(name, 11) / step(name, 1):.1f} batch-1 "

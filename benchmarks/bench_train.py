@@ -113,13 +113,13 @@ def main():
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--out", default="BENCHMARKS.md")
   args = ap.parse_args()
-  model = load_model()
+  model = load_model(scan_layers=True, fused_projections=False)  # the training layout
   tokens = args.batch * args.seq_len
   n_params = sum(x.size for x in jax.tree.leaves(model.params))
   flops = step_flops(model.config, n_params, tokens, args.seq_len)
   peak = measure_matmul_flops()
   rows = []
-  unrolled = load_model(scan_layers=False)
+  unrolled = load_model(scan_layers=False, fused_projections=False)
   for name, m, use_lora in (
       ("decodax full fine-tuning (scanned layers, default)", model, False),
       ("decodax full fine-tuning (`scan_layers=False`)", unrolled, False),

@@ -1,7 +1,7 @@
 """Where a decoding step's time goes, from an XLA profile of the real loops.
 
   python -m benchmarks.step_profile [--model smollm2-135m-instruct] [--new-tokens 32]
-      [--scan-layers 1] [--out BENCHMARKS.md] [--marker step_profile]
+      [--scan-layers 0] [--fused 1] [--out BENCHMARKS.md] [--marker step_profile]
 
 Runs, warm and under `jax.profiler`, (a) greedy decoding at batch 1, (b) greedy decoding at
 batch 16 and (c) prompt-lookup speculative decoding whose every call verifies 11 tokens
@@ -10,6 +10,7 @@ operation (thunk), named after its HLO instruction; the optimized HLO of every m
 dumped (`--xla_dump_to`) so each instruction's JAX source path (`metadata op_name`, e.g.
 `.../Transformer/layers/attn/q_proj/dot_general`) sorts it into a part of the step:
 
+  prefill          every model operation outside the decoding loop (the prompt's pass)
   weight matmuls   the seven projections of each layer (q, k, v, o, gate, up, down)
   LM head          the output projection (the tied embedding table)
   attention        scores, softmax and values over the cache and the new tokens, RoPE, masks
@@ -46,7 +47,7 @@ from decoding.strategy import Target
 from models import registry
 from models.lm import load_model
 
-PARTS = ("weight matmuls", "LM head", "attention", "KV-cache writes", "norms, MLP act.",
+PARTS = ("prefill", "weight matmuls", "LM head", "attention", "KV-cache writes", "norms, MLP act.",
          "weight slices", "other copies", "outside model", "not in an op")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
                "gate_up_proj", "down_proj")
@@ -62,6 +63,9 @@ def part_of(opcode: str, op_name: str, out_shape: tuple = (), vocab_size: int = 
   matrices), the LM head when they produce vocabulary-wide rows."""
   path = op_name.split("/")
   prim = path[-1] if path else ""
+  outer = op_name.split("Transformer")[0]
+  if "Transformer" in op_name and "while/body" not in outer:
+    return "prefill"  # a model call outside the decoding loop
   if opcode == "dot" and not op_name:
     return "LM head" if out_shape and out_shape[-1] == vocab_size else "weight matmuls"
   if opcode == "copy" or prim == "copy":
@@ -70,7 +74,7 @@ def part_of(opcode: str, op_name: str, out_shape: tuple = (), vocab_size: int = 
     return "outside model"
   if any(p in path for p in PROJECTIONS):
     return "weight matmuls"
-  if "lm_head" in path or ("embed" in path and prim == "dot_general"):
+  if "lm_head" in path or "embed.attend" in path:
     return "LM head"
   if "attn" in path:
     return "KV-cache writes" if prim == "scatter" else "attention"
@@ -83,11 +87,16 @@ def part_of(opcode: str, op_name: str, out_shape: tuple = (), vocab_size: int = 
 _SHAPE = re.compile(r"=\s*\w+\[([\d,]*)\]")
 
 
-def hlo_parts(dump_dir: str, vocab_size: int) -> dict:
-  """{(module name, instruction name): part} from the optimized HLO text dumps (None for
-  control flow, whose events contain those of their bodies)."""
+def optimized_dumps(dump_dir: str) -> set:
+  return set(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")))
+
+
+def hlo_parts(paths, vocab_size: int) -> dict:
+  """{(module name, instruction name): part} from optimized HLO text dumps (None for control
+  flow, whose events contain those of their bodies). Module names repeat across compiles
+  (every batch shape of `decode` is a `jit_decode`): pass the dumps of one case only."""
   table = {}
-  for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+  for path in paths:
     module = None
     for line in open(path):
       if line.startswith("HloModule "):
@@ -107,7 +116,7 @@ def hlo_parts(dump_dir: str, vocab_size: int) -> dict:
 
 def profile(fn, trace_dir: str, parts: dict) -> tuple[dict, float]:
   """({part: seconds}, wall seconds) of one warm call of `fn` under the profiler."""
-  fn()  # warm: compile outside the trace
+  fn()  # warm
   shutil.rmtree(trace_dir, ignore_errors=True)
   jax.profiler.start_trace(trace_dir)
   t = time.perf_counter()
@@ -134,7 +143,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default=registry.DEFAULT_MODEL)
   ap.add_argument("--new-tokens", type=int, default=32)
-  ap.add_argument("--scan-layers", type=int, default=1, choices=(0, 1))
+  ap.add_argument("--scan-layers", type=int, default=0, choices=(0, 1))
+  ap.add_argument("--fused", type=int, default=1, choices=(0, 1),
+                  help="q/k/v and gate/up as one matmul each")
   ap.add_argument("--out", default="BENCHMARKS.md")
   ap.add_argument("--marker", default="step_profile")
   args = ap.parse_args()
@@ -143,7 +154,8 @@ def main():
   # Read when the backend starts (the first computation), so setting it here is in time.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip()
-  model = load_model(args.model, scan_layers=bool(args.scan_layers))
+  model = load_model(args.model, scan_layers=bool(args.scan_layers),
+                     fused_projections=bool(args.fused))
   tok = model.tokenizer
   target = Target.of(model)
   n = args.new_tokens
@@ -168,26 +180,29 @@ def main():
       "greedy, batch 16": (lambda: generate(target, batch, greedy, batch_size=16), n),
       "prompt lookup, 11-token verification, batch 1": (spec_run, None),
   }
-  for fn, _ in cases.values():
-    fn()  # compile everything once so the dumps exist
-  parts = hlo_parts(dump, model.config.vocab_size)
   rows = {}
   for name, (fn, steps) in cases.items():
+    before = optimized_dumps(dump)
+    fn()  # compiles this case's programs: their dumps are the new files
+    parts = hlo_parts(optimized_dumps(dump) - before, model.config.vocab_size)
     totals, wall = profile(fn, os.path.join(work, "trace"), parts)
     if steps is None:
       g = calls["spec"][0]
       steps = int(g.extras["target_calls"])
       name = f"{name} (tau {g.extras['verified_tokens'] / steps:.1f})"
     rows[name] = ({p: 1e3 * totals.get(p, 0.0) / steps for p in PARTS}, 1e3 * wall / steps)
-  layout = "scanned layers" if args.scan_layers else "per-layer weights"
+  layout = ("scanned layers" if args.scan_layers else "per-layer weights") + (
+      ", fused projections" if args.fused else ", separate projections")
   lines = [
       f"Model: {args.model}, {layout}, fp32. Machine: {cpu_name()}, {os.cpu_count()} cores, "
       f"jax {jax.__version__}. One warm call per case under `jax.profiler`, {n} new tokens; "
-      "milliseconds per model call (a decoding step or one verification call), prefill "
-      "included in the call's share.",
+      "milliseconds per model call (a decoding step or one verification call): each part's "
+      "total over the call divided by the number of model calls in the loop (the prompt's "
+      "pass is its own column). Profiling adds a little to every operation, and operations "
+      "on the two cores overlap, so the parts need not add up to the wall time per call.",
       "",
       f"Command: `python -m benchmarks.step_profile --new-tokens {n} --scan-layers "
-      f"{args.scan_layers}" + ("" if args.model == registry.DEFAULT_MODEL
+      f"{args.scan_layers} --fused {args.fused}" + ("" if args.model == registry.DEFAULT_MODEL
                                else f" --model {args.model}") + "`",
       "",
       "| case | " + " | ".join(PARTS) + " | per call |",
@@ -197,7 +212,8 @@ def main():
     lines.append(f"| {name} | " + " | ".join(f"{ms[p]:.2f}" for p in PARTS) + f" | {wall:.2f} |")
   table = "\n".join(lines)
   print(table)
-  write_table(args.out, table, f"{args.marker}_{'scan' if args.scan_layers else 'unrolled'}")
+  write_table(args.out, table, f"{args.marker}_{'scan' if args.scan_layers else 'unrolled'}"
+              f"{'_fused' if args.fused else ''}")
   shutil.rmtree(work, ignore_errors=True)
 
 

@@ -99,7 +99,8 @@ def check_request(cfg, prompts_given: bool):
 def load(cfg):
   """The model of the config, placed on the config's device mesh: (model, shard function)."""
   model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers)
+                     matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers,
+                     fused_projections=cfg.fused_projections)
   shard = None
   if cfg.mesh.data * cfg.mesh.model > 1:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)

@@ -47,6 +47,9 @@ class ModelConfig:
   split_k: int = 1  # blocked accumulation of matmuls (see transformer.matmul)
   scan_layers: bool = True  # stacked layers under nn.scan (False: per-layer params, unrolled)
   remat: bool = False  # rematerialize each layer's activations in the backward pass (training)
+  # q/k/v and gate/up as one matmul each (`transformer.fuse_projections`): fewer, larger
+  # matmuls for inference; training, LoRA and checkpoints use the separate projections
+  fused_projections: bool = False
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:

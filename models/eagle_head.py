@@ -96,8 +96,10 @@ class HeadConfig:
 
   @property
   def layer_config(self) -> ModelConfig:
-    """The head's own one-layer decoder config (per-layer parameters, no remat)."""
-    return self.target.replace(num_layers=1, scan_layers=False, remat=False)
+    """The head's own one-layer decoder config (per-layer parameters, separate projections,
+    no remat), whatever the target's layout."""
+    return self.target.replace(num_layers=1, scan_layers=False, remat=False,
+                               fused_projections=False)
 
   @property
   def hidden_size(self) -> int:
@@ -161,8 +163,9 @@ class HeadNetwork(nn.Module):
       f = FeatureSampler(cfg, name="feature_sampler")(f, token_columns.astype(cfg.dtype))
     x = jnp.concatenate([f, token_embeds.astype(cfg.dtype)], axis=-1)
     x = transformer.Dense(cfg.hidden_size, cfg, use_bias=True, name="fc")(x)
+    rotary = transformer.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     (y, _), (k_cache, v_cache) = transformer.DecoderLayer(cfg, name="layer")(
-        (x, x), (k_cache, v_cache), positions, lengths, mask, cache_mask)
+        (x, x), (k_cache, v_cache), rotary, lengths, mask, cache_mask)
     return y, k_cache, v_cache
 
 

@@ -116,6 +116,9 @@ def save_lm(directory: str, config: ModelConfig, params: Any, *,
   `load_model(directory)` reads back: config {"model": the ModelConfig dict, "instruct"},
   the parameters in the stacked-layer layout stored in `config.param_dtype`, the tokenizer's
   GGUF-style metadata when given, and free-form `info` (the training run)."""
+  if config.fused_projections:  # stored with the separate projections every loader reads
+    params = transformer.unfuse_projections(params, config)
+    config = config.replace(fused_projections=False)
   if not config.scan_layers:
     params = transformer.stack_layers(params, config.num_layers)
   return artifacts.save_artifact(
@@ -139,16 +142,22 @@ def _load_export(path: str, param_dtype,
 
 def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
                param_dtype="float32", matmul_precision: str = "default",
-               split_k: Optional[int] = None, scan_layers: bool = True) -> LoadedModel:
+               split_k: Optional[int] = None, scan_layers: bool = False,
+               fused_projections: bool = True) -> LoadedModel:
   """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or an
   exported `lm` artifact folder (written by training, `save_lm`).
 
   `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
-  compute is LayerCast). `scan_layers=True` stacks the layers under a scan (compile time
-  independent of depth); False keeps one parameter subtree per layer, which decodes about
-  1.6x faster on CPU but compiles about 4x longer (see BENCHMARKS.md). `split_k > 1` turns on blocked accumulation in every matmul
-  (closer to fp64 and to PyTorch on CPU, but XLA:CPU runs the blocked form as a batched
-  dot that is several times slower; see `transformer.matmul`).
+  compute is LayerCast). The default layout is the fast one for decoding: one parameter
+  subtree per layer (`scan_layers=False`; XLA:CPU copies each layer's weight slice out of a
+  stacked array, which costs a scanned step about 1.5x) and q/k/v and gate/up joined into one
+  matmul each (`fused_projections=True`; `transformer.fuse_projections`). Its first compile
+  is longer (about 16 s for SmolLM2's 30 layers against 5 s scanned; see BENCHMARKS.md).
+  Training loads `scan_layers=True, fused_projections=False`: compile time independent of
+  depth, and the separate projections LoRA and checkpoints name. `split_k > 1` turns on
+  blocked accumulation in every matmul (closer to fp64 and to PyTorch on CPU, but XLA:CPU
+  runs the blocked form as a batched dot that is several times slower; see
+  `transformer.matmul`).
   """
   path, sha, instruct = registry.resolve(name_or_path)
   dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
@@ -171,6 +180,9 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
     # names their weights
     registered = registry.MODELS.get(name_or_path)
     weights_sha = registered.sha256.lower() if registered else checkpoint.sha256_file(path)
+  if fused_projections:
+    params = transformer.fuse_projections(params)
+    config = config.replace(fused_projections=True)
   return LoadedModel(name=name_or_path, lm=TransformerLM(config), params=params, tokenizer=tok,
                      instruct=instruct, sha256=weights_sha)
 
@@ -190,6 +202,8 @@ def load_self_draft(name_or_path: str, target: LoadedModel) -> tuple[Transformer
   draft_lm, dparams = target.lm.truncated(target.params, k)
   if not draft_lm.config.scan_layers:
     trained = transformer.unstack_layers(trained, k)
+  if draft_lm.config.fused_projections:
+    trained = transformer.fuse_projections(trained)
   like = {n: v for n, v in dparams.items() if n not in SHARED_WITH_TARGET}
   trained = jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
   shared = {n: dparams[n] for n in SHARED_WITH_TARGET if n in dparams}

@@ -20,10 +20,10 @@ DATA, MODEL = "data", "model"
 PARAM_RULES: Sequence[tuple[str, tuple]] = (
     (r"embed/table$", (None, MODEL)),  # [D, V]
     (r"lm_head/kernel$", (None, MODEL)),  # [D, V]
-    (r"attn/(q_proj|k_proj|v_proj)/kernel$", (None, MODEL)),  # [D, H*hd]
-    (r"attn/(q_proj|k_proj|v_proj)/bias$", (MODEL,)),
+    (r"attn/(q_proj|k_proj|v_proj|qkv_proj)/kernel$", (None, MODEL)),  # [D, H*hd]
+    (r"attn/(q_proj|k_proj|v_proj|qkv_proj)/bias$", (MODEL,)),
     (r"attn/o_proj/kernel$", (MODEL, None)),  # [H*hd, D]
-    (r"mlp/(gate_proj|up_proj)/kernel$", (None, MODEL)),  # [D, F]
+    (r"mlp/(gate_proj|up_proj|gate_up_proj)/kernel$", (None, MODEL)),  # [D, F]
     (r"mlp/down_proj/kernel$", (MODEL, None)),  # [F, D]
     (r"norm/scale$", (None,)),
 )

@@ -23,6 +23,7 @@ default; token trees pass their own mask).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -50,17 +51,23 @@ def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
   return scale.astype(dtype) * y.astype(dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding, rotate-half layout. x: [B, S, H, hd]; positions: [B, S]."""
-  hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """(cos, sin) [B, S, 1, hd] of the rotary angles at `positions` ([B, S]), computed once per
+  forward pass and shared by every layer (rotate-half layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
-  cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+  ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: Array, rotary: tuple[Array, Array]) -> Array:
+  """Rotary embedding of x [B, S, H, hd] with the tables of `rope_tables`."""
+  cos, sin = rotary
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
+
 
 
 def matmul(x: Array, w: Array, cfg: ModelConfig) -> Array:
@@ -131,18 +138,23 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, k_cache, v_cache, lengths, new_mask, cache_mask=None):
-    # x: [B, S, D]; k_cache, v_cache: [B, Hkv, T, hd] or None (training: no cache);
+  def __call__(self, x, rotary, k_cache, v_cache, lengths, new_mask, cache_mask=None):
+    # x: [B, S, D]; rotary: (cos, sin) of the new tokens' positions (`rope_tables`); k_cache, v_cache: [B, Hkv, T, hd] or None (training: no cache);
     # new_mask: [B, S, S] bool; cache_mask: optional [B, S, T] bool, ANDed with the
     # length mask (a draft tree's nodes in the cache see only their ancestors).
     cfg = self.config
     B, S, _ = x.shape
     H, Hkv, hd, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
-    q = Dense(H * hd, cfg, cfg.qkv_bias, name="q_proj")(x).reshape(B, S, H, hd)
-    k = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="k_proj")(x).reshape(B, S, Hkv, hd)
-    v = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="v_proj")(x).reshape(B, S, Hkv, hd)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    if cfg.fused_projections:
+      qkv = Dense((H + 2 * Hkv) * hd, cfg, cfg.qkv_bias, name="qkv_proj")(x)
+      q, k, v = jnp.split(qkv, [H * hd, (H + Hkv) * hd], axis=-1)
+    else:
+      q = Dense(H * hd, cfg, cfg.qkv_bias, name="q_proj")(x)
+      k = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="k_proj")(x)
+      v = Dense(Hkv * hd, cfg, cfg.qkv_bias, name="v_proj")(x)
+    q = apply_rope(q.reshape(B, S, H, hd), rotary)
+    k = apply_rope(k.reshape(B, S, Hkv, hd), rotary)
+    v = v.reshape(B, S, Hkv, hd)
     q = q.reshape(B, S, Hkv, G, hd).transpose(0, 2, 3, 1, 4).astype(jnp.float32)  # [B,Hkv,G,S,hd]
     k_new = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
     v_new = v.transpose(0, 2, 1, 3)
@@ -180,8 +192,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    gate = Dense(cfg.intermediate_size, cfg, name="gate_proj")(x)
-    up = Dense(cfg.intermediate_size, cfg, name="up_proj")(x)
+    if cfg.fused_projections:
+      gate, up = jnp.split(Dense(2 * cfg.intermediate_size, cfg, name="gate_up_proj")(x), 2, -1)
+    else:
+      gate = Dense(cfg.intermediate_size, cfg, name="gate_proj")(x)
+      up = Dense(cfg.intermediate_size, cfg, name="up_proj")(x)
     return Dense(cfg.hidden_size, cfg, name="down_proj")(jax.nn.silu(gate) * up)
 
 
@@ -211,11 +226,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer_cache, positions, lengths, mask, cache_mask=None):
+  def __call__(self, carry, layer_cache, rotary, lengths, mask, cache_mask=None):
     x, _ = carry  # (hidden, input of the previous layer)
     k_cache, v_cache = layer_cache
     h, k_cache, v_cache = Attention(self.config, name="attn")(
-        RMSNorm(self.config, name="attn_norm")(x), positions, k_cache, v_cache, lengths, mask,
+        RMSNorm(self.config, name="attn_norm")(x), rotary, k_cache, v_cache, lengths, mask,
         cache_mask)
     y = x + h
     y = y + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(y))
@@ -255,6 +270,7 @@ class Transformer(nn.Module):
     x = self.embed_tokens(tokens) if tokens is not None else embeds.astype(cfg.dtype)
     B, S, _ = x.shape
     mask = new_token_mask(B, S, attn_mask)
+    rotary = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     if cache is None:  # full-sequence pass without a cache (training, scoring)
       lengths = jnp.zeros((B,), jnp.int32)
       layer_caches = ((None, None) if cfg.scan_layers
@@ -264,12 +280,12 @@ class Transformer(nn.Module):
       layer_caches = ((cache.k, cache.v) if cfg.scan_layers
                       else list(zip(cache.k, cache.v)))
     if cfg.scan_layers:
-      (x, penultimate), (k, v) = self.layers((x, x), layer_caches, positions, lengths, mask,
+      (x, penultimate), (k, v) = self.layers((x, x), layer_caches, rotary, lengths, mask,
                                              cache_mask)
     else:
       carry, ks, vs = (x, x), [], []
       for block, (kl, vl) in zip(self.blocks, layer_caches):
-        carry, (kl, vl) = block(carry, (kl, vl), positions, lengths, mask, cache_mask)
+        carry, (kl, vl) = block(carry, (kl, vl), rotary, lengths, mask, cache_mask)
         ks.append(kl)
         vs.append(vl)
       (x, penultimate), k, v = carry, tuple(ks), tuple(vs)
@@ -324,6 +340,46 @@ def embed_mixture(params: Any, config: ModelConfig, weights: Array) -> Array:
   """Expected input embedding under token weights ([B, S, V] -> [B, S, D]), for soft tokens."""
   table = params["embed"]["table"].astype(config.dtype)
   return jnp.einsum("bsv,dv->bsd", weights.astype(config.dtype), table, precision=config.precision)
+
+
+FUSED = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def _layer_trees(params: Any) -> list[str]:
+  return [name for name in params if name == "layers" or name.startswith("layers_")]
+
+
+def fuse_projections(params: Any) -> Any:
+  """q/k/v kernels (and biases) -> one `qkv_proj`, gate/up -> one `gate_up_proj`, concatenated
+  on the output axis (either layer layout): the parameters of a `fused_projections` config.
+  Each output column is the same dot product as before; the matmuls are fewer and wider."""
+  params = dict(params)
+  for layer in _layer_trees(params):
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in params[layer].items()}
+    for block, (fused, parts) in FUSED.items():
+      pieces = [tree[block].pop(p) for p in parts]
+      tree[block][fused] = {kind: jnp.concatenate([p[kind] for p in pieces], axis=-1)
+                            for kind in pieces[0]}
+    params[layer] = tree
+  return params
+
+
+def unfuse_projections(params: Any, config: ModelConfig) -> Any:
+  """Inverse of `fuse_projections` (for saving, training or LoRA on a fused model)."""
+  H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+  sizes = {"attn": (H * hd, Hkv * hd, Hkv * hd), "mlp": (inter, inter)}
+  params = dict(params)
+  for layer in _layer_trees(params):
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in params[layer].items()}
+    for block, (fused, parts) in FUSED.items():
+      joined = tree[block].pop(fused)
+      cuts = list(itertools.accumulate(sizes[block]))[:-1]
+      split = {kind: jnp.split(w, cuts, axis=-1) for kind, w in joined.items()}
+      for i, p in enumerate(parts):
+        tree[block][p] = {kind: split[kind][i] for kind in split}
+    params[layer] = tree
+  return params
 
 
 def unstack_layers(params: Any, num_layers: int) -> Any:

@@ -143,10 +143,11 @@ def test_round_trip_lm(tmp_path):
   assert manifest["params"]["num_params"] == sum(x.size for x in jax.tree.leaves(params))
   assert manifest["target"] is None and manifest["tokenizer"] is None
   assert manifest["info"] == {"run": "test"}
-  m = load_model(path, param_dtype="bfloat16")
+  m = load_model(path, param_dtype="bfloat16", scan_layers=True, fused_projections=False)
   _assert_same_bits(m.params, params16)
   assert m.instruct and m.tokenizer is None and m.sha256 == manifest["params"]["sha256"]
-  per_layer = load_model(path, param_dtype="bfloat16", scan_layers=False)  # stored stacked
+  per_layer = load_model(path, param_dtype="bfloat16", scan_layers=False,
+                         fused_projections=False)  # stored stacked
   _assert_same_bits(per_layer.params, transformer.unstack_layers(params16, CFG.num_layers))
 
 

@@ -522,10 +522,12 @@ def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *, targe
                target_sha256: str, target_config, info: Optional[dict] = None) -> str:
   """Writes a `self_draft` artifact (`models.artifacts`), read back by
   `models.lm.load_self_draft`: only the trained layers and final norm (stacked-layer
-  layout), config {"num_layers", "trained"}, the target it was trained for (`target_name`,
+  layout, separate projections), config {"num_layers", "trained"}, the target it was trained for (`target_name`,
   `target_sha256` = its `LoadedModel.sha256`, the architecture of `target_config`) and
   free-form `info` (the training settings and results). Replaces an earlier draft there."""
   tree = trainable
+  if draft_lm.config.fused_projections:  # stored with the separate projections
+    tree = transformer.unfuse_projections(tree, draft_lm.config)
   if not draft_lm.config.scan_layers:
     tree = transformer.stack_layers(trainable, draft_lm.config.num_layers)
   return artifacts.save_artifact(

@@ -65,7 +65,8 @@ def build(mcfg: Any, seed: int = 0) -> ModelBundle:
     params = transformer.init_params(config, jax.random.PRNGKey(seed))
     return ModelBundle(TransformerLM(config), params, tok, False, "tiny",
                        checkpoint.params_sha256(params))
-  m = load_model(name, dtype=dtype, param_dtype=param_dtype, scan_layers=scan)
+  m = load_model(name, dtype=dtype, param_dtype=param_dtype, scan_layers=scan,
+                 fused_projections=False)  # LoRA and checkpoints name the separate projections
   config = m.config.replace(remat=remat)
   params, sha = m.params, m.sha256
   if init == "random":

@@ -141,9 +141,10 @@ def load_draft_model(name_or_path: str, target, resources) -> tuple[Any, Any]:
       return resources.get(("self_draft", name_or_path, target.sha256),
                            lambda: lm_lib.load_self_draft(name_or_path, target),
                            depends_on=(target.params,))
-    m = resources.get(("lm", name_or_path, str(lm.config.dtype), bool(lm.config.scan_layers)),
-                      lambda: lm_lib.load_model(name_or_path, dtype=lm.config.dtype,
-                                         scan_layers=lm.config.scan_layers))
+    layout = dict(scan_layers=lm.config.scan_layers,
+                  fused_projections=lm.config.fused_projections)  # the target's layout
+    m = resources.get(("lm", name_or_path, str(lm.config.dtype), tuple(layout.values())),
+                      lambda: lm_lib.load_model(name_or_path, dtype=lm.config.dtype, **layout))
   except (ValueError, FileNotFoundError) as e:
     raise GenerationError(f"cannot load draft_model {name_or_path!r}: {e}") from e
   if m.lm.vocab_size != lm.vocab_size:

@@ -70,12 +70,13 @@ def test_sampling_is_batch_invariant_on_real_model(smollm, prompt_ids):
 
 
 @pytest.mark.slow
-def test_unrolled_layout_greedy_equals_scanned(smollm, prompt_ids, ours_batched):
+def test_scanned_layout_greedy_equals_the_default_layout(smollm, prompt_ids, ours_batched):
   from models import transformer
   from models.lm import TransformerLM
-  cfg = smollm.config.replace(scan_layers=False)
-  params = transformer.unstack_layers(smollm.params, cfg.num_layers)
+  cfg = smollm.config.replace(scan_layers=True, fused_projections=False)
+  params = transformer.stack_layers(
+      transformer.unfuse_projections(smollm.params, smollm.config), cfg.num_layers)
   out = run_config(TransformerLM(cfg), params, prompt_ids[:2],
-                            _cfg(max_new_tokens=16, min_new_tokens=16), [2], 2)
+                   _cfg(max_new_tokens=16, min_new_tokens=16), [2], 2)
   for o, ref in zip(out, ours_batched[:2]):
     assert o.output_ids == ref.output_ids[:16]

@@ -25,20 +25,24 @@ def fwd(smollm):
 def test_logits_match_hf(smollm, hf_smollm, prompt_ids):
   """fp32 logits equal HF's to 1e-4 absolute on several prompts, every position.
 
-  With blocked accumulation (`split_k=2`): XLA:CPU's plain fp32 dot sums sequentially
-  and on SmolLM2's large activations lands up to ~1.7e-4 away (checked below at 3e-4);
-  blocking brings it within PyTorch's own rounding.
+  With blocked accumulation (`split_k=2`, on the scanned layout with separate projections):
+  XLA:CPU's plain fp32 dot sums sequentially and on SmolLM2's large activations lands up to
+  ~1.7e-4 away (checked below at 3e-4 on the default layout); blocking brings it within
+  PyTorch's own rounding.
   """
   from models.lm import TransformerLM
-  precise = TransformerLM(smollm.config.replace(split_k=2))
+  cfg = smollm.config
+  precise = TransformerLM(cfg.replace(split_k=2, scan_layers=True, fused_projections=False))
+  precise_params = transformer.stack_layers(transformer.unfuse_projections(smollm.params, cfg),
+                                            cfg.num_layers)
   rng = np.random.default_rng(0)
   prompts = prompt_ids[:4] + [list(rng.integers(0, 49152, 40))]
   worst = {1: 0.0, 2: 0.0}
   for ids in prompts:
     ref = _hf(hf_smollm, ids).logits[0].numpy()
     n = len(ids)
-    for lm in (smollm.lm, precise):
-      out = lm(smollm.params, jnp.asarray([ids]), jnp.arange(n)[None], lm.init_cache(1, 64))
+    for lm, params in ((smollm.lm, smollm.params), (precise, precise_params)):
+      out = lm(params, jnp.asarray([ids]), jnp.arange(n)[None], lm.init_cache(1, 64))
       err = float(np.abs(np.asarray(out.logits[0]) - ref).max())
       worst[lm.config.split_k] = max(worst[lm.config.split_k], err)
   print("max |ours - hf| logits by split_k:", worst)
@@ -137,20 +141,25 @@ def test_cache_rollback_is_lowering_length(smollm, prompt_ids, fwd):
 
 
 @pytest.mark.slow
-def test_unrolled_layers_equal_scanned_layers(smollm, prompt_ids):
-  """Per-layer parameters (unrolled, the fast CPU decode path) compute the scanned model."""
+def test_default_layout_equals_scanned_layers_with_separate_projections(smollm, prompt_ids):
+  """The default layout (per-layer weights, q/k/v and gate/up fused: the fast CPU decode
+  path) computes the scanned model with separate projections (the training layout)."""
   from models.lm import TransformerLM
-  cfg = smollm.config.replace(scan_layers=False)
-  lm = TransformerLM(cfg)
-  params = transformer.unstack_layers(smollm.params, cfg.num_layers)
+  cfg = smollm.config
+  assert not cfg.scan_layers and cfg.fused_projections
+  ref_cfg = cfg.replace(scan_layers=True, fused_projections=False)
+  ref = TransformerLM(ref_cfg)
+  ref_params = transformer.stack_layers(transformer.unfuse_projections(smollm.params, cfg),
+                                        cfg.num_layers)
   ids = prompt_ids[3]
   n = len(ids)
-  a = smollm.lm(smollm.params, jnp.asarray([ids]), jnp.arange(n)[None], smollm.lm.init_cache(1, 32))
-  b = lm(params, jnp.asarray([ids]), jnp.arange(n)[None], lm.init_cache(1, 32))
+  a = ref(ref_params, jnp.asarray([ids]), jnp.arange(n)[None], ref.init_cache(1, 32))
+  b = smollm.lm(smollm.params, jnp.asarray([ids]), jnp.arange(n)[None],
+                smollm.lm.init_cache(1, 32))
   # Same math, different XLA fusion and summation order: equal to fp32 rounding.
   np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-4)
   assert isinstance(b.cache.k, tuple) and len(b.cache.k) == cfg.num_layers
   for i in (0, cfg.num_layers - 1):
     np.testing.assert_allclose(np.asarray(b.cache.k[i]), np.asarray(a.cache.k[i]), atol=1e-5)
-  back = transformer.stack_layers(params, cfg.num_layers)
+  back = transformer.fuse_projections(transformer.unstack_layers(ref_params, cfg.num_layers))
   assert jax.tree.structure(back) == jax.tree.structure(smollm.params)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from models import sharding
 from models.config import tiny_config
-from models.transformer import init_params
+from models.transformer import fuse_projections, init_params
 from tests import REPO
 
 SCRIPT = textwrap.dedent("""
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     params = sharding.shard_params(m.params, mesh)
     lm = dataclasses.replace(m.lm, mesh=mesh)
     specs = {k: str(v.sharding.spec) for k, v in
-             [("q", params["layers"]["attn"]["q_proj"]["kernel"]),
+             [("q", params["layers_0"]["attn"]["qkv_proj"]["kernel"]),
               ("embed", params["embed"]["table"])]}
     sharded = generate(Target(lm, params, (2,), 2), prompts, settings,
                        shard=lambda a: sharding.shard_batch(a, mesh))
@@ -55,7 +55,7 @@ def test_sharded_greedy_equals_single_device():
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert res["specs"]["q"] == str(P(None, None, "model"))
+  assert res["specs"]["q"] == str(P(None, "model"))  # the default layout: per layer, fused
   assert res["specs"]["embed"] == str(P(None, "model"))
   assert res["sharded"] == res["single"]
 
@@ -66,6 +66,9 @@ def test_partition_rules_fall_back_when_not_divisible():
   c = tiny_config()
   specs = sharding.param_specs(init_params(c, jax.random.PRNGKey(0)), mesh)
   assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "model", None)
+  fused = sharding.param_specs(fuse_projections(init_params(c, jax.random.PRNGKey(0))), mesh)
+  assert fused["layers"]["attn"]["qkv_proj"]["kernel"] == P(None, None, "model")
+  assert fused["layers"]["mlp"]["gate_up_proj"]["kernel"] == P(None, None, "model")
   # Cache [L, B, Hkv, T, hd]: batch over data, KV heads over model (sizes 1 always divide).
   assert sharding.cache_spec((2, 3, 2, 16, 4), mesh) == P(None, "data", "model", None, None)
   with pytest.raises(ValueError, match="needs 4 devices"):

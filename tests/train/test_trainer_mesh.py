@@ -173,7 +173,8 @@ EXPERIMENT = COMMON + textwrap.dedent("""
     shutil.copytree(first, first + "-mesh")
     one = experiment.run(config(6), first, progress=False)  # resumed on one device
     mesh = experiment.run(config(6, 4, 2), first + "-mesh", progress=False)  # on the mesh
-    exported = [load_model(os.path.join(d, "export")).params for d in (first, first + "-mesh")]
+    exported = [load_model(os.path.join(d, "export"), scan_layers=True,
+                           fused_projections=False).params for d in (first, first + "-mesh")]
     emit(what="experiment", single=one, mesh=mesh, export_diff=diff(*exported))
 """)
 
