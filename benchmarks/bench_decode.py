@@ -160,7 +160,7 @@ def write_table(path: str, table: str, marker: str = "bench_decode", heading: st
 
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--new-tokens", type=int, default=64)
@@ -170,7 +170,7 @@ def main():
   ap.add_argument("--model", default=DEFAULT)
   ap.add_argument("--batch", type=int, default=16, help="the larger batch size measured")
   ap.add_argument("--step-iters", type=int, default=8, help="model calls per timed loop")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.batch < 2 or args.runs < 1 or args.new_tokens < 1 or args.step_iters < 1:
     ap.error("--batch must be >= 2, --runs, --new-tokens and --step-iters >= 1")
 

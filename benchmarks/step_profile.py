@@ -139,7 +139,7 @@ def profile(fn, trace_dir: str, parts: dict) -> tuple[dict, float]:
   return dict(totals), wall
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default=registry.DEFAULT_MODEL)
   ap.add_argument("--new-tokens", type=int, default=32)
@@ -148,7 +148,9 @@ def main():
                   help="q/k/v and gate/up as one matmul each")
   ap.add_argument("--out", default="BENCHMARKS.md")
   ap.add_argument("--marker", default="step_profile")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
+  if args.new_tokens < 2:
+    ap.error("--new-tokens must be >= 2 (a step after the prefill's token)")
   work = tempfile.mkdtemp(prefix="step_profile_")
   dump = os.path.join(work, "hlo")
   # Read when the backend starts (the first computation), so setting it here is in time.

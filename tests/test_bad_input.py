@@ -109,3 +109,18 @@ def test_bench_speculative_rejects_bad_layout(capsys):
   with pytest.raises(SystemExit):
     bench_speculative.main(["--scan_layers", "2"])
   assert "--scan_layers must be 0 or 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,argv,match", [
+    ("bench_decode", ["--batch", "1"], "--batch must be >= 2"),
+    ("bench_decode", ["--runs", "0"], "--runs, --new-tokens and --step-iters >= 1"),
+    ("step_profile", ["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    ("step_profile", ["--fused", "2"], "invalid choice"),
+])
+def test_decode_benchmarks_reject_bad_arguments(module, argv, match, capsys):
+  """The decode-speed benchmarks refuse bad arguments before loading any model."""
+  import importlib
+  bench = importlib.import_module(f"benchmarks.{module}")
+  with pytest.raises(SystemExit):
+    bench.main(argv)
+  assert match in capsys.readouterr().err
