@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -40,7 +41,7 @@ from benchmarks import hardware, llama_cpp_anchor
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
-from models import registry, transformer
+from models import packed_matmul, registry, transformer
 from models.lm import TransformerLM, load_model
 
 DEFAULT = registry.DEFAULT_MODEL
@@ -71,17 +72,21 @@ def per_layer_weights(params, config) -> tuple[list, jax.Array]:
   return layers, head
 
 
-@jax.jit
-def weight_matmuls(layers, head, x):
+@functools.partial(jax.jit, static_argnames="dot")
+def weight_matmuls(layers, head, x, dot=jnp.dot):
   """The step's weight matmuls alone, in the model's order and shapes ([R, D] rows in):
   q, k, v, o, gate, up, down per layer, then the LM head; cheap elementwise glue keeps each
-  product's input dependent on the previous one, so nothing is skipped or reordered."""
+  product's input dependent on the previous one, so nothing is skipped or reordered. `dot`
+  multiplies rows by one weight (`packed_matmul.packed_matmul` for packed weights)."""
   h = x
   for wq, wk, wv, wo, wg, wu, wd in layers:
-    q, k, v = h @ wq, h @ wk, h @ wv
-    h = h + 1e-3 * (q @ wo) + 1e-3 * (k.sum(-1, keepdims=True) + v.sum(-1, keepdims=True))
-    h = h + 1e-3 * ((jax.nn.silu(h @ wg) * (h @ wu)) @ wd)
-  return h @ head
+    q, k, v = dot(h, wq), dot(h, wk), dot(h, wv)
+    h = h + 1e-3 * dot(q, wo) + 1e-3 * (k.sum(-1, keepdims=True) + v.sum(-1, keepdims=True))
+    h = h + 1e-3 * dot(jax.nn.silu(dot(h, wg)) * dot(h, wu), wd)
+  return dot(h, head)
+
+
+packed_weight_matmuls = functools.partial(weight_matmuls, dot=packed_matmul.packed_matmul)
 
 
 def model_call(lm, iters: int):
@@ -204,14 +209,25 @@ def main(argv=None):
   fused = (TransformerLM(fused_cfg), transformer.fuse_projections(unrolled[1]))
   layouts = {"scanned": (model.lm, model.params), "per-layer": unrolled,
              "per-layer fused (default)": fused}
+  kernel_note = packed_matmul.unavailable_reason()
+  if kernel_note is None:
+    packed_cfg = fused_cfg.replace(matmul_kernel="packed")
+    layouts["per-layer fused packed"] = (TransformerLM(packed_cfg),
+                                         transformer.pack_params(fused[1]))
 
   # -- model calls and their floors, per row count
   layers, head = per_layer_weights(model.params, cfg)
+  if kernel_note is None:
+    packed_layers = [[packed_matmul.pack(w) for w in layer] for layer in layers]
+    packed_head = packed_matmul.pack(head)
   calls = {}
   for b, s in ROWS:
     rows = b * s
     x = jnp.ones((rows, cfg.hidden_size), jnp.float32) * 0.01
     calls[f"matmuls {rows}"] = (lambda x=x: weight_matmuls(layers, head, x))
+    if kernel_note is None:
+      calls[f"packed matmuls {rows}"] = (lambda x=x: packed_weight_matmuls(
+          packed_layers, packed_head, x))
     for name, (lm, params) in layouts.items():
       fn = model_call(lm, args.step_iters)
       cache = lm.init_cache(b, 128).with_lengths(jnp.full((b,), 60, jnp.int32))
@@ -234,6 +250,11 @@ def main(argv=None):
     c = fused_cfg.replace(param_dtype=jnp.bfloat16, dtype=compute)
     params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), fused[1])
     e2e[f"decodax {dtype_name}, per-layer fused, batch 1"] = (
+        greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
+  if kernel_note is None:
+    c = packed_cfg.replace(param_dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), layouts["per-layer fused packed"][1])
+    e2e["decodax LayerCast (bf16 weights, fp32 compute), per-layer fused packed, batch 1"] = (
         greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
   llama_note = ""
   if not args.skip_llama_cpp:
@@ -268,16 +289,19 @@ def main(argv=None):
       "Model calls (ms per call; the cache holds 60 tokens; x = ratio to the floor):",
       "",
       "| rows (batch x tokens) | floor | weight matmuls alone | "
+      + ("packed matmuls alone | " if kernel_note is None else "")
       + " | ".join(layouts) + " |",
-      "|---" * (3 + len(layouts)) + "|",
+      "|---" * (3 + (kernel_note is None) + len(layouts)) + "|",
   ]
   for b, s in ROWS:
     rows = b * s
     floor = hardware.step_floor_s(rows, wbytes, mparams, bandwidth, peak)
     cell = lambda sec: f"{1e3 * sec:.1f} ({sec / floor:.1f}x)"
     per_call = lambda name: step_times[f"{name} {rows}"] / args.step_iters
+    packed_cell = ("" if kernel_note is not None
+                   else f" | {cell(step_times[f'packed matmuls {rows}'])}")
     lines.append(f"| {rows} ({b} x {s}) | {1e3 * floor:.1f} | {cell(step_times[f'matmuls {rows}'])}"
-                 " | " + " | ".join(cell(per_call(name)) for name in layouts) + " |")
+                 f"{packed_cell} | " + " | ".join(cell(per_call(name)) for name in layouts) + " |")
   step = lambda name, rows: step_times[f"{name} {rows}"] / args.step_iters
   lines += [""] + [
       f"- {name}: an 11-token verification call costs {step(name, 11) / step(name, 1):.1f} batch-1 "
@@ -301,6 +325,8 @@ def main(argv=None):
                    for k, v in first_call.items()]
   if llama_note:
     lines.append(f"- {llama_note}")
+  if kernel_note is not None:
+    lines.append(f"- packed layout not run: {kernel_note}")
   table = "\n".join(lines)
   print(table)
   write_table(args.out, table, "bench_decode" if args.model == DEFAULT

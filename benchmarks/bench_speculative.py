@@ -3,7 +3,8 @@
   python -m benchmarks.bench_speculative [--methods prompt_lookup,self,...] [--tasks chat,code,copy]
       [--modes greedy,sample] [--batch_sizes 1,8] [--sample_batch_sizes 1]
       [--num_prompts 8] [--batch1_prompts 0] [--max_new_tokens 96]
-      [--runs 3] [--model smollm2-135m-instruct] [--scan_layers 1] [--skip_hf]
+      [--runs 3] [--model smollm2-135m-instruct] [--scan_layers 0] [--matmul_kernel xla]
+      [--skip_hf]
 
 For every method (a drafter configuration), task and mode, against our own non-speculative
 decoding of the same prompts in the same run (`greedy`, or `sample` at the same temperature
@@ -11,7 +12,8 @@ and seed):
   * tau: mean accepted tokens per target call (`decoding/speculative/loop.py` defines it: tokens
     emitted by verification calls / verification calls, summed over rows);
   * speedup: tokens/s of the method / tokens/s of the baseline, both the median of --runs
-    warm runs (compiles excluded), generation stopping at EOS or --max_new_tokens;
+    warm runs (compiles excluded) timed interleaved (baseline, method 1, method 2, ... in
+    each round), generation stopping at EOS or --max_new_tokens;
   * exact: in greedy mode, whether every output equals the greedy output token for token.
 Tasks (fixed, deterministic prompt sets; none is used to train a drafter):
   chat  -- short questions answered with the chat template;
@@ -21,7 +23,7 @@ Tasks (fixed, deterministic prompt sets; none is used to train a drafter):
            input-copying task of input-guided aggressive decoding).
 Also measured in the same run, as the anchor: Hugging Face transformers' prompt lookup
 decoding (`prompt_lookup_num_tokens`) against its own greedy decoding on the copy task.
-Results go to results/speculative_<model>.json and BENCHMARKS.md (between markers).
+Results go to results/speculative_<model>[_packed].json and BENCHMARKS.md (between markers).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from models.datasets import corpus_texts
 from models.lm import load_model
 
 MARKER = "bench_speculative"
+BASELINE = "baseline"
 
 CHAT = [
     "Why is the sky blue? Answer in two sentences.",
@@ -64,6 +67,10 @@ CHAT = [
 SMOL = ("smollm2-135m-instruct",)
 QWEN = ("qwen2.5-coder-1.5b-instruct",)
 METHODS = {
+    # the loop's own cost: an 8-gram of the answer rarely occurs in the prompt, and without a
+    # match an iteration verifies no drafts (a one-token target call), so tau is about 1
+    "loop (no match)": dict(drafter="prompt_lookup", num_draft_tokens=10,
+                            prompt_lookup_max_ngram=8, prompt_lookup_min_ngram=8),
     "prompt_lookup": dict(drafter="prompt_lookup", num_draft_tokens=10,
                           prompt_lookup_max_ngram=3),
     # the same drafter (first 8 layers) and the same budget of 6 drafted tokens per target
@@ -123,13 +130,22 @@ def run_once(target, prompts, settings, batch_size, resources):
   return time.perf_counter() - t, out
 
 
-def timed(target, prompts, settings, batch_size, resources, runs):
-  run_once(target, prompts, settings, batch_size, resources)  # compile
-  times, out = [], None
+def timed_together(target, prompts, settings: dict, batch_size, resources, runs, notes):
+  """{name: (median seconds, outputs)} of each named settings, timed interleaved: every
+  configuration runs once to compile, then `runs` rounds of one run of each in turn, so a
+  drift of the machine reaches them all alike. A configuration that fails is noted and left
+  out."""
+  outs = {}
+  for name, s in settings.items():
+    try:
+      outs[name] = run_once(target, prompts, s, batch_size, resources)[1]
+    except (GenerationError, FileNotFoundError) as e:
+      notes.append(f"{name}: {e}")
+  times = {name: [] for name in outs}
   for _ in range(runs):
-    dt, out = run_once(target, prompts, settings, batch_size, resources)
-    times.append(dt)
-  return statistics.median(times), out
+    for name in outs:
+      times[name].append(run_once(target, prompts, settings[name], batch_size, resources)[0])
+  return {name: (statistics.median(times[name]), outs[name]) for name in outs}
 
 
 def hf_prompt_lookup(model_name: str, prompts, max_new: int, runs: int, eos: list, pad: int,
@@ -167,10 +183,13 @@ def main(argv=None):
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--temperature", type=float, default=1.0)
   ap.add_argument("--runs", type=int, default=3)
-  ap.add_argument("--scan_layers", type=int, default=1,
-                  help="1: layers stacked under a scan (the default layout); 0: per-layer "
-                       "weights (faster steps on CPU, longer compile; see bench_decode). A "
-                       "separate draft model is loaded in the target's layout.")
+  ap.add_argument("--scan_layers", type=int, default=0,
+                  help="0: per-layer weights with fused projections (the default layout); 1: "
+                       "layers stacked under a scan (shorter compile, slower steps; see "
+                       "bench_decode). A separate draft model is loaded in the target's layout.")
+  ap.add_argument("--matmul_kernel", default="xla", choices=("xla", "packed"),
+                  help="packed: weights in column panels and the CPU kernel of "
+                       "models.packed_matmul (cheap multi-token verification)")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--bench_md", default="BENCHMARKS.md")
@@ -181,8 +200,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.scan_layers not in (0, 1):
     ap.error(f"--scan_layers must be 0 or 1, got {args.scan_layers}")
-  model = load_model(args.model, scan_layers=bool(args.scan_layers))
-  out_path = args.out or f"results/speculative_{args.model}.json"
+  model = load_model(args.model, scan_layers=bool(args.scan_layers),
+                     matmul_kernel=args.matmul_kernel)
+  out_path = args.out or (f"results/speculative_{args.model}"
+                          f"{'_packed' if args.matmul_kernel == 'packed' else ''}.json")
   rows, notes = [], []
   hf = None
   kept = []
@@ -211,10 +232,7 @@ def main(argv=None):
                     max_new_tokens=args.max_new_tokens)
         if mode == "sample":
           base["temperature"] = args.temperature
-        b_sec, b_out = timed(target, prompts, settings_from_config(base), bs, resources,
-                             args.runs)
-        b_tok = sum(len(g.output_ids) for g in b_out)
-        print(f"[{task} {mode} b{bs}] baseline {b_tok / b_sec:.1f} tok/s", flush=True)
+        group, overrides = {BASELINE: settings_from_config(base)}, {}
         for name in args.methods.split(","):
           over = dict(METHODS[name])
           if (mode not in over.pop("_modes", (mode,))
@@ -225,11 +243,15 @@ def main(argv=None):
             continue
           flat = dict(base, strategy="speculative", do_sample=mode == "sample", **over)
           try:
-            sec, out = timed(target, prompts, settings_from_config(flat), bs, resources,
-                             args.runs)
-          except (GenerationError, FileNotFoundError) as e:
+            group[name], overrides[name] = settings_from_config(flat), over
+          except GenerationError as e:
             notes.append(f"{name}: {e}")
-            continue
+        results = timed_together(target, prompts, group, bs, resources, args.runs, notes)
+        b_sec, b_out = results.pop(BASELINE)
+        b_tok = sum(len(g.output_ids) for g in b_out)
+        print(f"[{task} {mode} b{bs}] baseline {b_tok / b_sec:.1f} tok/s", flush=True)
+        for name, (sec, out) in results.items():
+          over = overrides[name]
           tok = sum(len(g.output_ids) for g in out)
           calls = sum(g.extras["target_calls"] for g in out)
           verified = sum(g.extras["verified_tokens"] for g in out)
@@ -267,7 +289,9 @@ def save(args, out_path: str, rows: list, notes: list, hf, complete: bool) -> No
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)
   table = render(result)
-  write_table(args.bench_md, table, f"{MARKER}_{args.model}", "## Speculative decoding (issue 5)")
+  packed = "_packed" if getattr(args, "matmul_kernel", "xla") == "packed" else ""
+  write_table(args.bench_md, table, f"{MARKER}_{args.model}{packed}",
+              "## Speculative decoding (issue 5)")
   if complete:
     print(table)
 
@@ -276,9 +300,13 @@ def render(result: dict) -> str:
   a = result["args"]
   n = f"{a['num_prompts']} prompts per task" + (
       f" ({a['batch1_prompts']} at batch 1)" if a.get("batch1_prompts") else "")
-  layout = "" if a.get("scan_layers", 1) else " with per-layer weights (scan_layers=False)"
+  layout = (" with stacked layers (scan_layers=True)" if a.get("scan_layers", 1) else
+            " with per-layer weights, fused projections")
+  if a.get("matmul_kernel", "xla") == "packed":
+    layout += " and the packed matmul kernel (matmul_kernel=packed)"
   lines = [f"{result['model']}, fp32{layout}, {n}, up to "
-           f"{a['max_new_tokens']} new tokens (EOS stops), median of {a['runs']} warm runs, "
+           f"{a['max_new_tokens']} new tokens (EOS stops), median of {a['runs']} warm runs "
+           "(the baseline and every method of a configuration timed interleaved), "
            f"{result['machine']}. tau = mean accepted tokens per target call; speedup = "
            "tokens/s over our own greedy (or sampling at T = "
            f"{a['temperature']}) in the same run; exact = greedy outputs identical.", "",
@@ -321,7 +349,7 @@ def command_line(a) -> str:
                  if k in ("model", "methods", "tasks", "modes", "batch_sizes",
                           "sample_batch_sizes", "num_prompts", "batch1_prompts",
                           "max_new_tokens", "runs")
-                 or (k == "scan_layers" and not v))
+                 or (k == "scan_layers" and v) or (k == "matmul_kernel" and v != "xla"))
   return f"python -m benchmarks.bench_speculative {cmd}"
 
 

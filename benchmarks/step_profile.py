@@ -1,7 +1,7 @@
 """Where a decoding step's time goes, from an XLA profile of the real loops.
 
   python -m benchmarks.step_profile [--model smollm2-135m-instruct] [--new-tokens 32]
-      [--scan-layers 0] [--fused 1] [--out BENCHMARKS.md] [--marker step_profile]
+      [--scan-layers 0] [--fused 1] [--packed 0] [--out BENCHMARKS.md] [--marker step_profile]
 
 Runs, warm and under `jax.profiler`, (a) greedy decoding at batch 1, (b) greedy decoding at
 batch 16 and (c) prompt-lookup speculative decoding whose every call verifies 11 tokens
@@ -66,6 +66,8 @@ def part_of(opcode: str, op_name: str, out_shape: tuple = (), vocab_size: int = 
   outer = op_name.split("Transformer")[0]
   if "Transformer" in op_name and "while/body" not in outer:
     return "prefill"  # a model call outside the decoding loop
+  if "jit(forward)" in op_name and "while/body" not in op_name.split("jit(forward)")[0]:
+    return "prefill"  # the same call's operations that kept no module path (weight copies)
   if opcode == "dot" and not op_name:
     return "LM head" if out_shape and out_shape[-1] == vocab_size else "weight matmuls"
   if opcode == "copy" or prim == "copy":
@@ -146,6 +148,8 @@ def main(argv=None):
   ap.add_argument("--scan-layers", type=int, default=0, choices=(0, 1))
   ap.add_argument("--fused", type=int, default=1, choices=(0, 1),
                   help="q/k/v and gate/up as one matmul each")
+  ap.add_argument("--packed", type=int, default=0, choices=(0, 1),
+                  help="weights packed for the CPU kernel of models.packed_matmul")
   ap.add_argument("--out", default="BENCHMARKS.md")
   ap.add_argument("--marker", default="step_profile")
   args = ap.parse_args(argv)
@@ -157,7 +161,8 @@ def main(argv=None):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip()
   model = load_model(args.model, scan_layers=bool(args.scan_layers),
-                     fused_projections=bool(args.fused))
+                     fused_projections=bool(args.fused),
+                     matmul_kernel="packed" if args.packed else "xla")
   tok = model.tokenizer
   target = Target.of(model)
   n = args.new_tokens
@@ -194,7 +199,8 @@ def main(argv=None):
       name = f"{name} (tau {g.extras['verified_tokens'] / steps:.1f})"
     rows[name] = ({p: 1e3 * totals.get(p, 0.0) / steps for p in PARTS}, 1e3 * wall / steps)
   layout = ("scanned layers" if args.scan_layers else "per-layer weights") + (
-      ", fused projections" if args.fused else ", separate projections")
+      ", fused projections" if args.fused else ", separate projections") + (
+      ", packed matmul kernel" if args.packed else "")
   lines = [
       f"Model: {args.model}, {layout}, fp32. Machine: {cpu_name()}, {os.cpu_count()} cores, "
       f"jax {jax.__version__}. One warm call per case under `jax.profiler`, {n} new tokens; "
@@ -204,7 +210,8 @@ def main(argv=None):
       "on the two cores overlap, so the parts need not add up to the wall time per call.",
       "",
       f"Command: `python -m benchmarks.step_profile --new-tokens {n} --scan-layers "
-      f"{args.scan_layers} --fused {args.fused}" + ("" if args.model == registry.DEFAULT_MODEL
+      f"{args.scan_layers} --fused {args.fused}" + (" --packed 1" if args.packed else "")
+      + ("" if args.model == registry.DEFAULT_MODEL
                                else f" --model {args.model}") + "`",
       "",
       "| case | " + " | ".join(PARTS) + " | per call |",
@@ -215,7 +222,7 @@ def main(argv=None):
   table = "\n".join(lines)
   print(table)
   write_table(args.out, table, f"{args.marker}_{'scan' if args.scan_layers else 'unrolled'}"
-              f"{'_fused' if args.fused else ''}")
+              f"{'_fused' if args.fused else ''}{'_packed' if args.packed else ''}")
   shutil.rmtree(work, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ from decoding.errors import GenerationError, nearest
 
 # Fields of the commands themselves, not of a strategy.
 TEXT_RUN_FIELDS = ("model", "dtype", "param_dtype", "matmul_precision", "scan_layers",
-                   "fused_projections", "seed",
+                   "fused_projections", "matmul_kernel", "seed",
                    "batch_size", "max_cache_len", "chat_template", "system_prompt", "mesh")
 IMAGE_RUN_FIELDS = ("model", "classes", "per_class", "seed", "batch_size", "out_dir")
 RUN_FIELDS = {"text": TEXT_RUN_FIELDS, "image": IMAGE_RUN_FIELDS}

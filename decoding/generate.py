@@ -30,11 +30,12 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from decoding import cli
-from decoding.errors import GenerationError
+from decoding.errors import GenerationError, nearest
 from decoding.runner import generate, validate_prompts
 from decoding.strategy import Resources, Target
 from decoding.timing import Stopwatch, speed_report
-from models import registry, sharding
+from models import packed_matmul, registry, sharding
+from models.config import MATMUL_KERNELS
 from models.lm import load_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py",
@@ -93,14 +94,33 @@ def check_request(cfg, prompts_given: bool):
         "and no such file or directory")
   if not prompts_given:
     raise GenerationError("give --prompt=TEXT or --input=FILE.jsonl --output=FILE.jsonl")
+  check_matmul_kernel(cfg)
   return settings
+
+
+def check_matmul_kernel(cfg) -> None:
+  """The `matmul_kernel` field against the dtypes, the mesh and this machine."""
+  if cfg.matmul_kernel not in MATMUL_KERNELS:
+    raise GenerationError(f"matmul_kernel must be one of {MATMUL_KERNELS}, got "
+                          f"{cfg.matmul_kernel!r}{nearest(str(cfg.matmul_kernel), MATMUL_KERNELS)}")
+  if cfg.matmul_kernel != "packed":
+    return
+  if cfg.dtype != "float32" or cfg.param_dtype not in ("float32", "bfloat16"):
+    raise GenerationError("matmul_kernel='packed' computes in float32 from float32 or bfloat16 "
+                          f"weights; got dtype={cfg.dtype!r}, param_dtype={cfg.param_dtype!r}")
+  if cfg.mesh.data * cfg.mesh.model > 1:
+    raise GenerationError("matmul_kernel='packed' runs on one CPU device; use "
+                          "matmul_kernel='xla' with a mesh")
+  reason = packed_matmul.unavailable_reason()
+  if reason is not None:
+    raise GenerationError(f"matmul_kernel='packed': {reason}")
 
 
 def load(cfg):
   """The model of the config, placed on the config's device mesh: (model, shard function)."""
   model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers,
-                     fused_projections=cfg.fused_projections)
+                     fused_projections=cfg.fused_projections, matmul_kernel=cfg.matmul_kernel)
   shard = None
   if cfg.mesh.data * cfg.mesh.model > 1:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)

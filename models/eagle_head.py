@@ -67,6 +67,7 @@ from models import artifacts, checkpoint, transformer
 from models.artifacts import TargetMismatchError  # the error of a head loaded on another target
 from models.config import DTYPES, ModelConfig
 from models.kv_cache import KVCache
+from models.packed_matmul import packed_matmul
 
 Array = jax.Array
 
@@ -99,7 +100,7 @@ class HeadConfig:
     """The head's own one-layer decoder config (per-layer parameters, separate projections,
     no remat), whatever the target's layout."""
     return self.target.replace(num_layers=1, scan_layers=False, remat=False,
-                               fused_projections=False)
+                               fused_projections=False, matmul_kernel="xla")
 
   @property
   def hidden_size(self) -> int:
@@ -170,19 +171,22 @@ class HeadNetwork(nn.Module):
 
 
 def output_weights(target_params: Any, config: HeadConfig) -> dict:
-  """The frozen target tensors the head reads: embedding table and LM head, both [D, V]."""
+  """The frozen target tensors the head reads: embedding table and LM head, both [D, V] (or
+  both packed into column panels when the target was loaded with `matmul_kernel="packed"`)."""
   table = target_params["embed"]["table"]
   head = table if config.target.tie_word_embeddings else target_params["lm_head"]["kernel"]
   return {"table": table, "head": head}
 
 
 def _columns(w: Array, tokens: Array, dtype) -> Array:
-  """w[:, tokens] as [B, S, D] (the Embedder's gather from a [D, V] table)."""
-  return jnp.moveaxis(jnp.take(w, tokens, axis=1), 0, -1).astype(dtype)
+  """w[:, tokens] as [B, S, D] (the Embedder's gather from a [D, V] table or its panels)."""
+  return transformer.lookup(w, tokens).astype(dtype)
 
 
 def head_logits(out_w: dict, config: HeadConfig, features: Array) -> Array:
   """Draft logits of features through the target's LM head: [..., D] -> [..., V] float32."""
+  if out_w["head"].ndim == 3:  # packed panels (`models.packed_matmul`)
+    return packed_matmul(features, out_w["head"])
   return transformer.matmul(features, out_w["head"], config.target).astype(jnp.float32)
 
 

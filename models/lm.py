@@ -9,8 +9,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from models import artifacts, checkpoint, registry, sharding, transformer
-from models.config import DTYPES, ModelConfig
+from models import artifacts, checkpoint, packed_matmul, registry, sharding, transformer
+from models.config import DTYPES, MATMUL_KERNELS, ModelConfig
 from models.kv_cache import KVCache
 from models.tokenizer import Tokenizer
 
@@ -116,6 +116,9 @@ def save_lm(directory: str, config: ModelConfig, params: Any, *,
   `load_model(directory)` reads back: config {"model": the ModelConfig dict, "instruct"},
   the parameters in the stacked-layer layout stored in `config.param_dtype`, the tokenizer's
   GGUF-style metadata when given, and free-form `info` (the training run)."""
+  if config.matmul_kernel == "packed":  # stored as plain [K, N] matrices
+    params = transformer.unpack_params(params, config)
+    config = config.replace(matmul_kernel="xla")
   if config.fused_projections:  # stored with the separate projections every loader reads
     params = transformer.unfuse_projections(params, config)
     config = config.replace(fused_projections=False)
@@ -143,7 +146,7 @@ def _load_export(path: str, param_dtype,
 def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
                param_dtype="float32", matmul_precision: str = "default",
                split_k: Optional[int] = None, scan_layers: bool = False,
-               fused_projections: bool = True) -> LoadedModel:
+               fused_projections: bool = True, matmul_kernel: str = "xla") -> LoadedModel:
   """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or an
   exported `lm` artifact folder (written by training, `save_lm`).
 
@@ -157,8 +160,15 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   depth, and the separate projections LoRA and checkpoints name. `split_k > 1` turns on
   blocked accumulation in every matmul (closer to fp64 and to PyTorch on CPU, but XLA:CPU
   runs the blocked form as a batched dot that is several times slower; see
-  `transformer.matmul`).
+  `transformer.matmul`). `matmul_kernel="packed"` stores every weight matrix in column panels
+  and multiplies with the CPU kernel of `models.packed_matmul` (x86-64 with AVX2; compiled on
+  first use): a step costs about its weight read at 1 to 16 rows, where XLA:CPU's 2-16-row
+  products cost 2-4x more (speculative verification, small batches; BENCHMARKS.md).
   """
+  if matmul_kernel not in MATMUL_KERNELS:
+    raise ValueError(f"matmul_kernel must be one of {MATMUL_KERNELS}, got {matmul_kernel!r}")
+  if matmul_kernel == "packed":
+    packed_matmul.ensure_registered()  # a clear error here, before any weights are read
   path, sha, instruct = registry.resolve(name_or_path)
   dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
   if split_k is None:
@@ -183,6 +193,9 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   if fused_projections:
     params = transformer.fuse_projections(params)
     config = config.replace(fused_projections=True)
+  if matmul_kernel == "packed":
+    config = config.replace(matmul_kernel="packed")  # validates dtypes and split_k first
+    params = transformer.pack_params(params)
   return LoadedModel(name=name_or_path, lm=TransformerLM(config), params=params, tokenizer=tok,
                      instruct=instruct, sha256=weights_sha)
 
@@ -204,6 +217,8 @@ def load_self_draft(name_or_path: str, target: LoadedModel) -> tuple[Transformer
     trained = transformer.unstack_layers(trained, k)
   if draft_lm.config.fused_projections:
     trained = transformer.fuse_projections(trained)
+  if draft_lm.config.matmul_kernel == "packed":
+    trained = transformer.pack_params(trained)
   like = {n: v for n, v in dparams.items() if n not in SHARED_WITH_TARGET}
   trained = jax.tree.map(lambda t, x: jnp.asarray(t, x.dtype), trained, like)
   shared = {n: dparams[n] for n in SHARED_WITH_TARGET if n in dparams}

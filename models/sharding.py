@@ -60,6 +60,11 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
 
 
 def shard_params(params: Any, mesh: Mesh) -> Any:
+  table = params.get("embed", {}).get("table") if isinstance(params, dict) else None
+  if table is not None and table.ndim == 3:
+    raise ValueError("packed weights (matmul_kernel='packed') run on one CPU device; the "
+                     "sharding rules name [K, N] matrices: load with matmul_kernel='xla' "
+                     "to shard over a mesh")
   specs = param_specs(params, mesh)
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
 

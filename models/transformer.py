@@ -14,6 +14,10 @@ Two layer layouts, chosen by `ModelConfig.scan_layers`:
   with depth (about 5 s for SmolLM2's 30 layers).
 `stack_layers` / `unstack_layers` convert parameters between the two.
 
+Under `ModelConfig.matmul_kernel="packed"` every weight matrix whose output width is a multiple
+of 16 (and the embedding table) is stored in column panels and multiplied by the CPU kernel of
+`models.packed_matmul`; `pack_params` / `unpack_params` convert parameters.
+
 The forward pass is a single function used for prefill, one-token steps and
 multi-token verification: new tokens (or input embeddings) are written into the
 preallocated `KVCache` at each row's current length and attend to everything
@@ -31,6 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import packed_matmul as packing
 from models.config import ModelConfig
 from models.kv_cache import KVCache, write_rows
 
@@ -92,8 +97,15 @@ def matmul(x: Array, w: Array, cfg: ModelConfig) -> Array:
   return partial.sum(axis=0).reshape(*lead, w.shape[1])
 
 
+def packed(cfg: ModelConfig, features: int) -> bool:
+  """Whether a weight with `features` output columns is stored packed (`models.packed_matmul`)."""
+  return cfg.matmul_kernel == "packed" and packing.packable((1, features))
+
+
 class Dense(nn.Module):
-  """y = x @ W (+ b); W stored in `param_dtype`, upcast to `dtype` just in time."""
+  """y = x @ W (+ b); W stored in `param_dtype`, upcast to `dtype` just in time.
+
+  W is [K, N], or [N/16, K, 16] column panels under `matmul_kernel="packed"`."""
   features: int
   config: ModelConfig
   use_bias: bool = False
@@ -101,9 +113,16 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
-                        cfg.param_dtype)
-    y = matmul(x, kernel, cfg)
+    if packed(cfg, self.features):
+      init = lambda key, shape, dtype: packing.pack(
+          nn.initializers.normal(0.02)(key, (x.shape[-1], self.features), dtype))
+      kernel = self.param("kernel", init, (self.features // packing.PANEL, x.shape[-1],
+                                           packing.PANEL), cfg.param_dtype)
+      y = packing.packed_matmul(x, kernel).astype(cfg.dtype)
+    else:
+      kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                          cfg.param_dtype)
+      y = matmul(x, kernel, cfg)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
       y = y + bias.astype(cfg.dtype)
@@ -212,14 +231,34 @@ class Embedder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.table = self.param("table", nn.initializers.normal(0.02),
-                            (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    if packed(cfg, V):  # [V/16, D, 16] panels (`models.packed_matmul`)
+      init = lambda key, shape, dtype: packing.pack(nn.initializers.normal(0.02)(key, (D, V), dtype))
+      self.table = self.param("table", init, (V // packing.PANEL, D, packing.PANEL), cfg.param_dtype)
+    else:
+      self.table = self.param("table", nn.initializers.normal(0.02), (D, V), cfg.param_dtype)
 
   def __call__(self, tokens: Array) -> Array:
-    return jnp.moveaxis(jnp.take(self.table, tokens, axis=1), 0, -1).astype(self.config.dtype)
+    return lookup(self.table, tokens).astype(self.config.dtype)
 
   def attend(self, hidden: Array) -> Array:
+    if self.table.ndim == 3:
+      return packing.packed_matmul(hidden, self.table).astype(self.config.dtype)
     return matmul(hidden, self.table, self.config)
+
+
+def lookup(table: Array, tokens: Array) -> Array:
+  """Embedding rows of `tokens` ([...] -> [..., D]) from a [D, V] table or its packed panels."""
+  if table.ndim == 3:  # [V/16, D, 16]: token t is column t % 16 of panel t // 16
+    return table[tokens // packing.PANEL, :, tokens % packing.PANEL]
+  return jnp.moveaxis(jnp.take(table, tokens, axis=1), 0, -1)
+
+
+def head_matrix(params: Any) -> Array:
+  """The [D, V] output projection (the tied table or `lm_head`), unpacked if stored packed:
+  for drafters and heads that reuse the target's LM head outside its forward pass."""
+  w = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["table"]
+  return packing.unpack(w) if w.ndim == 3 else w
 
 
 class DecoderLayer(nn.Module):
@@ -338,7 +377,8 @@ def embed(params: Any, config: ModelConfig, tokens: Array) -> Array:
 
 def embed_mixture(params: Any, config: ModelConfig, weights: Array) -> Array:
   """Expected input embedding under token weights ([B, S, V] -> [B, S, D]), for soft tokens."""
-  table = params["embed"]["table"].astype(config.dtype)
+  table = params["embed"]["table"]
+  table = (packing.unpack(table) if table.ndim == 3 else table).astype(config.dtype)
   return jnp.einsum("bsv,dv->bsd", weights.astype(config.dtype), table, precision=config.precision)
 
 
@@ -380,6 +420,32 @@ def unfuse_projections(params: Any, config: ModelConfig) -> Any:
         tree[block][p] = {kind: split[kind][i] for kind in split}
     params[layer] = tree
   return params
+
+
+def _is_weight(path: tuple, leaf: Array) -> bool:
+  names = [getattr(k, "key", None) for k in path]
+  return names[-1:] == ["kernel"] or names[-2:] == ["embed", "table"]
+
+
+def pack_params(params: Any) -> Any:
+  """Every dense kernel and the embedding table whose output width is a multiple of 16, packed
+  into column panels (`models.packed_matmul.pack`): the parameters of a
+  `matmul_kernel="packed"` config (either layer layout, fused or not)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: packing.pack(x) if _is_weight(path, x) and packing.packable(x.shape) else x,
+      params)
+
+
+def unpack_params(params: Any, config: ModelConfig) -> Any:
+  """Inverse of `pack_params` (for saving, training or reuse of the weights as matrices)."""
+  stacked = 1 if config.scan_layers else 0
+  def undo(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    in_stack = "layers" in names
+    if _is_weight(path, x) and x.ndim == 3 + (stacked if in_stack else 0):
+      return packing.unpack(x)
+    return x
+  return jax.tree_util.tree_map_with_path(undo, params)
 
 
 def unstack_layers(params: Any, num_layers: int) -> Any:

@@ -76,6 +76,23 @@ def test_unknown_strategy_rejected_before_loading(monkeypatch):
     cli.run(cfg(strategy="beam_me_up"), "hi", None, None)
 
 
+def _with_mesh(data, model, **kw):
+  c = cfg(**kw)
+  c.mesh.data, c.mesh.model = data, model
+  return c
+
+
+@pytest.mark.parametrize("config,match", [
+    (cfg(matmul_kernel="pakced"), "did you mean 'packed'"),
+    (cfg(matmul_kernel="packed", dtype="bfloat16"), "computes in float32"),
+    (_with_mesh(2, 1, matmul_kernel="packed"), "one CPU device"),
+])
+def test_bad_matmul_kernel_rejected_before_loading(monkeypatch, config, match):
+  monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
+  with pytest.raises(GenerationError, match=match):
+    cli.run(config, "hi", None, None)
+
+
 def test_bad_jsonl_lines(tmp_path):
   f = tmp_path / "in.jsonl"
   for text, match in [('{"prompt": 3}', "must be a string"),
@@ -103,12 +120,16 @@ def test_bench_images_rejects_bad_arguments(argv, match, capsys):
   assert match in capsys.readouterr().err
 
 
-def test_bench_speculative_rejects_bad_layout(capsys):
-  """The speculative benchmark refuses a layout flag other than 0/1 before loading a model."""
+@pytest.mark.parametrize("argv,match", [
+    (["--scan_layers", "2"], "--scan_layers must be 0 or 1"),
+    (["--matmul_kernel", "pakced"], "invalid choice"),
+])
+def test_bench_speculative_rejects_bad_layout(argv, match, capsys):
+  """The speculative benchmark refuses a bad layout flag before loading a model."""
   from benchmarks import bench_speculative
   with pytest.raises(SystemExit):
-    bench_speculative.main(["--scan_layers", "2"])
-  assert "--scan_layers must be 0 or 1" in capsys.readouterr().err
+    bench_speculative.main(argv)
+  assert match in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module,argv,match", [
@@ -116,6 +137,7 @@ def test_bench_speculative_rejects_bad_layout(capsys):
     ("bench_decode", ["--runs", "0"], "--runs, --new-tokens and --step-iters >= 1"),
     ("step_profile", ["--new-tokens", "1"], "--new-tokens must be >= 2"),
     ("step_profile", ["--fused", "2"], "invalid choice"),
+    ("step_profile", ["--packed", "2"], "invalid choice"),
 ])
 def test_decode_benchmarks_reject_bad_arguments(module, argv, match, capsys):
   """The decode-speed benchmarks refuse bad arguments before loading any model."""

@@ -526,10 +526,12 @@ def save_draft(directory: str, trainable: Any, draft_lm: TransformerLM, *, targe
   `target_sha256` = its `LoadedModel.sha256`, the architecture of `target_config`) and
   free-form `info` (the training settings and results). Replaces an earlier draft there."""
   tree = trainable
+  if draft_lm.config.matmul_kernel == "packed":  # stored as plain [K, N] matrices
+    tree = transformer.unpack_params(tree, draft_lm.config)
   if draft_lm.config.fused_projections:  # stored with the separate projections
     tree = transformer.unfuse_projections(tree, draft_lm.config)
   if not draft_lm.config.scan_layers:
-    tree = transformer.stack_layers(trainable, draft_lm.config.num_layers)
+    tree = transformer.stack_layers(tree, draft_lm.config.num_layers)
   return artifacts.save_artifact(
       directory, "self_draft", tree,
       config={"num_layers": int(draft_lm.config.num_layers), "trained": sorted(tree)},

@@ -73,7 +73,7 @@ from absl import logging
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
-from models import artifacts, eagle_head as dh, registry
+from models import artifacts, eagle_head as dh, registry, transformer
 from models.datasets import arithmetic, corpus_texts
 from train import data as data_lib, model_setup, optim, tasks, text_data, trainer as trainer_lib
 from train.script import run_script
@@ -260,7 +260,7 @@ def _target_pass(lm, params, tokens):
   pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   out = lm(params, tokens, pos, None)
   cfg = lm.config
-  w = params["embed"]["table"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+  w = transformer.head_matrix(params)  # [D, V]
   p = jax.nn.softmax(out.logits, axis=-1)
   ebar = jnp.einsum("btv,dv->btd", p, w.astype(jnp.float32), precision=cfg.precision)
   return (out.hidden.astype(jnp.float32), ebar, jnp.argmax(out.logits, -1).astype(jnp.int32))

@@ -92,7 +92,7 @@ def init_params(target_lm: TransformerLM, target_params: Any, num_layers: int, b
    "slots": [block, D] zeros (only with `slot_embeddings`)}."""
   _, tp = target_lm.truncated(target_params, num_layers)
   body = jax.tree.map(jnp.array, {k: v for k, v in tp.items() if k not in SHARED})
-  table = target_params["embed"]["table"]  # [D, V]
+  table = transformer.head_matrix({"embed": target_params["embed"]})  # [D, V], unpacked
   out = {"body": body, "mask": jnp.mean(table.astype(jnp.float32), axis=1)}
   if slot_embeddings:
     out["slots"] = jnp.zeros((int(block), table.shape[0]), jnp.float32)

@@ -142,7 +142,8 @@ def load_draft_model(name_or_path: str, target, resources) -> tuple[Any, Any]:
                            lambda: lm_lib.load_self_draft(name_or_path, target),
                            depends_on=(target.params,))
     layout = dict(scan_layers=lm.config.scan_layers,
-                  fused_projections=lm.config.fused_projections)  # the target's layout
+                  fused_projections=lm.config.fused_projections,
+                  matmul_kernel=lm.config.matmul_kernel)  # the target's layout
     m = resources.get(("lm", name_or_path, str(lm.config.dtype), tuple(layout.values())),
                       lambda: lm_lib.load_model(name_or_path, dtype=lm.config.dtype, **layout))
   except (ValueError, FileNotFoundError) as e:
