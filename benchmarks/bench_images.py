@@ -8,7 +8,8 @@ all under classifier-free guidance.
 
 Per method: forward passes of the target per image (prefill included), tokens per forward pass
 (49 / passes), accepted draft tokens per verification call, wall-clock speedup over AR in the
-same run (median of `runs` warm timings of the whole set), FID against the 10000 test images
+same run (median of `runs` warm timings of the whole set, the methods timed in interleaved
+rounds), FID against the 10000 test images
 (features of the project's classifier, `models.image_classifier`) and the classifier's accuracy
 on the requested class. The AR row is repeated with a second seed ("AR, seed 1") as the noise
 floor of FID and accuracy. Writes results/images_fmnist.json, the table in BENCHMARKS.md, and one
@@ -57,12 +58,14 @@ def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
 
 def render(result: dict) -> str:
   m = result["machine"]
+  # results written before the methods were timed interleaved do not say so
+  interleaving = " timed in interleaved rounds" if result.get("interleaved") else ""
   lines = [
       f"{result['num_images']} images ({result['num_images'] // 10} per class), classifier-free "
       f"guidance scale {result['cfg_scale']}, temperature 1, top-k {result['top_k'] or 'off'}, "
       f"SJD window {result['window']}, EAGLE chain {result.get('eagle_window', 0)} drafts, "
       f"LANTERN k = {result['lantern_k']}; "
-      f"median of {result['runs']} warm runs, {m}. Forward passes per image include the "
+      f"median of {result['runs']} warm runs{interleaving}, {m}. Forward passes per image include the "
       "prefill; FID against the 10000 test images on the project classifier's features "
       f"(train vs test split: {result['fid_floor']:.2f}); accuracy = the classifier's class "
       "equals the requested one (real test images: "
@@ -113,29 +116,36 @@ def main(argv=None):
   labels = np.repeat(np.arange(10), args.num_images // 10)
   bs = min(args.batch_size, len(labels))
   resources = Resources()  # the LANTERN table and the head, loaded once
-  rows, ar_seconds = [], None
+  rows = []
   os.makedirs(args.grids, exist_ok=True)
-  for name, seed, s in methods(deltas, args.window, args.cfg_scale, args.top_k,
-                               0 if args.no_eagle else args.eagle_window, args.lantern_k):
+  configs = list(methods(deltas, args.window, args.cfg_scale, args.top_k,
+                         0 if args.no_eagle else args.eagle_window, args.lantern_k))
+  # Every method runs once untimed (compile, and the images the quality columns score; the
+  # outputs are fixed by the seed), then all are timed in interleaved rounds (AR, SJD, ...,
+  # AR, SJD, ...) so a drift of the machine reaches them all alike.
+  outputs, times = {}, {name: [] for name, _, _ in configs}
+  for name, seed, s in configs:
     generate_codes(model, labels[:bs], s, seed, bs, resources=resources)  # compile
-    times, out = [], None
-    for _ in range(args.runs):
+    outputs[name] = generate_codes(model, labels, s, seed, bs, resources=resources)
+  for _ in range(args.runs):
+    for name, seed, s in configs:
       t = time.perf_counter()
-      out = generate_codes(model, labels, s, seed, bs, resources=resources)
-      times.append(time.perf_counter() - t)
-    seconds = statistics.median(times)
+      generate_codes(model, labels, s, seed, bs, resources=resources)
+      times[name].append(time.perf_counter() - t)
+  ar_seconds = statistics.median(times["AR"])  # `methods` always starts with AR
+  for name, seed, s in configs:
+    out, seconds = outputs[name], statistics.median(times[name])
     imgs = np.concatenate([model.decode_images(out["codes"][i:i + 500])
                            for i in range(0, len(labels), 500)])
     feats, pred = clf.features_and_predictions(clf_params, imgs)
     passes = float(out["forward_passes"].mean())
     calls = np.maximum(out["forward_passes"] - 1, 1)
-    if name == "AR":
-      ar_seconds = seconds
     row = {"method": name, "seed": seed,
            "settings": {"strategy": strategy_of(s).name, **s.to_flat()},
            "forward_passes": passes, "tokens_per_pass": model.layout.num_tokens / passes,
            "accepted_per_call": float(np.mean(out["accepted_drafts"] / calls)),
-           "seconds": seconds, "seconds_runs": times, "speedup": ar_seconds / seconds,
+           "seconds": seconds, "seconds_runs": times[name],
+           "speedup": ar_seconds / seconds,
            "fid": image_classifier.fid(f_real, feats),
            "accuracy": float(np.mean(pred == labels))}
     rows.append(row)
@@ -148,7 +158,7 @@ def main(argv=None):
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
             "eagle_window": 0 if args.no_eagle else args.eagle_window,
-            "runs": args.runs, "fid_floor": image_classifier.fid(f_train, f_real),
+            "runs": args.runs, "interleaved": True, "fid_floor": image_classifier.fid(f_train, f_real),
             "real_accuracy": float(np.mean(pred_real == test["label"])), "rows": rows,
             "command": " ".join(["python -m benchmarks.bench_images"] + [shlex.quote(a) for a in argv])}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -4,7 +4,8 @@
 
 One chat prompt, batch 1, exactly --new-tokens new tokens per returned sequence (no EOS
 stop), each strategy with its settings' defaults; the median of --runs warm runs (compiles
-excluded). "tokens/s" counts the tokens of the returned (best) sequence, so it is the
+excluded), every configuration timed in interleaved rounds (greedy, top-k, ..., greedy,
+top-k, ...) so a drift of the machine reaches them all alike. "tokens/s" counts the tokens of the returned (best) sequence, so it is the
 speed at which a user gets one answer; strategies that explore more (beams, drafts,
 samples) pay for it there. Also measured in the same run:
   * superposed decoding (k = 3 drafts) against 3 separate sampling runs, the comparison
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from benchmarks.bench_decode import load_hf, time_hf, write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import cpu_name, interleaved
 from benchmarks.eval_open_ended import strategy_settings
 from decoding.best_of_n import BestOfN
 from decoding.runner import generate
@@ -28,16 +28,6 @@ from decoding.strategy import Resources, Target
 from models.lm import load_model
 
 MARKER = "bench_strategies"
-
-
-def timed(fn, runs: int) -> float:
-  fn()  # compile
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main(argv=None):
@@ -63,22 +53,24 @@ def main(argv=None):
     assert all(len(g.output_ids) == n for g in gens)
     return gens
 
-  secs = {}
-  for name, cfg in cfgs.items():
-    secs[name] = timed(lambda: run(cfg), args.runs)
-    print(f"{name}: {secs[name]:.2f}s", flush=True)
+  # Superposed (k = 3) is compared with 3 sampling runs, as in the paper, and with one batched
+  # run of 3 samples (timed with the rest).
+  batch3_name = "top-p (0.95), 3 samples in one batch"
+  calls = {name: (lambda cfg=cfg: run(cfg)) for name, cfg in cfgs.items()}
+  calls[batch3_name] = lambda: run(cfgs["top-p (0.95)"].replace(num_return_sequences=3))
+  secs = {name: statistics.median(t) for name, t in interleaved(calls, args.runs).items()}
+  batch3 = secs.pop(batch3_name)
   greedy = secs["greedy"]
-  lines = [f"SmolLM2-135M-Instruct fp32 (scanned layers), batch 1, {n} new tokens per returned "
-           f"sequence, median of {args.runs} warm runs, {cpu_name()}.", "",
+  layout = ("scanned layers" if model.config.scan_layers else "per-layer weights") + (
+      ", fused projections" if model.config.fused_projections else "")
+  lines = [f"SmolLM2-135M-Instruct fp32 ({layout}), batch 1, {n} new tokens per returned "
+           f"sequence, median of {args.runs} warm runs timed in interleaved rounds, "
+           f"{cpu_name()}.", "",
            "| strategy | seconds | tokens/s | vs greedy |", "|---|---|---|---|"]
   for name, s in secs.items():
     lines.append(f"| {name} | {s:.2f} | {n / s:.1f} | {greedy / s:.2f}x |")
 
-  # Superposed (k = 3) vs 3 sampling runs, as in the paper's comparison.
-  sample_cfg = cfgs["top-p (0.95)"]
   three_sequential = 3 * secs["top-p (0.95)"]
-  sample_cfg3 = sample_cfg.replace(num_return_sequences=3)
-  batch3 = timed(lambda: run(sample_cfg3), args.runs)
   sup = secs["superposed"]
   lines += ["", f"Superposed decoding, k = 3 drafts in one pass: {sup:.2f} s. Three separate "
             f"nucleus-sampling runs: {three_sequential:.2f} s, so superposed is "

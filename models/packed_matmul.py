@@ -20,7 +20,8 @@ Properties the tests check:
 The kernel is optional: it is compiled on first use with the system C++ compiler (about 10 s,
 cached under `~/.cache/decodax/kernels`, keyed by the source and jaxlib version) and needs an
 x86-64 CPU with AVX2 and FMA and JAX's CPU backend. `unavailable_reason()` says why it cannot
-run; `ModelConfig(matmul_kernel="packed")` fails with that reason before any compile.
+run; `load_model(..., matmul_kernel="packed")` and the CLI stop with that reason before
+loading weights or compiling anything.
 """
 from __future__ import annotations
 
