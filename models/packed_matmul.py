@@ -46,8 +46,7 @@ PANEL = 16  # output columns per packed panel (two 8-lane AVX2 vectors)
 # Calls with more rows (a prompt's pass) run XLA's general matrix product on the packed
 # weights (XLA transposes them first); from about 128 rows on that is faster than this kernel
 # (measured on SmolLM2's shapes; the kernel wins up to about 48 rows). Either way a prompt's
-# pass costs more than with plain weights: about 0.7 s against 0.4 s for a 115-token prompt
-# of SmolLM2-135M here (BENCHMARKS.md).
+# pass costs about twice as much as with plain weights (BENCHMARKS.md, step profile).
 KERNEL_MAX_ROWS = 64
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "packed_matmul.cc")
 _TARGETS = {jnp.dtype(jnp.float32): "decodax_packed_matmul_f32",
