@@ -39,8 +39,9 @@ MARKER = "bench_images"
 
 
 def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
-            eagle_window: int = 0, lantern_k: int = 16) -> list:
-  """(name, seed, image settings) rows; EAGLE rows when `eagle_window` > 0."""
+            eagle_window: int = 0, lantern_k: int = 16, eagle_tree_budget: int = 0) -> list:
+  """(name, seed, image settings) rows; EAGLE chain rows when `eagle_window` > 0, EAGLE-2
+  tree rows (LANTERN on trees too) when `eagle_tree_budget` > 0."""
   ar = ImageAR(cfg_scale=cfg_scale, top_k=top_k)
   sjd = ImageSJD(cfg_scale=cfg_scale, top_k=top_k, window=window, lantern_k=lantern_k)
   out = [("AR", 0, ar), ("AR, seed 1", 1, ar), ("SJD (random init)", 0, sjd),
@@ -51,8 +52,16 @@ def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
     eagle = ImageEagle(cfg_scale=cfg_scale, top_k=top_k, window=eagle_window,
                        lantern_k=lantern_k)
     out.append((f"EAGLE chain of {eagle_window}", 0, eagle))
+    out.append((f"EAGLE chain of {eagle_window}, conditional drafts", 0,
+                eagle.replace(guided_drafts=False)))
     for d in deltas:
       out.append((f"EAGLE + LANTERN δ={d:g}", 0, eagle.replace(lantern_delta=float(d))))
+    if eagle_tree_budget:
+      tree = eagle.replace(eagle_tree=True, tree_budget=eagle_tree_budget)
+      out.append((f"EAGLE-2 tree of {eagle_tree_budget}", 0, tree))
+      for d in deltas:
+        out.append((f"EAGLE-2 tree + LANTERN δ={d:g}", 0,
+                    tree.replace(lantern_delta=float(d))))
   return out
 
 
@@ -64,6 +73,7 @@ def render(result: dict) -> str:
       f"{result['num_images']} images ({result['num_images'] // 10} per class), classifier-free "
       f"guidance scale {result['cfg_scale']}, temperature 1, top-k {result['top_k'] or 'off'}, "
       f"SJD window {result['window']}, EAGLE chain {result.get('eagle_window', 0)} drafts, "
+      f"EAGLE-2 tree {result.get('eagle_tree_budget', 0)} nodes, "
       f"LANTERN k = {result['lantern_k']}; "
       f"median of {result['runs']} warm runs{interleaving}, {m}. Forward passes per image include the "
       "prefill; FID against the 10000 test images on the project classifier's features "
@@ -91,6 +101,8 @@ def main(argv=None):
   ap.add_argument("--top_k", type=int, default=0)
   ap.add_argument("--lantern_k", type=int, default=16)
   ap.add_argument("--eagle_window", type=int, default=4, help="EAGLE drafts per chain")
+  ap.add_argument("--eagle_tree_budget", type=int, default=16,
+                  help="EAGLE-2 tree nodes per call (0: no tree rows)")
   ap.add_argument("--no_eagle", action="store_true", help="skip the EAGLE rows")
   ap.add_argument("--batch_size", type=int, default=100)
   ap.add_argument("--runs", type=int, default=3)
@@ -105,6 +117,8 @@ def main(argv=None):
     ap.error("--batch_size and --runs must be >= 1")
   if args.eagle_window < 1 and not args.no_eagle:
     ap.error("--eagle_window must be >= 1 (use --no_eagle to skip the EAGLE rows)")
+  if args.eagle_tree_budget < 0:
+    ap.error("--eagle_tree_budget must be >= 0")
   deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
 
   model = image_ar.load_image_model(args.model)
@@ -119,7 +133,8 @@ def main(argv=None):
   rows = []
   os.makedirs(args.grids, exist_ok=True)
   configs = list(methods(deltas, args.window, args.cfg_scale, args.top_k,
-                         0 if args.no_eagle else args.eagle_window, args.lantern_k))
+                         0 if args.no_eagle else args.eagle_window, args.lantern_k,
+                         0 if args.no_eagle else args.eagle_tree_budget))
   # Every method runs once untimed (compile, and the images the quality columns score; the
   # outputs are fixed by the seed), then all are timed in interleaved rounds (AR, SJD, ...,
   # AR, SJD, ...) so a drift of the machine reaches them all alike.
@@ -158,6 +173,7 @@ def main(argv=None):
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
             "eagle_window": 0 if args.no_eagle else args.eagle_window,
+            "eagle_tree_budget": 0 if args.no_eagle else args.eagle_tree_budget,
             "runs": args.runs, "interleaved": True, "fid_floor": image_classifier.fid(f_train, f_real),
             "real_accuracy": float(np.mean(pred_real == test["label"])), "rows": rows,
             "command": " ".join(["python -m benchmarks.bench_images"] + [shlex.quote(a) for a in argv])}

@@ -81,6 +81,16 @@ METHODS = {
     "eagle": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4, _models=SMOL),
     "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
                        tree_children=4, _models=SMOL),
+    # the same head drafting from the 8192 tokens the target emits most (FR-Spec), and a
+    # smaller tree whose verification call is cheaper
+    "eagle 8k-vocab": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4,
+                            eagle_draft_vocab=8192, _models=SMOL),
+    "eagle_tree 8k-vocab": dict(drafter="eagle", eagle_tree=True, tree_budget=16,
+                                 tree_depth=6, tree_children=4, eagle_draft_vocab=8192,
+                                 _models=SMOL),
+    "eagle_tree8 8k-vocab": dict(drafter="eagle", eagle_tree=True, tree_budget=8,
+                                   tree_depth=5, tree_children=2, eagle_draft_vocab=8192,
+                                   _models=SMOL),
     "gad": dict(drafter="gad", _models=SMOL),
     "gad++ (lossy)": dict(drafter="gad", gad_beta=5, gad_tau=3.0, _modes=("greedy",),
                           _models=SMOL),

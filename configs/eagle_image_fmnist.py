@@ -7,7 +7,11 @@ training images (teacher-forced, true classes), 500 test images held out for the
 acceptance. The four variants (EAGLE, + feature sampling, + partial alignment, both) get the
 same AdamW updates (batch 32 sequences = 1568 feature pairs) with EAGLE's loss (SmoothL1 +
 0.1 CE over every pair, input noise U(-0.1, 0.1)); the best on held-out chains of 5 drafts
-is shipped to checkpoints/eagle-image-fmnist.
+is shipped to checkpoints/eagle-image-fmnist. A tenth of the training images carry the null
+class, so the head also knows the unconditional stream it drafts on under guidance.
+
+The shipped head is the `fs` variant of a run with `--config.variants="('fs',)"` (the four-way
+comparison without unconditional rows chose it; its numbers are in the README).
 """
 import ml_collections
 
@@ -18,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = "checkpoints/image-ar-fmnist"
   c.num_train = 10000
   c.num_heldout = 500
+  c.uncond_fraction = 0.1  # training images with the null class (the target's class dropout)
   c.feature_batch = 500
   c.partial_fraction = 0.5
   c.loss = ml_collections.ConfigDict(dict(w_cls=0.1, noise=0.1, beta=1.0, ce_pairs=0))

@@ -34,8 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.lantern_delta = unset(float)  # LANTERN relaxed acceptance (SJD or EAGLE chains) when > 0
   c.lantern_k = unset(int)
   c.eagle_head = unset(str)  # EAGLE: a registered head name or a folder
-  c.eagle_tree = unset(bool)  # EAGLE-2 dynamic tree of tree_budget nodes (lossless only)
+  c.eagle_tree = unset(bool)  # EAGLE-2 dynamic tree of tree_budget nodes (LANTERN applies too)
   c.tree_budget = unset(int)
+  c.guided_drafts = unset(bool)  # eagle: draft from the guided distribution (default True)
   c.seed = 0
   c.batch_size = 40
   c.out_dir = "image_samples"

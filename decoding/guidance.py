@@ -11,6 +11,11 @@ where l_c, l_u are the conditional and unconditional logits (or log-probabilitie
 give the same distribution, since the normalizers only add a per-row constant). s = 1 is
 conditional decoding, s = 0 unconditional decoding.
 
+A feature drafter can guide its drafts the same way: with `paired_hidden=True` the wrapper
+returns both streams' final hidden states side by side ([..., 2D]), and the EAGLE drafter
+(`decoding.speculative.eagle`, `guidance` set) runs its head on each stream and guides the
+two draft distributions with the target's scale.
+
 `GuidedLM` wraps a model with the `TransformerLM` boundary: the strategy sees B rows, the
 wrapped model runs 2B (rows 0..B-1 conditional, B..2B-1 unconditional, in one call), and the
 unconditional stream sees `null_token` at every position < `cond_len` (the condition: LlamaGen's
@@ -85,6 +90,7 @@ class GuidedLM:
   scale: float
   null_token: int
   cond_len: int = 1
+  paired_hidden: bool = False  # hidden [..., 2D]: both streams' features (guided drafting)
 
   def __post_init__(self):
     if not 0 <= int(self.null_token) < self.lm.vocab_size:
@@ -129,6 +135,8 @@ class GuidedLM:
                   None if cache is None else cache.inner, maybe_pair(attn_mask),
                   logits_at=maybe_pair(logits_at), **kw)
     logits = guide(out.logits[:B], out.logits[B:], self.scale)
-    return ForwardOutput(logits=logits, hidden=out.hidden[:B],
+    hidden = (jnp.concatenate([out.hidden[:B], out.hidden[B:]], axis=-1) if self.paired_hidden
+              else out.hidden[:B])
+    return ForwardOutput(logits=logits, hidden=hidden,
                          penultimate=out.penultimate[:B],
                          cache=None if out.cache is None else GuidedCache(out.cache))

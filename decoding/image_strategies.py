@@ -3,7 +3,8 @@ autoregressive decoding, speculative Jacobi decoding (SJD, "Accelerating Auto-re
 Text-to-Image Generation with Training-free Speculative Jacobi Decoding", Teng et al., 2024),
 EAGLE feature drafting with a trained head (trained by `python -m train.image_draft_head`) and LANTERN's relaxed
 acceptance ("LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative
-Decoding", Jang et al., 2024) on either drafter's chains, all under classifier-free guidance,
+Decoding", Jang et al., 2024) on either drafter's chains and on EAGLE-2 trees, all under
+classifier-free guidance,
 with fixed shapes and per-image keys.
 
 Every strategy (`ar`, `sjd`, `eagle` in the registry, with the settings types `ImageAR`,
@@ -95,23 +96,25 @@ class ImageSJD(_Relaxable):
 @settings
 class ImageEagle(_Relaxable):
   """EAGLE drafting with a trained image head: a chain of `window` drafts, or an EAGLE-2
-  tree of `tree_budget` nodes (lossless only)."""
+  tree of `tree_budget` nodes; LANTERN relaxes either (`lantern_delta`). Under guidance the
+  head drafts from the guided distribution (`guided_drafts`)."""
   eagle_head: str = "eagle-image-fmnist"
   eagle_tree: bool = False
   tree_budget: int = 16
+  guided_drafts: bool = True  # False: draft from the conditional stream alone (an ablation)
 
   def validate(self) -> None:
     super().validate()
     check_bool("eagle_tree", self.eagle_tree)
+    check_bool("guided_drafts", self.guided_drafts)
     check_int("tree_budget", self.tree_budget, 1)
-    if self.lantern_delta > 0 and self.eagle_tree:
-      raise GenerationError("lantern_delta relaxes chain verification: set eagle_tree=False")
 
 
-def _lm(model: ImageModel, s: ImageSettings):
+def _lm(model: ImageModel, s: ImageSettings, paired_hidden: bool = False):
   if s.cfg_scale == 1.0:
     return model.lm
-  return guidance.GuidedLM(model.lm, float(s.cfg_scale), model.layout.null_class, cond_len=1)
+  return guidance.GuidedLM(model.lm, float(s.cfg_scale), model.layout.null_class, cond_len=1,
+                           paired_hidden=paired_hidden)
 
 
 def _cache_len(model: ImageModel) -> int:
@@ -131,8 +134,8 @@ def prepare_ar(s: ImageAR, model: ImageModel, resources):
   return run
 
 
-def _speculative(drafter, dparams, s, model, resources):
-  lm, proc = _lm(model, s), s.image_processor(model.layout)
+def _speculative(drafter, dparams, s, model, resources, paired_hidden: bool = False):
+  lm, proc = _lm(model, s, paired_hidden), s.image_processor(model.layout)
   acceptance = s.acceptance(model, resources)
   acceptance.check(s.do_sample, drafter.kind)
 
@@ -159,9 +162,13 @@ def prepare_eagle(s: ImageEagle, model: ImageModel, resources):
   head, hparams = resources.get(("image_head", s.eagle_head),
                                 lambda: load_image_head(model, s.eagle_head),
                                 depends_on=(model.params,))
+  # under guidance the head drafts from the guided distribution, as the target decodes:
+  # it runs on both streams' features and its two draft distributions are guided alike
+  guided = s.cfg_scale != 1.0 and s.guided_drafts
   drafter = EagleDrafter(head, int(s.window), tree=bool(s.eagle_tree),
-                         tree_budget=int(s.tree_budget))
-  return _speculative(drafter, hparams, s, model, resources)
+                         tree_budget=int(s.tree_budget),
+                         guidance=float(s.cfg_scale) if guided else None)
+  return _speculative(drafter, {"head": hparams}, s, model, resources, paired_hidden=guided)
 
 
 AR = Strategy("ar", ImageAR, "autoregressive image tokens under classifier-free guidance",
@@ -169,7 +176,7 @@ AR = Strategy("ar", ImageAR, "autoregressive image tokens under classifier-free 
 SJD = Strategy("sjd", ImageSJD, "speculative Jacobi decoding (training-free), LANTERN "
                "optional", modality="image", prepare=prepare_sjd)
 EAGLE = Strategy("eagle", ImageEagle, "EAGLE drafting with a trained image head, chain "
-                 "(LANTERN optional) or EAGLE-2 tree", modality="image", prepare=prepare_eagle)
+                 "or EAGLE-2 tree (LANTERN optional)", modality="image", prepare=prepare_eagle)
 _STRATEGIES = {ImageAR: AR, ImageSJD: SJD, ImageEagle: EAGLE}
 # Images end after their g*g codes. A host array: a device array here would start the
 # backend at import, before a script can set XLA_FLAGS.

@@ -67,6 +67,7 @@ from models import artifacts, checkpoint, transformer
 from models.artifacts import TargetMismatchError  # the error of a head loaded on another target
 from models.config import DTYPES, ModelConfig
 from models.kv_cache import KVCache
+from models import packed_matmul as packing
 from models.packed_matmul import packed_matmul
 
 Array = jax.Array
@@ -281,23 +282,72 @@ def num_params(params: Any) -> int:
 # ------------------------------------------------------------------------ checkpoints
 
 
+# ------------------------------------------------------------ reduced draft vocabulary
+
+RANKING = "token_ranking"  # stored next to the head's parameters: int32 [V] token ids
+NOT_DRAFTED = -1e30  # logit of a token outside the draft vocabulary (finite: see draft_logits)
+
+
+def token_ranking(counts: np.ndarray) -> np.ndarray:
+  """[V] int32: every token id, most frequent first (ties by id), from counts [V] of the
+  target's output tokens: the order a reduced draft vocabulary takes its first V' ids from."""
+  counts = np.asarray(counts)
+  return np.lexsort((np.arange(counts.shape[0]), -counts)).astype(np.int32)
+
+
+def draft_vocab_matrix(target_params: Any, config: HeadConfig, ids: Array) -> Array:
+  """The LM-head columns of the draft vocabulary, W[:, ids] ([D, V'], float32; packed into
+  column panels when the target is packed and V' a multiple of 16), gathered once per run."""
+  w = transformer.head_matrix(target_params)[:, ids].astype(jnp.float32)
+  if output_weights(target_params, config)["head"].ndim == 3 and packing.packable(w.shape):
+    return packing.pack(w)
+  return w
+
+
+def draft_logits(sub_w: Array, ids: Array, features: Array, vocab_size: int) -> Array:
+  """Draft logits over a reduced vocabulary ("FR-Spec: Accelerating Large-Vocabulary
+  Language Models via Frequency-Ranked Speculative Sampling", Zhao et al., 2025; EAGLE-3's
+  draft vocabulary): features [..., D] times the V' gathered columns only, scattered back to
+  [..., V] float32 with `NOT_DRAFTED` elsewhere. The LM-head read, the bulk of a draft step,
+  shrinks by V / V'; the draft distribution is zero off the subset, which speculative
+  sampling allows (a token the draft never proposes needs no draft probability). The filler
+  is finite so that a processor masking every drafted token leaves a valid distribution."""
+  small = (packed_matmul(features, sub_w) if sub_w.ndim == 3
+           else jnp.dot(features.astype(jnp.float32), sub_w))
+  full = jnp.full(features.shape[:-1] + (vocab_size,), NOT_DRAFTED, jnp.float32)
+  return full.at[..., ids].set(small)
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
 def save_head(path: str, head: EagleHead, params: Any, info: Optional[dict] = None, *,
-              target_name: str, target_sha256: str) -> str:
+              target_name: str, target_sha256: str,
+              ranking: Optional[np.ndarray] = None) -> str:
   """Writes an `eagle_head` artifact (`models.artifacts`): the head's own parameters (cast
   to bfloat16; the target's embedding and LM head are not stored), the head config, the
   target it was trained for (`target_name`, a registered name or path; `target_sha256`, its
-  `LoadedModel.sha256`; its architecture) and free-form `info` (the training run and its
-  measured acceptance). Returns the folder's absolute path."""
+  `LoadedModel.sha256`; its architecture), free-form `info` (the training run and its
+  measured acceptance) and, when given, the `token_ranking` [V] int32 a reduced draft
+  vocabulary is cut from. Returns the folder's absolute path."""
+  stored = dict(params)
+  if ranking is not None:
+    ranking = np.asarray(ranking, np.int32)
+    if sorted(ranking.tolist()) != list(range(head.vocab_size)):
+      raise ValueError(f"ranking must order every token id 0..{head.vocab_size - 1} once")
+    stored[RANKING] = ranking
   return artifacts.save_artifact(
-      path, "eagle_head", params, config=head.config.to_dict(), info=info,
+      path, "eagle_head", stored, config=head.config.to_dict(), info=info,
       target=artifacts.target_entry(target_name, target_sha256, head.config.target),
       storage_dtype=STORAGE_DTYPE)
 
 
 def load_head(name_or_path: str, target: Optional[str] = None,
               target_sha256: Optional[str] = None, param_dtype=jnp.float32,
-              **target_overrides) -> tuple[EagleHead, Any]:
-  """Loads a registered head name or a `save_head` folder: (EagleHead, params).
+              with_ranking: bool = False, **target_overrides):
+  """Loads a registered head name or a `save_head` folder: (EagleHead, params), plus the
+  stored token ranking ([V] int32 numpy, or None for a head saved without one) when
+  `with_ranking`.
 
   The target check: the head is only valid on the target it was trained on, so its
   recorded target sha256 must equal `target_sha256` if given, else the checksum of the
@@ -318,4 +368,9 @@ def load_head(name_or_path: str, target: Optional[str] = None,
   param_dtype = DTYPES[param_dtype] if isinstance(param_dtype, str) else param_dtype
   target_overrides.setdefault("param_dtype", param_dtype)
   head = EagleHead(HeadConfig.from_dict(manifest["config"], **target_overrides))
-  return head, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), stored)
+  stored = dict(stored)
+  ranking = stored.pop(RANKING, None)
+  params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), stored)
+  if with_ranking:
+    return head, params, None if ranking is None else np.asarray(ranking, np.int32)
+  return head, params

@@ -64,8 +64,9 @@ class ImageTokens:
     return self.class_token(labels)[:, None]
 
   def sequences(self, labels: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Training rows [N, 1 + g*g]: class token then the codes."""
-    cls = np.asarray(labels, np.int64) + self.codebook_size
+    """Training rows [N, 1 + g*g]: class token (the null class for label -1) then the codes."""
+    labels = np.asarray(labels, np.int64)
+    cls = np.where(labels < 0, self.null_class, labels + self.codebook_size)
     return np.concatenate([cls[:, None], np.asarray(codes)], axis=1).astype(np.int32)
 
   def to_dict(self) -> dict:

@@ -53,6 +53,8 @@ TABLE = np.zeros((10, 10), np.float32)
     (dict(strategy="sample", diversity_penalty=0.5), [[1]], "diversity_penalty does not apply"),
     (dict(strategy="speculative", drafter="prompt_lookup", tree_budget=4), [[1]],
      "tree_budget does not apply to drafter 'prompt_lookup'"),
+    (dict(strategy="speculative", drafter="eagle", eagle_draft_vocab=-1), [[1]],
+     "eagle_draft_vocab must be an integer >= 0"),
     (dict(strategy="sjd"), [[1]], "generates images"),
     # sampled speculative decoding is not deterministic: the message must not say it is
     (dict(strategy="speculative", do_sample=True, num_return_sequences=2), [[1]],
@@ -109,6 +111,7 @@ def test_bad_jsonl_lines(tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["--eagle_window", "-1"], "--eagle_window must be >= 1"),
     (["--eagle_window", "0"], "--eagle_window must be >= 1"),
+    (["--eagle_tree_budget", "-2"], "--eagle_tree_budget must be >= 0"),
     (["--num_images", "15"], "multiple of 10"),
     (["--runs", "0"], "--runs must be >= 1"),
 ])

@@ -152,8 +152,8 @@ def tiny_image_model():
 
 @pytest.mark.slow
 def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model, tmp_path):
-  """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains with
-  LANTERN sampled in one batch or in two = the same images (per-image keys)."""
+  """Greedy EAGLE (tree, untrained head) = greedy AR under guidance; EAGLE chains and EAGLE-2
+  trees with LANTERN sampled in one batch or in two = the same images (per-image keys)."""
   from decoding import image_strategies as images
   from models import eagle_head as dh
   m = tiny_image_model
@@ -178,6 +178,12 @@ def test_image_strategies_agree_and_do_not_depend_on_the_batch(tiny_image_model,
   whole = images.generate_codes(m, labels, s, seed=3, batch_size=5)
   parts = images.generate_codes(m, labels, s, seed=3, batch_size=2)
   np.testing.assert_array_equal(whole["codes"], parts["codes"])
+  tree = images.ImageEagle(cfg_scale=1.5, eagle_tree=True, tree_budget=6, lantern_delta=0.1,
+                           lantern_k=3, eagle_head=head_path)  # LANTERN on an EAGLE-2 tree
+  t_whole = images.generate_codes(m, labels, tree, seed=3, batch_size=5)
+  t_parts = images.generate_codes(m, labels, tree, seed=3, batch_size=2)
+  np.testing.assert_array_equal(t_whole["codes"], t_parts["codes"])
+  assert (t_whole["codes"] < m.layout.codebook_size).all()
   imgs = m.decode_images(jnp.asarray(whole["codes"][:2]))
   assert imgs.shape == (2, 12, 12, 1) and imgs.dtype == np.uint8
 
@@ -226,8 +232,8 @@ def test_image_settings_and_cli_reject_bad_input_before_loading():
   from decoding.errors import GenerationError
   with pytest.raises(GenerationError, match="has no field 'lantern_delta'"):
     images.ImageAR(lantern_delta=0.1)
-  with pytest.raises(GenerationError, match="eagle_tree"):
-    images.ImageEagle(eagle_tree=True, lantern_delta=0.1)
+  with pytest.raises(GenerationError, match="lantern_delta must be"):
+    images.ImageEagle(eagle_tree=True, lantern_delta=1.0)
   with pytest.raises(GenerationError, match="top_k=5 only applies when sampling"):
     images.ImageSJD(do_sample=False, top_k=5)
   with pytest.raises(ValueError, match="classes"):

@@ -13,8 +13,11 @@ in `config.variants` gets the same updates; the one with the most accepted draft
 held-out greedy chain is shipped (`models.eagle_head.save_head`), tied to the target by its
 artifact's params sha256 (`models.image_ar.ImageModel.sha256`).
 
-At decoding time the head drafts from the conditional stream's features and the verifier
-checks the drafts against the guided distribution (`decoding.image_strategies`, strategy "eagle").
+At decoding time under classifier-free guidance the head runs on both streams' features and
+drafts from the guided combination of its two distributions, the distribution the verifier
+checks against (`decoding.image_strategies`, strategy "eagle"). So it is trained on both:
+`uncond_fraction` of the training images carry the null class, as the target's own training
+dropped the class.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import os
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 from models import datasets
 from models import eagle_head as dh
@@ -41,12 +46,18 @@ def validate(config: Any) -> None:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
 
 
-def image_examples(model: image_ar.ImageModel, split: str, num: int) -> list[dict]:
+def image_examples(model: image_ar.ImageModel, split: str, num: int,
+                   uncond_fraction: float = 0.0, seed: int = 0) -> list[dict]:
   """The first `num` images of a Fashion-MNIST split as {prompt_ids: [class], answer_ids:
-  codes} examples for `train.draft_head.target_arrays`."""
+  codes} examples for `train.draft_head.target_arrays`; a seeded `uncond_fraction` of them
+  with the null class instead (the unconditional stream of classifier-free guidance)."""
   arr = datasets.load_arrays("fashion_mnist", split)
   codes = encode_split(model.tokenizer, model.tokenizer_params, arr["image"][:num])
-  rows = model.layout.sequences(arr["label"][:num], codes)
+  labels = np.asarray(arr["label"][:num]).copy()
+  if uncond_fraction > 0:
+    drop = np.random.RandomState(seed).rand(len(labels)) < uncond_fraction
+    labels[drop] = -1  # `ImageTokens.sequences`: -1 is the null class
+  rows = model.layout.sequences(labels, codes)
   return [{"prompt_ids": [int(r[0])], "answer_ids": [int(x) for x in r[1:]]} for r in rows]
 
 
@@ -63,7 +74,9 @@ def run(config: Any, workdir: str) -> dict:
   log = lambda s: print(s, flush=True)
   arrays = {}
   for split, num in (("train", config.num_train), ("test", config.num_heldout)):
-    ex = image_examples(model, split, int(num))
+    # held-out chains stay conditional (comparable across runs); training sees both streams
+    frac = float(config.get("uncond_fraction", 0.0)) if split == "train" else 0.0
+    ex = image_examples(model, split, int(num), frac, int(config.seed))
     arrays[split] = text_head.target_arrays(lm, params, ex, seq_len, int(config.feature_batch),
                                             pad_id=0, log=lambda s: None)
   feat_s = time.perf_counter() - t0

@@ -17,7 +17,8 @@ verifier (`decoding.speculative.verify.verify_chain`) applies it.
   greedy or sampling: a draft borrows up to delta of probability from its nearest codes
   (`neighbors` [V, k], `decoding.speculative.lantern.neighbor_table`).
 
-Every relaxation applies to chains; token trees are verified with the strict rule only.
+Every relaxation applies to chains; LANTERN also to token trees (`verify.verify_tree`), as
+the paper runs it on EAGLE-2 trees. GAD++ and lenient acceptance need a chain.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Acceptance:
   """Base of the rules. `modes`: the verification modes ("greedy", "sample") it applies to."""
   lossless: ClassVar[bool] = False
   modes: ClassVar[tuple[str, ...]] = ("greedy", "sample")
+  trees: ClassVar[bool] = False  # whether token trees can be verified under the rule
 
   def check(self, sample: bool, kind: str) -> None:
     """GenerationError unless the rule applies to this mode and drafter kind."""
@@ -43,7 +45,7 @@ class Acceptance:
       need = "do_sample=True" if "sample" in self.modes else "do_sample=False"
       raise GenerationError(f"{type(self).__name__} acceptance relaxes {self.modes[0]} "
                             f"verification: set {need}")
-    if kind != "chain" and not self.lossless:
+    if kind != "chain" and not self.trees:
       raise GenerationError(f"{type(self).__name__} acceptance applies to chain drafters, "
                             "not token trees")
 
@@ -51,6 +53,7 @@ class Acceptance:
 @flax.struct.dataclass
 class Strict(Acceptance):
   lossless: ClassVar[bool] = True
+  trees: ClassVar[bool] = True
 
 
 @flax.struct.dataclass
@@ -70,3 +73,4 @@ class Lenient(Acceptance):
 class Lantern(Acceptance):
   neighbors: Array  # [V, k] int32, -1 pads
   delta: float = flax.struct.field(pytree_node=False, default=0.1)
+  trees: ClassVar[bool] = True

@@ -178,7 +178,7 @@ def step(lm, params, drafter: Drafter, dparams, s: SpecState, proposal, eos_ids:
     new_cache = out.cache
   else:
     v = verify.verify_tree(processed, tokens, parents, depth, draft.valid, s.row_keys, sample,
-                           D, offsets)
+                           D, offsets, acceptance)
     n = v.num_accepted
     j = jnp.arange(D + 1)[None]
     node_index = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), v.path], axis=1)

@@ -253,9 +253,43 @@ def ancestor_matrix(parents: Array, max_depth: int) -> Array:
   return anc
 
 
+def _relaxed_tree_matches(target_logits: Array, tokens: Array, par: Array, choice: Array,
+                          child: Array, sample: bool, neighbors: Array,
+                          delta: float) -> Array:
+  """[B, N] bool: LANTERN's relaxation of tree verification, the nodes a relaxed match
+  accepts although the target's choice y at their parent is another token.
+
+  Each node d borrows the mass of its lent neighbours B(d) at its parent's distribution
+  (`latent_relaxation`, c <= delta). Sampling: d is accepted when y is in B(d), so the
+  emitted token's law at the parent is the target's with each drafted child's lent mass moved
+  onto it (the point-mass rule of `verify_chain`, per child). Greedy: d is accepted when
+  p(d) + c reaches the argmax's probability (the chain's greedy rule). An exact match among
+  the siblings wins; otherwise the first relaxed sibling in node order (the drafter's order,
+  best first). With m children per node the moved mass is at most m * delta.
+  """
+  B, N, _ = target_logits.shape
+  rows = jnp.arange(B)[:, None]
+  p_par = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)[rows, par]  # [B, N, V]
+  extra, lent = latent_relaxation(p_par, tokens, neighbors, delta)
+  if sample:
+    y = choice[rows, par]
+    rel = jnp.any(lent & (neighbors[tokens] == y[..., None]), axis=-1)
+  else:
+    p_d = jnp.take_along_axis(p_par, tokens[..., None], -1)[..., 0]
+    rel = (extra > 0) & (p_d + extra >= jnp.max(p_par, axis=-1))
+  rel &= child
+  exact = child & (tokens == choice[rows, par])
+  sib = child[:, :, None] & child[:, None, :] & (par[:, :, None] == par[:, None, :])  # [B, N, N]
+  exact_sibling = jnp.any(sib & exact[:, None, :], axis=-1)
+  earlier = jnp.arange(N)[None, :] < jnp.arange(N)[:, None]  # [i, j]: j before i
+  earlier_rel = jnp.any(sib & earlier[None] & rel[:, None, :], axis=-1)
+  return rel & ~exact_sibling & ~earlier_rel
+
+
 def verify_tree(target_logits: Array, tokens: Array, parents: Array, depth: Array,
                 valid: Array, keys: Array, sample: bool, max_depth: int,
-                offsets: Optional[Array] = None) -> TreeVerdict:
+                offsets: Optional[Array] = None,
+                acceptance: Acceptance = Strict()) -> TreeVerdict:
   """Verifies a token tree per row.
 
   target_logits: [B, N, V] processed target logits after each node. tokens: [B, N] node
@@ -263,6 +297,10 @@ def verify_tree(target_logits: Array, tokens: Array, parents: Array, depth: Arra
   root, parents[i] < i. depth: [B, N] int32 (root 0). valid: [B, N] bool (padding nodes
   are never accepted). keys/offsets as in `verify_chain`: the target's choice at a node of
   depth d uses the key of token index offset + d. max_depth: static bound on depth.
+  A node is accepted when its token is the target's choice at its parent and its parent is
+  accepted; `acceptance=Lantern(neighbors, delta)` also accepts relaxed matches
+  (`_relaxed_tree_matches`; LOSSY). The token after the deepest accepted node is the
+  target's own choice there, which no child matched.
   """
   B, N, _ = target_logits.shape
   offsets = jnp.zeros((B,), jnp.int32) if offsets is None else offsets
@@ -271,7 +309,11 @@ def verify_tree(target_logits: Array, tokens: Array, parents: Array, depth: Arra
   choice = target_choice(target_logits, node_keys, sample)  # [B, N]
   rows = jnp.arange(B)[:, None]
   par = jnp.maximum(parents, 0)
-  ok = valid & (parents >= 0) & (tokens == choice[rows, par])
+  child = valid & (parents >= 0)
+  ok = child & (tokens == choice[rows, par])
+  if isinstance(acceptance, Lantern) and float(acceptance.delta) > 0:
+    ok |= _relaxed_tree_matches(target_logits, tokens, par, choice, child, sample,
+                                acceptance.neighbors, float(acceptance.delta))
   ok = ok.at[:, 0].set(True)
   path_ok = ok
   for _ in range(max_depth):  # a node is accepted iff it and all its ancestors match

@@ -163,7 +163,7 @@ def test_packed_greedy_and_speculative_decoding_give_the_xla_layouts_tokens():
                            (dyspec.DySpecDrafter(plm, tree_budget=6, max_depth=4, max_children=2,
                                                  self_layers=2), None),
                            (EagleDrafter(head, tree=True, tree_budget=8, max_depth=4,
-                                         max_children=2), hparams)]:
+                                         max_children=2), {"head": hparams})]:
     res = loop.speculative_decode(plm, pparams, drafter, dparams, prompts, lens, row_keys(4),
                                   eos, sample=False, **common)
     np.testing.assert_array_equal(res.tokens, packed.tokens, err_msg=type(drafter).__name__)

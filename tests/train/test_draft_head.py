@@ -205,3 +205,64 @@ def test_config_validation_and_registry():
   hp = dh.init_head_params(head, jax.random.PRNGKey(1))
   out = head(hp, tp, *_inputs(1, 3), None)
   np.testing.assert_allclose(out.logits, out.features @ tp["lm_head"]["kernel"], atol=1e-5)
+
+
+def test_token_ranking_orders_by_count_then_id():
+  counts = np.asarray([0, 5, 2, 5, 0, 9])
+  np.testing.assert_array_equal(dh.token_ranking(counts), [5, 1, 3, 2, 0, 4])
+
+
+@pytest.mark.parametrize("kernel", ["xla", "packed"])
+def test_reduced_vocabulary_logits_are_the_full_logits_on_the_subset(kernel):
+  """Draft logits over V' gathered LM-head columns equal the full head's logits at those ids
+  (to matmul round-off) and are the finite NOT_DRAFTED filler everywhere else."""
+  tp, head, _ = _setup()
+  if kernel == "packed":
+    from models import packed_matmul
+    if packed_matmul.unavailable_reason():
+      pytest.skip(packed_matmul.unavailable_reason())
+    tp = transformer.pack_params(tp)
+  ids = jnp.asarray(dh.token_ranking(np.arange(TARGET.vocab_size) % 7)[:16])
+  w = dh.draft_vocab_matrix(tp, head.config, ids)
+  assert w.ndim == (3 if kernel == "packed" else 2)
+  feats = jax.random.normal(jax.random.PRNGKey(3), (2, 3, TARGET.hidden_size))
+  full = np.asarray(head.logits(tp, feats))
+  small = np.asarray(dh.draft_logits(w, ids, feats, TARGET.vocab_size))
+  inside = np.zeros(TARGET.vocab_size, bool)
+  inside[np.asarray(ids)] = True
+  np.testing.assert_allclose(small[..., inside], full[..., inside], rtol=1e-5, atol=1e-5)
+  assert np.all(small[..., ~inside] == dh.NOT_DRAFTED)
+
+
+def test_the_ranking_is_saved_with_the_head_and_checked(tmp_path):
+  tp, head, hp = _setup()
+  ranking = dh.token_ranking(np.arange(TARGET.vocab_size)[::-1])
+  path = str(tmp_path / "head")
+  dh.save_head(path, head, hp, target_name="smollm2-135m-instruct", target_sha256=SHA,
+               ranking=ranking)
+  head2, hp2, got = dh.load_head(path, with_ranking=True)
+  np.testing.assert_array_equal(got, ranking)
+  assert set(hp2) == set(hp)  # the ranking is not a parameter of the network
+  assert dh.load_head(path)[1].keys() == hp.keys()
+  with pytest.raises(ValueError, match="every token id"):
+    dh.save_head(str(tmp_path / "bad"), head, hp, target_name="smollm2-135m-instruct",
+                 target_sha256=SHA, ranking=ranking[:-1])
+
+
+def test_acceptance_with_a_reduced_vocabulary_never_drafts_outside_it():
+  """Chain drafts restricted to a subset land in it; restricting to the tokens the head
+  would draft anyway changes nothing."""
+  tp, head, hp = _setup()
+  out_w = dh.output_weights(tp, head.config)
+  B, T = 2, 9
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (B, T), 0, TARGET.vocab_size)
+  hidden = jax.random.normal(jax.random.PRNGKey(5), (B, T, TARGET.hidden_size))
+  batch = {"tokens": tokens, "hidden": hidden}
+  free = np.asarray(tdh.chain_drafts(head, hp, out_w, batch, 3))
+  ids = np.asarray([1, 4, 9, 30])
+  mask = jnp.zeros((TARGET.vocab_size,), bool).at[ids].set(True)
+  restricted = np.asarray(tdh.chain_drafts(head, hp, out_w, batch, 3, mask))
+  assert np.isin(restricted, ids).all()
+  same = jnp.zeros((TARGET.vocab_size,), bool).at[np.unique(free)].set(True)
+  np.testing.assert_array_equal(np.asarray(tdh.chain_drafts(head, hp, out_w, batch, 3, same)),
+                                free)

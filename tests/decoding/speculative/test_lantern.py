@@ -132,3 +132,85 @@ def test_lantern_bounds_the_borrowed_mass_not_the_output_distance():
   assert 0 < borrowed <= delta
   assert abs(tv(_one_token_law(p, q, table, delta, True)[0]) - borrowed) < noise
   assert tv(_one_token_law(p, q, table, delta, False)[0]) > delta + noise
+
+
+def _two_child_tree(B, p, d1, d2):
+  """Root (node 0) with two children d1 (node 1, the drafter's first) and d2 (node 2); the
+  target distribution after the root is p, after the children anything."""
+  V = p.shape[0]
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (B, 3, V))
+  tokens = jnp.broadcast_to(jnp.asarray([0, d1, d2], jnp.int32), (B, 3))
+  parents = jnp.broadcast_to(jnp.asarray([-1, 0, 0], jnp.int32), (B, 3))
+  depth = jnp.broadcast_to(jnp.asarray([0, 1, 1], jnp.int32), (B, 3))
+  valid = jnp.ones((B, 3), bool)
+  return logits, tokens, parents, depth, valid
+
+
+def _tree_first_token(v, d1, d2):
+  n, path = np.asarray(v.num_accepted), np.asarray(v.path[:, 0])
+  return np.where(n == 1, np.where(path == 1, d1, d2), np.asarray(v.next_token))
+
+
+def test_tree_lantern_at_delta_zero_is_the_strict_tree_rule():
+  rng = np.random.RandomState(5)
+  V, B, N = 12, 32, 7
+  logits = jnp.asarray(rng.randn(B, N, V) * 2, jnp.float32)
+  tokens = jnp.asarray(rng.randint(0, V, (B, N)), jnp.int32)
+  parents = jnp.broadcast_to(jnp.asarray([-1, 0, 0, 1, 1, 2, 3], jnp.int32), (B, N))
+  depth = jnp.broadcast_to(jnp.asarray([0, 1, 1, 2, 2, 2, 3], jnp.int32), (B, N))
+  valid = jnp.ones((B, N), bool)
+  table = lantern.neighbor_table(rng.randn(V, 2), 4)
+  for sample in (False, True):
+    strict = verify.verify_tree(logits, tokens, parents, depth, valid, row_keys(B), sample, 3)
+    zero = verify.verify_tree(logits, tokens, parents, depth, valid, row_keys(B), sample, 3,
+                              acceptance=Lantern(neighbors=table, delta=0.0))
+    for field in ("num_accepted", "path", "next_token"):
+      np.testing.assert_array_equal(getattr(strict, field), getattr(zero, field))
+    relaxed = verify.verify_tree(logits, tokens, parents, depth, valid, row_keys(B), sample, 3,
+                                 acceptance=Lantern(neighbors=table, delta=0.3))
+    assert bool(jnp.all(relaxed.num_accepted >= strict.num_accepted)), sample
+
+
+@pytest.mark.slow
+def test_tree_lantern_moves_each_childs_lent_mass_onto_it():
+  """Sampling: the token a two-child node emits follows the target's law with each child's
+  lent neighbours' mass moved onto that child (an exact match wins; the first child wins a
+  neighbour both could borrow). Chi-square against that law over 100k draws."""
+  from scipy import stats
+  V = 8
+  p = np.asarray([0.05, 0.2, 0.04, 0.03, 0.3, 0.08, 0.1, 0.2])
+  codebook = np.asarray([[0, 0], [20, 20], [0.1, 0], [5, 0], [-20, 0], [5.1, 0], [0, -20],
+                         [20, -20]])  # 0 lends from 2 (and 3, a drafted child); 3 from 5
+  table = lantern.neighbor_table(codebook, 3)
+  d1, d2, delta = 0, 3, 0.1
+  extra, lent = verify.latent_relaxation(jnp.asarray(p, jnp.float32)[None, None].repeat(2, 1),
+                                         jnp.asarray([[d1, d2]], jnp.int32), table, delta)
+  law = p.copy()
+  taken = {d1, d2}
+  for d, row in ((d1, 0), (d2, 1)):
+    for nb, is_lent in zip(np.asarray(table[d]), np.asarray(lent[0, row])):
+      if is_lent and nb not in taken:
+        law[d] += law[nb]
+        law[nb] = 0.0
+        taken.add(int(nb))
+  assert law[d1] > p[d1] and law[d2] > p[d2]  # both children borrow something here
+  B = 100000
+  v = verify.verify_tree(*_two_child_tree(B, p, d1, d2), row_keys(B, 7), True, 1,
+                         acceptance=Lantern(neighbors=table, delta=delta))
+  counts = np.bincount(_tree_first_token(v, d1, d2), minlength=V)
+  keep = law > 0
+  assert counts[~keep].sum() == 0
+  assert stats.chisquare(counts[keep], law[keep] / law[keep].sum() * B).pvalue > 1e-3
+
+
+def test_tree_lantern_greedy_accepts_a_child_whose_relaxed_mass_reaches_the_argmax():
+  V = 6
+  p = np.asarray([0.3, 0.26, 0.05, 0.02, 0.2, 0.17])  # argmax 0
+  codebook = np.asarray([[9, 9], [0, 0], [0.1, 0], [-9, 0], [5, -5], [0, 0.1]])
+  table = lantern.neighbor_table(codebook, 2)  # neighbours of 1: 2, 5; of 4: 2, 1
+  tree = _two_child_tree(1, p, 4, 1)  # 4 borrows 0.05 (0.25 < 0.3), 1 borrows 0.05 (0.31)
+  strict = verify.verify_tree(*tree, row_keys(1), False, 1)
+  assert int(strict.num_accepted[0]) == 0 and int(strict.next_token[0]) == 0
+  v = verify.verify_tree(*tree, row_keys(1), False, 1,
+                         acceptance=Lantern(neighbors=table, delta=0.15))
+  assert int(v.num_accepted[0]) == 1 and int(v.path[0, 0]) == 2  # node 2 holds token 1
