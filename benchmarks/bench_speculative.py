@@ -78,9 +78,10 @@ METHODS = {
     "self": dict(drafter="self", draft_layers=8, num_draft_tokens=6, _models=SMOL),
     "dyspec": dict(drafter="dyspec", draft_layers=8, tree_budget=6, tree_depth=4,
                    tree_children=3, _models=SMOL),
-    "eagle": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4, _models=SMOL),
+    "eagle": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4, eagle_draft_vocab=0,
+                  _models=SMOL),
     "eagle_tree": dict(drafter="eagle", eagle_tree=True, tree_budget=16, tree_depth=6,
-                       tree_children=4, _models=SMOL),
+                       tree_children=4, eagle_draft_vocab=0, _models=SMOL),
     # the same head drafting from the 8192 tokens the target emits most (FR-Spec), and a
     # smaller tree whose verification call is cheaper
     "eagle 8k-vocab": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4,

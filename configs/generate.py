@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tree_children = unset(int)  # children considered per node
   c.eagle_head = unset(str)  # eagle: a registered head name or a folder
   c.eagle_tree = unset(bool)  # eagle: EAGLE-2 dynamic tree (False: a chain)
-  c.eagle_draft_vocab = unset(int)  # eagle: draft from the V' tokens the target emits most (0: all)
+  c.eagle_draft_vocab = unset(int)  # eagle: draft from the V' tokens the target emits most (default 8192; 0: all)
   c.gad_drafter = unset(str)  # gad: a trained block drafter (name or folder)
   # LOSSY acceptance rules (unset = lossless): GAD++ top-beta / gap-tau (greedy) and
   # DistillSpec's lenience epsilon (sampling).

@@ -243,12 +243,14 @@ class EagleDraft(Validated):
   `num_draft_tokens`. `eagle_draft_vocab=V'` drafts from the V' tokens the target emits
   most often (the ranking stored with the head; 0: every token)."""
   eagle_head: str = "eagle-smollm2-135m"
-  eagle_tree: bool = True
+  # A chain from the 8192 most frequent tokens: the fastest shape measured on SmolLM2 at batch
+  # 1 on CPU (BENCHMARKS.md); trees accept more per call but cost more than they gain there.
+  eagle_tree: bool = False
   num_draft_tokens: int = 4
   tree_budget: int = 16
   tree_depth: int = 6
   tree_children: int = 4
-  eagle_draft_vocab: int = 0
+  eagle_draft_vocab: int = 8192
 
   def validate(self) -> None:
     check_bool("eagle_tree", self.eagle_tree)
@@ -279,7 +281,7 @@ class EagleDraft(Validated):
                               "eagle_draft_vocab=0 (the full vocabulary) or retrain the head")
       if n > head.vocab_size:
         raise GenerationError(f"eagle_draft_vocab={n} exceeds the vocabulary "
-                              f"({head.vocab_size} tokens)")
+                              f"({head.vocab_size} tokens): use eagle_draft_vocab=0 (all tokens)")
       ids = jnp.asarray(ranking[:n])
       hp["vocab_ids"] = ids
       hp["vocab_w"] = resources.get(
