@@ -86,6 +86,9 @@ METHODS = {
     # smaller tree whose verification call is cheaper
     "eagle 8k-vocab": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=4,
                             eagle_draft_vocab=8192, _models=SMOL),
+    # a shorter chain: fewer head calls and a 3-row verification, for when tau is low
+    "eagle2 8k-vocab": dict(drafter="eagle", eagle_tree=False, num_draft_tokens=2,
+                             eagle_draft_vocab=8192, _models=SMOL),
     "eagle_tree 8k-vocab": dict(drafter="eagle", eagle_tree=True, tree_budget=16,
                                  tree_depth=6, tree_children=4, eagle_draft_vocab=8192,
                                  _models=SMOL),
