@@ -13,7 +13,7 @@ dequantized to float32):
   runs them, nothing else), and the model call itself (a cached forward pass inside a jitted
   loop, as decoding runs it), in both layer layouts;
 * end-to-end greedy tokens/s (prefill included, fixed length) at batch 1 and `--batch`, in
-  both layer layouts, with bf16 weights computed in fp32 (LayerCast) and in pure bf16; Hugging
+  both layer layouts, with bf16 projection weights computed in fp32 (LayerCast) and in pure bf16; Hugging
   Face transformers (fp32); llama.cpp (`llama-cpp-python`, optional) on F32 and BF16 copies of
   the same weights (`benchmarks.llama_cpp_anchor`).
 
@@ -41,7 +41,7 @@ from benchmarks import hardware, llama_cpp_anchor
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.strategy import Target
-from models import packed_matmul, registry, transformer
+from models import numerics, packed_matmul, registry, transformer
 from models.lm import TransformerLM, load_model
 
 DEFAULT = registry.DEFAULT_MODEL
@@ -245,17 +245,19 @@ def main(argv=None):
       call()
       first_call[f"{name}, {label}"] = time.perf_counter() - t
       e2e[f"decodax fp32, {name}, {label}"] = (call, len(prompts))
-  for dtype_name, compute in (("LayerCast (bf16 weights, fp32 compute)", jnp.float32),
-                              ("bf16 weights and compute", jnp.bfloat16)):
-    c = fused_cfg.replace(param_dtype=jnp.bfloat16, dtype=compute)
-    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), fused[1])
-    e2e[f"decodax {dtype_name}, per-layer fused, batch 1"] = (
-        greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
+  def recast(cfg, params, mode):  # the fp32 weights in another precision recipe
+    r = numerics.recipe(mode)
+    return (TransformerLM(cfg.replace(**r)),
+            numerics.cast_params(params, r["param_dtype"], r["proj_dtype"]))
+
+  for mode, label in (("layercast", "LayerCast (bf16 projections, fp32 compute)"),
+                      ("bf16", "bf16 weights and compute")):
+    e2e[f"decodax {label}, per-layer fused, batch 1"] = (
+        greedy_call(target(*recast(fused_cfg, fused[1], mode)), [base], args.new_tokens), 1)
   if kernel_note is None:
-    c = packed_cfg.replace(param_dtype=jnp.bfloat16)
-    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), layouts["per-layer fused packed"][1])
-    e2e["decodax LayerCast (bf16 weights, fp32 compute), per-layer fused packed, batch 1"] = (
-        greedy_call(target(TransformerLM(c), params), [base], args.new_tokens), 1)
+    lm, params = recast(packed_cfg, layouts["per-layer fused packed"][1], "layercast")
+    e2e["decodax LayerCast (bf16 projections, fp32 compute), per-layer fused packed, "
+        "batch 1"] = (greedy_call(target(lm, params), [base], args.new_tokens), 1)
   llama_note = ""
   if not args.skip_llama_cpp:
     try:

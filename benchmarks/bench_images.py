@@ -12,8 +12,12 @@ same run (median of `runs` warm timings of the whole set, the methods timed in i
 rounds), FID against the 10000 test images
 (features of the project's classifier, `models.image_classifier`) and the classifier's accuracy
 on the requested class. The AR row is repeated with a second seed ("AR, seed 1") as the noise
-floor of FID and accuracy. Writes results/images_fmnist.json, the table in BENCHMARKS.md, and one
-PNG grid per method (two images per class) under docs/images/.
+floor of FID and accuracy. The images the quality columns score are generated through the
+evaluation harness (`decoding.eval_runner.evaluate_images`): one JSONL file of codes per method
+in --work_dir (a rerun of the command resumes them), data parallel over --mesh_data devices
+and, under `jax.distributed` (--coordinator), over several processes. Writes
+results/images_fmnist.json, the table in BENCHMARKS.md, and one PNG grid per method (two
+images per class) under docs/images/.
 """
 from __future__ import annotations
 
@@ -25,11 +29,15 @@ import statistics
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
+from benchmarks import report
 from benchmarks.bench_decode import write_table
 from benchmarks.hardware import cpu_name
+from decoding import eval_runner
+from decoding.eval_runner import Row
 from decoding.image_strategies import ImageAR, ImageEagle, ImageSJD, generate_codes, grid_image
 from decoding.registry import strategy_of
 from decoding.strategy import Resources
@@ -63,6 +71,12 @@ def methods(deltas: list[float], window: int, cfg_scale: float, top_k: int,
         out.append((f"EAGLE-2 tree + LANTERN δ={d:g}", 0,
                     tree.replace(lantern_delta=float(d))))
   return out
+
+
+def slug(method: str) -> str:
+  """The file-name form of a method's name (its PNG grid and its harness JSONL)."""
+  return "".join(ch if ch.isascii() and ch.isalnum() else "_"
+                 for ch in method.lower().replace("δ=", "delta")).strip("_")
 
 
 def render(result: dict) -> str:
@@ -109,6 +123,7 @@ def main(argv=None):
   ap.add_argument("--out", default="results/images_fmnist.json")
   ap.add_argument("--bench_md", default="BENCHMARKS.md")
   ap.add_argument("--grids", default="docs/images")
+  report.add_harness_args(ap, "runs/bench_images")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
   if args.num_images < 10 or args.num_images % 10:
@@ -120,18 +135,24 @@ def main(argv=None):
   if args.eagle_tree_budget < 0:
     ap.error("--eagle_tree_budget must be >= 0")
   deltas = [float(x) for x in args.deltas.split(",") if x.strip()]
+  mesh = report.start_harness(args)
+  eval_runner.check_batch_size(min(args.batch_size, args.num_images), mesh[0])
 
   model = image_ar.load_image_model(args.model)
+  model, shard = eval_runner.place(model, *mesh)
   clf, clf_params, _ = image_classifier.load(image_ar.repo_path(args.classifier))
   test = datasets.load_arrays("fashion_mnist", "test")
   train = datasets.load_arrays("fashion_mnist", "train", features=("image",))
   f_real, pred_real = clf.features_and_predictions(clf_params, test["image"])
   f_train, _ = clf.features_and_predictions(clf_params, train["image"][:10000])
   labels = np.repeat(np.arange(10), args.num_images // 10)
+  image_rows = [Row(i, int(label)) for i, label in enumerate(labels)]
   bs = min(args.batch_size, len(labels))
   resources = Resources()  # the LANTERN table and the head, loaded once
   rows = []
-  os.makedirs(args.grids, exist_ok=True)
+  writer = jax.process_index() == 0  # in a multi-process run, process 0 writes the results
+  if writer:
+    os.makedirs(args.grids, exist_ok=True)
   configs = list(methods(deltas, args.window, args.cfg_scale, args.top_k,
                          0 if args.no_eagle else args.eagle_window, args.lantern_k,
                          0 if args.no_eagle else args.eagle_tree_budget))
@@ -140,12 +161,14 @@ def main(argv=None):
   # AR, SJD, ...) so a drift of the machine reaches them all alike.
   outputs, times = {}, {name: [] for name, _, _ in configs}
   for name, seed, s in configs:
-    generate_codes(model, labels[:bs], s, seed, bs, resources=resources)  # compile
-    outputs[name] = generate_codes(model, labels, s, seed, bs, resources=resources)
+    generate_codes(model, labels[:bs], s, seed, bs, resources=resources, shard=shard)  # compile
+    outputs[name] = eval_runner.image_outputs(eval_runner.evaluate_images(
+        model, image_rows, s, os.path.join(args.work_dir, f"{slug(name)}.jsonl"), seed=seed,
+        batch_size=bs, mesh=mesh, resources=resources, desc=name))
   for _ in range(args.runs):
     for name, seed, s in configs:
       t = time.perf_counter()
-      generate_codes(model, labels, s, seed, bs, resources=resources)
+      generate_codes(model, labels, s, seed, bs, resources=resources, shard=shard)
       times[name].append(time.perf_counter() - t)
   ar_seconds = statistics.median(times["AR"])  # `methods` always starts with AR
   for name, seed, s in configs:
@@ -166,10 +189,9 @@ def main(argv=None):
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
     pick = np.concatenate([np.where(labels == c)[0][:2] for c in range(10)])
-    slug = "".join(ch if ch.isascii() and ch.isalnum() else "_"
-                   for ch in name.lower().replace("δ=", "delta")).strip("_")
-    Image.fromarray(grid_image(imgs[pick], cols=10)).save(
-        os.path.join(args.grids, f"fmnist_{slug}.png"))
+    if writer:
+      Image.fromarray(grid_image(imgs[pick], cols=10)).save(
+          os.path.join(args.grids, f"fmnist_{slug(name)}.png"))
   result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
             "eagle_window": 0 if args.no_eagle else args.eagle_window,
@@ -177,6 +199,8 @@ def main(argv=None):
             "runs": args.runs, "interleaved": True, "fid_floor": image_classifier.fid(f_train, f_real),
             "real_accuracy": float(np.mean(pred_real == test["label"])), "rows": rows,
             "command": " ".join(["python -m benchmarks.bench_images"] + [shlex.quote(a) for a in argv])}
+  if not writer:
+    return
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

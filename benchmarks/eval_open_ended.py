@@ -10,22 +10,27 @@ config in configs/ (greedy, nucleus sampling with p = 0.95, beam, diverse beam, 
 superposed; beam-type strategies contribute their best sequence). Metrics on token ids:
 rep-n (mean over outputs of 1 - distinct n-grams / n-grams, in %), corpus distinct-n,
 and the mean per-token log-likelihood of the outputs under the model (teacher-forced,
-`decoding.scoring`). Writes results/open_ended_smollm2.json and the README table.
+`decoding.scoring`). The generation runs go through the evaluation harness
+(`decoding.eval_runner`): one JSONL file per strategy in --work_dir (a rerun of the command
+resumes them), data parallel over --mesh_data devices and, under `jax.distributed`
+(--coordinator), over several processes. Writes results/open_ended_smollm2.json and the
+README table.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 
 from benchmarks import report
 from benchmarks.hardware import cpu_name
-from decoding import scoring
+from decoding import eval_runner, scoring
 from decoding.beam_search import Beam, DiverseBeam
+from decoding.eval_runner import Row
 from decoding.greedy import Greedy
 from decoding.momentum import Momentum
-from decoding.runner import generate
 from decoding.sampling import Sample
 from decoding.strategy import Resources, Target
 from decoding.superposed import Superposed
@@ -59,6 +64,11 @@ def chapter_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
   return prompts
 
 
+def file_name(strategy: str) -> str:
+  """The harness file stem of a strategy's row name ("top-p (0.95)" -> "top-p_0.95")."""
+  return "_".join("".join(ch if ch.isalnum() or ch in ".-" else " " for ch in strategy).split())
+
+
 def render(result: dict) -> str:
   md = [f"SmolLM2-135M-Instruct (fp32, no chat template), {result['prompts']} prompts of "
         f"{result['prompt_tokens']} tokens from held-out Jane Austen chapters, "
@@ -82,24 +92,30 @@ def main(argv=None) -> dict:
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
+  ap.add_argument("--batch_size", type=int, default=8)
   report.add_output_args(ap, "results/open_ended_smollm2.json")
+  report.add_harness_args(ap, "runs/eval_open_ended")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
   if done is not None:
     return done
+  mesh = report.start_harness(args)
   model = load_model("smollm2-135m-instruct")
   prompts = chapter_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
+  rows = [Row(i, p) for i, p in enumerate(prompts)]
   t0 = time.time()
   metrics, samples = {}, {}
   target = Target(model.lm, model.params, eos_ids=(), pad_id=2, tokenizer=model.tokenizer)
+  target, _ = eval_runner.place(target, *mesh)
   resources = Resources()
   for name, settings in strategy_settings(args.new_tokens).items():
     if args.only and name not in args.only.split(","):
       continue
     ts = time.time()
-    gens = generate(target, prompts, settings, seed=args.seed, batch_size=8,
-                    resources=resources)
-    outs = [g.output_ids for g in gens if g.rank == 0]
+    records = eval_runner.evaluate(
+        target, rows, settings, os.path.join(args.work_dir, f"{file_name(name)}.jsonl"),
+        seed=args.seed, batch_size=args.batch_size, mesh=mesh, resources=resources, desc=name)
+    outs = [next(o["output_ids"] for o in r["outputs"] if o["rank"] == 0) for r in records]
     scored = scoring.score_continuations(model.lm, model.params, prompts, outs)
     metrics[name] = {f"rep-{n}": 100 * evaluation.ngram_repetition(outs, n) for n in (2, 3, 4)}
     metrics[name].update({f"distinct-{n}": evaluation.distinct_n(outs, n) for n in (2, 3, 4)})

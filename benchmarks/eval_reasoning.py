@@ -7,12 +7,16 @@ likelihood) and self-agreement at N = 1, 4, 8, 16, on problems the project gener
 (models/datasets/arithmetic.py, fixed seed), plus the AUROC of G-NLL and self-certainty as
 predictors of a greedy answer's correctness. The N samples per problem are drawn once;
 the first N of them are exactly what `BestOfN(num_samples=N)` draws (a
-sample's key depends on its index only), so every N reuses them. Writes
+sample's key depends on its index only), so every N reuses them. Every generation run goes
+through the evaluation harness (`decoding.eval_runner`): its JSONL results go to --work_dir
+(a rerun of the command resumes them), it runs data parallel over --mesh_data devices and,
+under `jax.distributed` (--coordinator), over several processes. Writes
 results/reasoning_smollm2.json and the table between the markers in README.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,9 +24,11 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.hardware import cpu_name
-from decoding import best_of_n, scoring
+from decoding import best_of_n, eval_runner, scoring
 from decoding.answers import last_number
+from decoding.eval_runner import Row
 from decoding.greedy import Greedy
+from decoding.results import Generation
 from decoding.runner import generate
 from decoding.sampling import Sample
 from decoding.self_agreement import SelfAgreement, self_agreement
@@ -51,6 +57,21 @@ def render(result: dict) -> str:
   return "\n".join(md)
 
 
+def agreement_batches(settings: SelfAgreement, target, groups, n: int, extract, shard,
+                      resources, *, seed: int, batch_size: int) -> eval_runner.BatchFn:
+  """The harness's batch function of self-agreement over already sampled paths: rows
+  (problem ids) -> the greedy agreement response built from each problem's first n samples."""
+  def run(ids, prompts):
+    def stage(p, stage_settings, **kw):
+      return generate(target, p, stage_settings, **{
+          **dict(seed=seed, batch_size=batch_size, row_ids=ids, shard=shard,
+                 resources=resources), **kw})
+    finals = self_agreement(settings, target, prompts, stage, extract=extract,
+                            paths=[groups[i][:n] for i in ids])
+    return [{"outputs": [g.to_json()]} for g in finals]
+  return run
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser()
   ap.add_argument("--problems", type=int, default=64)
@@ -61,29 +82,36 @@ def main(argv=None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
   report.add_output_args(ap, "results/reasoning_smollm2.json")
+  report.add_harness_args(ap, "runs/eval_reasoning")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
   if done is not None:
     return done
+  mesh = report.start_harness(args)
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   probs = arithmetic.problems(args.problems, seed=args.seed)
   prompts = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
+  rows = [Row(i, ids, {"prompt": p.prompt, "answer": p.answer})
+          for i, (ids, p) in enumerate(zip(prompts, probs))]
   extract = last_number
   target = Target(model.lm, model.params, eos_ids=(2,), pad_id=2, tokenizer=tok)
-  run = dict(seed=args.seed, batch_size=args.batch_size, resources=Resources())
-  stage = lambda p, settings, **kw: generate(target, p, settings, **{**run, **kw})
+  target, shard = eval_runner.place(target, *mesh)
+  resources = Resources()
+  run = dict(seed=args.seed, batch_size=args.batch_size, mesh=mesh, resources=resources)
+  path = lambda name: os.path.join(args.work_dir, f"{name}.jsonl")
   t0 = time.time()
 
-  greedy = generate(target, prompts, Greedy(max_new_tokens=args.max_new_tokens), **run)
+  greedy = [Generation.from_json(r["outputs"][0]) for r in eval_runner.evaluate(
+      target, rows, Greedy(max_new_tokens=args.max_new_tokens), path("greedy"), **run)]
   text = lambda g: tok.decode(g.output_ids, skip_special_tokens=True)
   greedy_ok = [arithmetic.is_correct(extract(text(g)), p) for g, p in zip(greedy, probs)]
   print(f"greedy done ({time.time() - t0:.0f}s): accuracy {np.mean(greedy_ok):.3f}", flush=True)
 
-  samples = generate(target, prompts, Sample(max_new_tokens=args.max_new_tokens,
-                                             temperature=args.temperature,
-                                             num_return_sequences=args.max_samples), **run)
-  groups = best_of_n.group_by_prompt(samples, len(prompts))
+  sampled = eval_runner.evaluate(target, rows, Sample(
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+      num_return_sequences=args.max_samples), path(f"samples_{args.max_samples}"), **run)
+  groups = [[Generation.from_json(o) for o in r["outputs"]] for r in sampled]
   answers = [[extract(text(c)) for c in cands] for cands in groups]
   sample_ok = [[arithmetic.is_correct(a, p) for a in ans] for ans, p in zip(answers, probs)]
   print(f"sampling done ({time.time() - t0:.0f}s): per-sample accuracy "
@@ -101,8 +129,14 @@ def main(argv=None) -> dict:
       row[rule] = float(np.mean(ok))
     settings = SelfAgreement(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              num_paths=n, agreement_max_new_tokens=64)
-    finals = self_agreement(settings, target, prompts, stage, extract=extract,
-                            paths=[c[:n] for c in groups])
+    agree = agreement_batches(settings, target, groups, n, extract, shard, resources,
+                              seed=args.seed, batch_size=args.batch_size)
+    finals = [Generation.from_json(r["outputs"][0]) for r in eval_runner.run_rows(
+        rows, agree, path(f"self_agreement_{n}"), batch_size=args.batch_size,
+        data_parallel=mesh[0], desc=f"self-agreement N={n}",
+        signature={"strategy": "self_agreement", "settings": settings.to_flat(),
+                   "paths": f"the first {n} of samples_{args.max_samples}.jsonl",
+                   "seed": args.seed})]
     row["self_agreement"] = float(np.mean([arithmetic.is_correct(g.extras["answer"], p)
                                            for g, p in zip(finals, probs)]))
     table[n] = row

@@ -1,4 +1,5 @@
-"""Shared plumbing of the evaluation scripts: a result JSON plus a README table from it."""
+"""Shared plumbing of the evaluation scripts: a result JSON plus a README table from it, and
+the options of the evaluation harness they run through (`decoding.eval_runner`)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,10 @@ import json
 import os
 from typing import Callable, Optional
 
+import jax
+
 from benchmarks.bench_decode import write_table
+from decoding import eval_runner
 
 
 def add_output_args(ap: argparse.ArgumentParser, default_out: str) -> None:
@@ -26,8 +30,32 @@ def render_only(args, render: Callable[[dict], str], marker: str) -> Optional[di
   return result
 
 
+def add_harness_args(ap: argparse.ArgumentParser, work_dir: str) -> None:
+  """The harness's options: the folder of the per-run JSONL results (a rerun of the command
+  resumes them; delete it to start over), each process's device mesh and the processes of a
+  `jax.distributed` run."""
+  ap.add_argument("--work_dir", default=work_dir,
+                  help="folder of the JSONL results of each generation run (resumed on rerun)")
+  ap.add_argument("--mesh_data", type=int, default=1, help="devices per process over the batch")
+  ap.add_argument("--mesh_model", type=int, default=1, help="devices per process over weights")
+  ap.add_argument("--coordinator", default="",
+                  help="jax.distributed: '' (one process), 'auto' (TPU pod slice) or host:port")
+  ap.add_argument("--num_processes", type=int, default=1)
+  ap.add_argument("--process_id", type=int, default=0)
+
+
+def start_harness(args) -> tuple[int, int]:
+  """Joins this process to the run's processes (if any) and returns the checked mesh
+  (data, model); call it before anything touches a device."""
+  eval_runner.init_processes(args.coordinator, args.num_processes, args.process_id)
+  return eval_runner.mesh_axes((args.mesh_data, args.mesh_model))
+
+
 def save(result: dict, args, render: Callable[[dict], str], marker: str) -> None:
-  """Writes the result JSON, the README table (unless --readme=''), and prints the table."""
+  """Writes the result JSON, the README table (unless --readme=''), and prints the table;
+  in a multi-process run only process 0 does."""
+  if jax.process_index() != 0:
+    return
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -19,9 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Model: a registered name (see models/registry.py), a .gguf file or a safetensors folder.
   c.model = "smollm2-135m-instruct"
-  c.dtype = "float32"  # compute dtype
-  c.param_dtype = "float32"  # storage dtype ("bfloat16" with dtype float32 = LayerCast)
-  c.matmul_precision = "default"  # "highest" forces full-fp32 matmuls on accelerators
+  # The precision recipe (models/numerics.py): "fp32"; "bf16" (bf16 weights and compute);
+  # "layercast" (projection weights stored in bf16, everything computed in fp32)
+  c.numerics = "fp32"
+  # A row's output independent of its batch mates, padding, cache length and mesh
+  # (models/batch_invariant.py): bitwise-reproducible greedy decoding, at a cost in speed
+  c.batch_invariant = False
   # The model's layout: per-layer weights with q/k/v and gate/up fused decode fastest on CPU
   # (True / False: a shorter first compile, slower steps; see models.lm.load_model)
   c.scan_layers = False

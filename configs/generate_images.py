@@ -20,6 +20,7 @@ unset = config_dict.placeholder  # None: the strategy's default
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "image-ar-fmnist"  # a registered name or a decodax image-model folder
+  c.numerics = "fp32"  # fp32 | bf16 | layercast (models/numerics.py)
   c.classes = ""  # comma-separated class ids; "" = all ten
   c.per_class = 8  # images per class (one PNG grid per class)
   c.strategy = "ar"  # ar | sjd | eagle

@@ -8,7 +8,9 @@
 
 A settings object names its strategy (`decoding.registry.STRATEGIES`); images go through
 `decoding.image_strategies.generate_images` with `ImageAR`, `ImageSJD` or `ImageEagle`.
-(`decoding.generate` and `decoding.generate_images` are the command-line modules.)
+`decoding.eval_runner.evaluate` runs a strategy over a dataset (resumable, sharded over devices
+and processes, streamed to JSONL). (`decoding.generate`, `decoding.generate_images` and
+`decoding.evaluate` are the command-line modules.)
 """
 from decoding.beam_search import Beam, DiverseBeam
 from decoding.best_of_n import BestOfN

@@ -18,13 +18,14 @@ from typing import Any, Mapping, Sequence
 from absl import flags
 
 from decoding import registry
-from decoding.errors import GenerationError, nearest
+from decoding.errors import GenerationError, nearest, unknown
+from models.numerics import NUMERICS
 
 # Fields of the commands themselves, not of a strategy.
-TEXT_RUN_FIELDS = ("model", "dtype", "param_dtype", "matmul_precision", "scan_layers",
+TEXT_RUN_FIELDS = ("model", "numerics", "batch_invariant", "scan_layers",
                    "fused_projections", "matmul_kernel", "seed",
                    "batch_size", "max_cache_len", "chat_template", "system_prompt", "mesh")
-IMAGE_RUN_FIELDS = ("model", "classes", "per_class", "seed", "batch_size", "out_dir")
+IMAGE_RUN_FIELDS = ("model", "numerics", "classes", "per_class", "seed", "batch_size", "out_dir")
 RUN_FIELDS = {"text": TEXT_RUN_FIELDS, "image": IMAGE_RUN_FIELDS}
 # What to say when a Hugging Face habit does not apply to the chosen strategy.
 HINTS = {"do_sample": " (for ancestral sampling use strategy='sample')"}
@@ -53,6 +54,8 @@ def settings_from_config(cfg: Mapping, modality: str = "text"):
   """
   flat = as_dict(cfg)
   strategy = registry.get(flat.pop("strategy", None) or DEFAULT_STRATEGY[modality], modality)
+  if "numerics" in flat and flat["numerics"] not in NUMERICS:
+    raise unknown("numerics", flat["numerics"], NUMERICS)
   users = strategy_fields(modality)
   run = RUN_FIELDS[modality]
   mine = set(strategy.settings.flat_fields())

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from decoding import cli
 from decoding.errors import GenerationError, nearest
+from decoding.prompts import check_request_line, encode_text  # encode_text: also for scripts
 from decoding.runner import generate, validate_prompts
 from decoding.strategy import Resources, Target
 from decoding.timing import Stopwatch, speed_report
@@ -57,31 +58,11 @@ def read_requests(path: str) -> list[dict]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-      if not isinstance(obj, dict) or (("prompt" in obj) == ("prompt_ids" in obj)):
-        raise ValueError(f'{path}:{lineno}: expected exactly one of "prompt" or "prompt_ids"')
-      if "prompt" in obj and not isinstance(obj["prompt"], str):
-        raise ValueError(f'{path}:{lineno}: "prompt" must be a string')
-      if "prompt_ids" in obj and not (isinstance(obj["prompt_ids"], list) and all(
-          isinstance(t, int) and not isinstance(t, bool) for t in obj["prompt_ids"])):
-        raise ValueError(f'{path}:{lineno}: "prompt_ids" must be a list of integers')
+      check_request_line(obj, f"{path}:{lineno}")
       requests.append(obj)
   if not requests:
     raise ValueError(f"{path}: no prompts")
   return requests
-
-
-def encode_text(model, text: str, cfg) -> list[int]:
-  """Token ids of a text prompt: the chat template for instruct models (with the
-  `system_prompt` message when one is set, else the template's own default), plain
-  encoding otherwise."""
-  tok = model.tokenizer
-  if tok is None:
-    raise ValueError("this checkpoint has no tokenizer: give prompt_ids instead of text")
-  if cfg.chat_template and model.instruct and tok.chat_template:
-    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
-    messages.append({"role": "user", "content": text})
-    return tok.encode_chat(messages, add_generation_prompt=True)
-  return tok.encode(text)
 
 
 def check_request(cfg, prompts_given: bool):
@@ -105,9 +86,9 @@ def check_matmul_kernel(cfg) -> None:
                           f"{cfg.matmul_kernel!r}{nearest(str(cfg.matmul_kernel), MATMUL_KERNELS)}")
   if cfg.matmul_kernel != "packed":
     return
-  if cfg.dtype != "float32" or cfg.param_dtype not in ("float32", "bfloat16"):
-    raise GenerationError("matmul_kernel='packed' computes in float32 from float32 or bfloat16 "
-                          f"weights; got dtype={cfg.dtype!r}, param_dtype={cfg.param_dtype!r}")
+  if cfg.numerics == "bf16":
+    raise GenerationError("matmul_kernel='packed' computes in float32: use numerics='fp32' or "
+                          "'layercast' (bf16 weights, fp32 compute), or matmul_kernel='xla'")
   if cfg.mesh.data * cfg.mesh.model > 1:
     raise GenerationError("matmul_kernel='packed' runs on one CPU device; use "
                           "matmul_kernel='xla' with a mesh")
@@ -118,13 +99,13 @@ def check_matmul_kernel(cfg) -> None:
 
 def load(cfg):
   """The model of the config, placed on the config's device mesh: (model, shard function)."""
-  model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     matmul_precision=cfg.matmul_precision, scan_layers=cfg.scan_layers,
+  model = load_model(cfg.model, numerics=cfg.numerics, batch_invariant=cfg.batch_invariant,
+                     scan_layers=cfg.scan_layers,
                      fused_projections=cfg.fused_projections, matmul_kernel=cfg.matmul_kernel)
   shard = None
   if cfg.mesh.data * cfg.mesh.model > 1:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
-    model.params = sharding.shard_params(model.params, mesh)
+    model.params = sharding.shard_params(model.params, mesh, column_only=cfg.batch_invariant)
     model.lm = dataclasses.replace(model.lm, mesh=mesh)
     shard = lambda arrays: sharding.shard_batch(arrays, mesh)
   return model, shard

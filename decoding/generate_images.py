@@ -45,7 +45,7 @@ def run(cfg) -> dict:
   settings = cli.settings_from_config(cfg, "image")
   if int(cfg.per_class) < 1 or int(cfg.batch_size) < 1:
     raise ValueError("per_class and batch_size must be >= 1")
-  model = load_image_model(cfg.model)
+  model = load_image_model(cfg.model, numerics=cfg.numerics)
   classes = parse_classes(cfg.classes, model.layout.num_classes)
   os.makedirs(cfg.out_dir, exist_ok=True)
   labels = np.repeat(classes, int(cfg.per_class))

@@ -10,8 +10,9 @@ with fixed shapes and per-image keys.
 Every strategy (`ar`, `sjd`, `eagle` in the registry, with the settings types `ImageAR`,
 `ImageSJD`, `ImageEagle`) decodes the g*g code tokens after the one-token prompt [class]; ids
 that are not image codes are suppressed after guidance, then the sampling warpers apply
-(temperature, top-k, top-p, min-p). Image i of a call uses the key fold_in(PRNGKey(seed), i), so an image depends only on
-its index, label and the settings, never on the batch it was generated in.
+(temperature, top-k, top-p, min-p). Image i of a call uses the key fold_in(PRNGKey(seed), i)
+(or its row id, `generate_codes(row_ids=...)`), so an image depends only on its index, label
+and the settings, never on the batch it was generated in.
 
 Costs are counted as forward passes of the target per image: the prefill (which also yields the
 first token) plus one per decoding step (AR: g*g - 1 steps; SJD: its verification calls).
@@ -19,7 +20,7 @@ first token) plus one per decoding step (AR: g*g - 1 steps; SJD: its verificatio
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -183,37 +184,61 @@ _STRATEGIES = {ImageAR: AR, ImageSJD: SJD, ImageEagle: EAGLE}
 NO_EOS = np.asarray([-1], np.int32)
 
 
+def check_labels(layout, labels) -> np.ndarray:
+  """Class labels as a 1-D int64 array, checked against the token layout (`GenerationError`
+  for an empty list or a label outside [0, num_classes) other than -1, the unconditional)."""
+  labels = np.asarray(labels, np.int64)
+  if labels.ndim != 1 or len(labels) == 0:
+    raise GenerationError("labels must be a non-empty 1-D list of class ids")
+  if labels.min() < -1 or labels.max() >= layout.num_classes:
+    raise GenerationError(f"class labels must be in [0, {layout.num_classes}) (or -1), got "
+                          f"{labels.min()}..{labels.max()}")
+  return labels
+
+
 def generate_codes(model: ImageModel, labels, s: ImageSettings, seed: int = 0,
                    batch_size: int = 50, first_index: int = 0,
-                   resources: Optional[Resources] = None) -> dict:
+                   resources: Optional[Resources] = None,
+                   row_ids: Optional[Sequence[int]] = None,
+                   shard: Optional[Callable[[Any], Any]] = None) -> dict:
   """Codes [N, g*g] for class labels [N] (-1: unconditional) with the strategy of the
   settings `s` (`ImageAR`, `ImageSJD`, `ImageEagle`), and per-image statistics: forward
   passes, accepted draft tokens, and the wall time of the whole call (compilation of the
   first batch included; call once to warm up before timing). `resources` keeps loaded heads
-  and LANTERN tables across calls."""
+  and LANTERN tables across calls.
+
+  Image i samples with the key fold_in(PRNGKey(seed), row_ids[i]); the row ids default to
+  first_index + i, so an image depends on its id, label and the settings only. Every batch
+  is padded to `batch_size` images (one compiled shape). `shard` places a batch's prompts
+  and keys on a device mesh (`decoding.eval_runner.place`)."""
   if type(s) not in _STRATEGIES:
     raise GenerationError(f"not image settings: {s!r} (use ImageAR, ImageSJD or ImageEagle)")
   lay = model.layout
-  labels = np.asarray(labels, np.int64)
-  if labels.ndim != 1 or len(labels) == 0:
-    raise GenerationError("labels must be a non-empty 1-D list of class ids")
-  if labels.min() < -1 or labels.max() >= lay.num_classes:
-    raise GenerationError(f"class labels must be in [0, {lay.num_classes}) (or -1), got "
-                          f"{labels.min()}..{labels.max()}")
+  labels = check_labels(lay, labels)
+  ids = (first_index + np.arange(len(labels)) if row_ids is None
+         else np.asarray(list(row_ids), np.int64))
+  if ids.shape != labels.shape:
+    raise GenerationError(f"{len(ids)} row ids for {len(labels)} labels")
+  if ids.min() < 0 or ids.max() >= 2**32:
+    raise GenerationError("row ids must be in [0, 2**32)")
   run = _STRATEGIES[type(s)].prepare(s, model, resources or Resources())
   base = jax.random.PRNGKey(seed)
   codes, passes, accepted = [], [], []
   t0 = time.perf_counter()
   for i in range(0, len(labels), batch_size):
-    chunk = labels[i:i + batch_size]
+    chunk, chunk_ids = labels[i:i + batch_size], ids[i:i + batch_size]
     n = len(chunk)
     chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n)])  # one shape
+    chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[:1], batch_size - n)])
     keys = jax.vmap(lambda j: jax.random.fold_in(base, j))(
-        jnp.arange(first_index + i, first_index + i + batch_size))
-    res, p, a = run(lay.prompts(chunk), keys)
+        jnp.asarray(chunk_ids.astype(np.uint32)))
+    prompts = lay.prompts(chunk)
+    if shard is not None:
+      prompts, keys = shard((prompts, keys))
+    res, p, a = run(prompts, keys)
     codes.append(np.asarray(res.tokens)[:n])
-    passes.append(p[:n])
-    accepted.append(a[:n])
+    passes.append(np.asarray(p)[:n])
+    accepted.append(np.asarray(a)[:n])
   codes = np.concatenate(codes)
   if codes.max() >= lay.codebook_size:
     raise AssertionError("a non-code token was generated")  # suppressed: cannot happen

@@ -60,6 +60,15 @@ class Generation:
         row[k] = v
     return row
 
+  @classmethod
+  def from_json(cls, row: dict) -> "Generation":
+    """The Generation a `to_json` row describes: its fields by name, every other key (the
+    strategy's extras and added fields such as `text`) in `extras`. JSON keeps floats
+    exactly, so a row read back gives the same scores, log-probs and self-certainty."""
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "extras"}
+    return cls(**{k: v for k, v in row.items() if k in names},
+               extras={k: v for k, v in row.items() if k not in names})
+
 
 def _jsonable(v) -> bool:
   try:

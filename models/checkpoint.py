@@ -287,13 +287,14 @@ def _dtype_name(dtype) -> str:
 def config_to_dict(config: ModelConfig) -> dict:
   d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   d["dtype"], d["param_dtype"] = _dtype_name(config.dtype), _dtype_name(config.param_dtype)
+  d["proj_dtype"] = None if config.proj_dtype is None else _dtype_name(config.proj_dtype)
   return d
 
 
 def config_from_dict(d: dict, **overrides) -> ModelConfig:
   d = dict(d)
   d.update(overrides)
-  for k in ("dtype", "param_dtype"):
+  for k in ("dtype", "param_dtype", "proj_dtype"):
     if isinstance(d.get(k), str):
       d[k] = DTYPES[d[k]]
   known = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -22,11 +22,13 @@ _PRECISIONS = {
 class ModelConfig:
   """Static hyperparameters of a Llama-family decoder.
 
-  `param_dtype` is the storage dtype of the weights; `dtype` is the compute dtype.
-  Storing bf16 weights and computing in fp32 is LayerCast ("Give Me FP32 or Give
-  Me Death? Challenges and Solutions for Reproducible Reasoning"): every matmul
-  upcasts its weight just in time. `matmul_precision="highest"` forces full fp32
-  products on accelerators whose default fp32 matmul is TF32/bf16-pass.
+  `param_dtype` is the storage dtype of the weights; `dtype` is the compute dtype;
+  `proj_dtype`, when set, the storage dtype of the projection weights only (attention and
+  MLP; `models.numerics`). Storing the projections in bf16 and computing in fp32 is LayerCast
+  ("Give Me FP32 or Give Me Death? Challenges and Solutions for Reproducible Reasoning"):
+  every matmul upcasts its weight just in time. `matmul_precision="highest"` forces full
+  fp32 products on accelerators whose default fp32 matmul is TF32/bf16-pass.
+  `models.numerics.recipe` names the usual combinations (fp32, bf16, layercast).
   """
 
   vocab_size: int
@@ -44,6 +46,7 @@ class ModelConfig:
   max_position_embeddings: int = 8192
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  proj_dtype: Any = None  # storage dtype of the projection weights (None: param_dtype)
   matmul_precision: str = "default"
   split_k: int = 1  # blocked accumulation of matmuls (see transformer.matmul)
   scan_layers: bool = True  # stacked layers under nn.scan (False: per-layer params, unrolled)
@@ -55,6 +58,9 @@ class ModelConfig:
   # time and multiplied by the CPU kernel of `models.packed_matmul` (inference only; several
   # times faster than XLA:CPU for 2-16-row products, e.g. speculative verification)
   matmul_kernel: str = "xla"
+  # a row's outputs independent of the batch, its padding and the cache length
+  # (`models.batch_invariant`): one new token per layer pass, tree sums, fixed-shape products
+  batch_invariant: bool = False
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -75,16 +81,25 @@ class ModelConfig:
     if self.matmul_kernel not in MATMUL_KERNELS:
       raise ValueError(
           f"matmul_kernel must be one of {MATMUL_KERNELS}, got {self.matmul_kernel!r}")
+    if self.batch_invariant and self.split_k > 1:
+      raise ValueError("batch_invariant=True fixes the order of every sum; split_k > 1 "
+                       "(blocked accumulation) does not apply: use split_k=1")
     if self.matmul_kernel == "packed":
       if jnp.dtype(self.dtype) != jnp.float32:
         raise ValueError("matmul_kernel='packed' computes in float32; got compute dtype "
                          f"{jnp.dtype(self.dtype).name} (use matmul_kernel='xla' for bf16 compute)")
-      if jnp.dtype(self.param_dtype) not in (jnp.float32, jnp.bfloat16):
-        raise ValueError("matmul_kernel='packed' stores float32 or bfloat16 weights, got "
-                         f"{jnp.dtype(self.param_dtype).name}")
+      for name in ("param_dtype", "projection_dtype"):
+        if jnp.dtype(getattr(self, name)) not in (jnp.float32, jnp.bfloat16):
+          raise ValueError("matmul_kernel='packed' stores float32 or bfloat16 weights, got "
+                           f"{name}={jnp.dtype(getattr(self, name)).name}")
       if self.split_k > 1:
         raise ValueError("matmul_kernel='packed' sums each product in k order; split_k > 1 "
                          "(blocked accumulation) needs matmul_kernel='xla'")
+
+  @property
+  def projection_dtype(self):
+    """Storage dtype of the attention and MLP projection weights."""
+    return self.param_dtype if self.proj_dtype is None else self.proj_dtype
 
   @property
   def precision(self) -> jax.lax.Precision:

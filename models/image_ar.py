@@ -121,9 +121,9 @@ class ImageModel:
     return self.sha256 or checkpoint.params_sha256(self.params)
 
 
-def load_image_model(name_or_path: str = "image-ar-fmnist", dtype="float32") -> ImageModel:
-  """The AR model (a registered name or an `lm` artifact folder), its token layout and its
-  VQ-VAE tokenizer."""
+def load_image_model(name_or_path: str = "image-ar-fmnist", numerics: str = "fp32") -> ImageModel:
+  """The AR model (a registered name or an `lm` artifact folder) in a precision recipe
+  (`models.numerics`), its token layout and its VQ-VAE tokenizer."""
   try:
     path, _, _ = registry.resolve(name_or_path)
     _, manifest = artifacts.read_manifest(path, "lm")
@@ -135,7 +135,7 @@ def load_image_model(name_or_path: str = "image-ar-fmnist", dtype="float32") -> 
   info = manifest["info"]
   if "image_tokens" not in info or "tokenizer" not in info:
     raise ValueError(f"{path}: not an image-token model (its info has no image_tokens/tokenizer)")
-  m = load_model(path, dtype=dtype)
+  m = load_model(path, numerics=numerics)
   layout = ImageTokens(**info["image_tokens"])
   tok, tok_params, _ = vqvae.load(info["tokenizer"])
   if tok.config.codebook_size != layout.codebook_size or tok.config.grid != layout.grid:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from models import artifacts, checkpoint, packed_matmul, registry, sharding, transformer
+from models import numerics as numerics_lib
 from models.config import DTYPES, MATMUL_KERNELS, ModelConfig
 from models.kv_cache import KVCache
 from models.tokenizer import Tokenizer
@@ -41,6 +42,8 @@ class TransformerLM:
                                logits_at, cache_mask)
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+    if self.config.batch_invariant:  # tree sums over the slots want a power of two
+      max_len = 1 << max(0, (max_len - 1).bit_length())
     cache = KVCache.init(self.config, batch_size, max_len)
     if self.mesh is None:
       return cache
@@ -143,15 +146,19 @@ def _load_export(path: str, param_dtype,
           bool(manifest["config"]["instruct"]), manifest["params"]["sha256"])
 
 
-def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
-               param_dtype="float32", matmul_precision: str = "default",
-               split_k: Optional[int] = None, scan_layers: bool = False,
-               fused_projections: bool = True, matmul_kernel: str = "xla") -> LoadedModel:
+def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype=None, param_dtype=None,
+               matmul_precision: Optional[str] = None, split_k: Optional[int] = None,
+               scan_layers: bool = False, fused_projections: bool = True,
+               matmul_kernel: str = "xla", numerics: Optional[str] = None,
+               proj_dtype=None, batch_invariant: bool = False) -> LoadedModel:
   """Loads a registered model name, a .gguf file, a Hugging Face safetensors folder, or an
   exported `lm` artifact folder (written by training, `save_lm`).
 
-  `param_dtype` is the storage dtype, `dtype` the compute dtype (bf16 storage with fp32
-  compute is LayerCast). The default layout is the fast one for decoding: one parameter
+  `numerics` names a whole precision recipe ("fp32", "bf16" or "layercast";
+  `models.numerics`): the compute dtype, which weights are stored in bfloat16 and the dot
+  precision. Without it, `param_dtype` is the storage dtype of every weight (of every weight
+  but the projections when `proj_dtype` is given), `dtype` the compute dtype and
+  `matmul_precision` the dots' (float32 and "default" when unset). The default layout is the fast one for decoding: one parameter
   subtree per layer (`scan_layers=False`; XLA:CPU copies each layer's weight slice out of a
   stacked array, which costs a scanned step about 1.5x) and q/k/v and gate/up joined into one
   matmul each (`fused_projections=True`; `transformer.fuse_projections`). Its first compile
@@ -164,17 +171,29 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
   and multiplies with the CPU kernel of `models.packed_matmul` (x86-64 with AVX2; compiled on
   first use): a step costs about its weight read at 1 to 16 rows, where XLA:CPU's 2-16-row
   products cost 2-4x more (speculative verification, small batches; BENCHMARKS.md).
+  `batch_invariant=True` makes a row's outputs independent of its batch, padding and cache
+  length (`models.batch_invariant`; slower: one token per layer pass).
   """
   if matmul_kernel not in MATMUL_KERNELS:
     raise ValueError(f"matmul_kernel must be one of {MATMUL_KERNELS}, got {matmul_kernel!r}")
   if matmul_kernel == "packed":
     packed_matmul.ensure_registered()  # a clear error here, before any weights are read
+  if numerics is not None:
+    given = [n for n, v in (("dtype", dtype), ("param_dtype", param_dtype),
+                            ("matmul_precision", matmul_precision), ("proj_dtype", proj_dtype))
+             if v is not None]
+    if given:
+      raise ValueError(f"numerics={numerics!r} sets {', '.join(given)}: give one or the other")
+    r = numerics_lib.recipe(numerics)
+    dtype, param_dtype, proj_dtype, matmul_precision = (
+        r["dtype"], r["param_dtype"], r["proj_dtype"], r["matmul_precision"])
   path, sha, instruct = registry.resolve(name_or_path)
-  dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+  dtype, param_dtype = as_dtype(dtype or "float32"), as_dtype(param_dtype or "float32")
+  proj_dtype = None if proj_dtype is None else as_dtype(proj_dtype)
   if split_k is None:
     split_k = 1
-  overrides = dict(dtype=dtype, matmul_precision=matmul_precision, split_k=split_k,
-                   scan_layers=scan_layers)
+  overrides = dict(dtype=dtype, matmul_precision=matmul_precision or "default",
+                   split_k=split_k, scan_layers=scan_layers)
   if os.path.isdir(path) and artifacts.holds_artifact(path):
     config, params, tok_meta, instruct, weights_sha = _load_export(path, param_dtype, overrides)
     tok = Tokenizer(tok_meta) if tok_meta is not None else None
@@ -190,6 +209,11 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype="float32",
     # names their weights
     registered = registry.MODELS.get(name_or_path)
     weights_sha = registered.sha256.lower() if registered else checkpoint.sha256_file(path)
+  if batch_invariant:
+    config = config.replace(batch_invariant=True)
+  if proj_dtype is not None:  # LayerCast: the projections rounded to bf16, the rest as loaded
+    config = config.replace(proj_dtype=proj_dtype)
+    params = numerics_lib.cast_params(params, config.param_dtype, proj_dtype)
   if fused_projections:
     params = transformer.fuse_projections(params)
     config = config.replace(fused_projections=True)

@@ -143,10 +143,15 @@ def unpack(wp: Array) -> Array:
   return jnp.swapaxes(wp, -3, -2).reshape(*lead, k, p * panel)
 
 
-@jax.custom_jvp
-def packed_matmul(x: Array, wp: Array) -> Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def packed_matmul(x: Array, wp: Array, every_row: bool = False) -> Array:
   """x [..., K] float32 @ W, with W given packed as wp [N/16, K, 16] (float32 or bfloat16)
-  -> [..., N] float32. Inference only."""
+  -> [..., N] float32. Inference only.
+
+  The kernel sums each output in k order, row by row, so a row's result does not depend on
+  the other rows or their number. `every_row=True` keeps the kernel for calls of more than
+  `KERNEL_MAX_ROWS` rows too (the batch-invariant mode), where XLA's product would otherwise
+  take over."""
   ensure_registered()
   if wp.ndim != 3 or wp.shape[-1] != PANEL:
     raise ValueError(f"packed weights must have shape [N/{PANEL}, K, {PANEL}], got {wp.shape}")
@@ -156,7 +161,7 @@ def packed_matmul(x: Array, wp: Array) -> Array:
   target = _TARGETS.get(jnp.dtype(wp.dtype))
   if target is None:
     raise ValueError(f"packed weights must be float32 or bfloat16, got {wp.dtype}")
-  if math.prod(x.shape[:-1]) > KERNEL_MAX_ROWS:
+  if math.prod(x.shape[:-1]) > KERNEL_MAX_ROWS and not every_row:
     y = jnp.einsum("...k,pkj->...pj", x.astype(jnp.float32), wp.astype(jnp.float32))
     return y.reshape(x.shape[:-1] + (wp.shape[0] * PANEL,))
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (wp.shape[0] * PANEL,), jnp.float32)
@@ -164,7 +169,7 @@ def packed_matmul(x: Array, wp: Array) -> Array:
 
 
 @packed_matmul.defjvp
-def _packed_matmul_jvp(primals, tangents):
+def _packed_matmul_jvp(every_row, primals, tangents):
   raise NotImplementedError(
       "the packed matmul layout is for inference only; load the model with "
       "matmul_kernel='xla' (training does) to differentiate through it")

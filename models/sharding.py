@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from models.numerics import path_name
+
 DATA, MODEL = "data", "model"
 
 # (path regex, spec for the trailing dims); the stacked-layer axis, if any, is replicated.
@@ -49,23 +51,35 @@ def _fit(spec: tuple, shape: tuple, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_specs(params: Any, mesh: Mesh) -> Any:
+# Batch-invariant mode: no product may sum over a split axis (partial sums combined across
+# devices would be added in an order that depends on the mesh), so the two row-parallel
+# projections are split by output columns too; their input is gathered instead.
+COLUMN_ONLY_RULES: Sequence[tuple[str, tuple]] = (
+    (r"attn/o_proj/kernel$", (None, MODEL)),
+    (r"mlp/down_proj/kernel$", (None, MODEL)),
+)
+
+
+def param_specs(params: Any, mesh: Mesh, column_only: bool = False) -> Any:
+  """PartitionSpecs of `params` on `mesh`; `column_only`: no weight split on its input axis."""
+  rules = tuple(COLUMN_ONLY_RULES if column_only else ()) + tuple(PARAM_RULES)
+
   def spec(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    for pattern, rule in PARAM_RULES:
+    name = path_name(path)
+    for pattern, rule in rules:
       if re.search(pattern, name):
         return _fit(rule, leaf.shape, mesh)
     return P()
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
+def shard_params(params: Any, mesh: Mesh, column_only: bool = False) -> Any:
   table = params.get("embed", {}).get("table") if isinstance(params, dict) else None
   if table is not None and table.ndim == 3:
     raise ValueError("packed weights (matmul_kernel='packed') run on one CPU device; the "
                      "sharding rules name [K, N] matrices: load with matmul_kernel='xla' "
                      "to shard over a mesh")
-  specs = param_specs(params, mesh)
+  specs = param_specs(params, mesh, column_only)
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
 
 

@@ -35,6 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import batch_invariant
 from models import packed_matmul as packing
 from models.config import ModelConfig
 from models.kv_cache import KVCache, write_rows
@@ -86,6 +87,8 @@ def matmul(x: Array, w: Array, cfg: ModelConfig) -> Array:
   """
   x = x.astype(cfg.dtype)
   w = w.astype(cfg.dtype)
+  if cfg.batch_invariant:
+    return batch_invariant.chunked_matmul(x, w, cfg.precision)
   k = w.shape[0]
   c = cfg.split_k
   if c <= 1 or k % c:
@@ -103,28 +106,31 @@ def packed(cfg: ModelConfig, features: int) -> bool:
 
 
 class Dense(nn.Module):
-  """y = x @ W (+ b); W stored in `param_dtype`, upcast to `dtype` just in time.
+  """y = x @ W (+ b); W stored in `projection_dtype` (`param_dtype` for the LM head,
+  `projection=False`), upcast to `dtype` just in time.
 
   W is [K, N], or [N/16, K, 16] column panels under `matmul_kernel="packed"`."""
   features: int
   config: ModelConfig
   use_bias: bool = False
+  projection: bool = True  # an attention / MLP projection (LayerCast stores these in bf16)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
+    store = cfg.projection_dtype if self.projection else cfg.param_dtype
     if packed(cfg, self.features):
       init = lambda key, shape, dtype: packing.pack(
           nn.initializers.normal(0.02)(key, (x.shape[-1], self.features), dtype))
       kernel = self.param("kernel", init, (self.features // packing.PANEL, x.shape[-1],
-                                           packing.PANEL), cfg.param_dtype)
-      y = packing.packed_matmul(x, kernel).astype(cfg.dtype)
+                                           packing.PANEL), store)
+      y = packing.packed_matmul(x, kernel, cfg.batch_invariant).astype(cfg.dtype)
     else:
       kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
-                          cfg.param_dtype)
+                          store)
       y = matmul(x, kernel, cfg)
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), store)
       y = y + bias.astype(cfg.dtype)
     return y
 
@@ -135,7 +141,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.config.param_dtype)
-    return rms_norm(x, scale, self.config.rms_norm_eps, self.config.dtype)
+    norm = batch_invariant.rms_norm if self.config.batch_invariant else rms_norm
+    return norm(x, scale, self.config.rms_norm_eps, self.config.dtype)
 
 
 def new_token_mask(batch: int, num_new: int, new_mask: Optional[Array]) -> Array:
@@ -178,6 +185,20 @@ class Attention(nn.Module):
     k_new = k.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
     v_new = v.transpose(0, 2, 1, 3)
     scale = hd ** -0.5
+    if cfg.batch_invariant:
+      if k_cache is None:
+        raise ValueError("the batch-invariant mode runs through models.transformer.forward, "
+                         "which gives a cache-free pass a scratch cache")
+      # one token per call (`forward` loops over the new tokens); `cache_mask` [B, 1, T] is
+      # the token's whole visibility, itself included: written first, then read in slot order
+      k_cache = write_rows(k_cache, k_new, lengths)
+      v_cache = write_rows(v_cache, v_new, lengths)
+      visible = (cache_mask[:, 0] if cache_mask is not None  # (a direct one-token call)
+                 else jnp.arange(k_cache.shape[2])[None] <= lengths[:, None])
+      out = batch_invariant.attend_one_token(q[:, :, :, 0] * scale, k_cache, v_cache, visible,
+                                             cfg.dtype)
+      out = out.reshape(B, 1, H * hd)
+      return Dense(cfg.hidden_size, cfg, False, name="o_proj")(out), k_cache, v_cache
     s_new = jnp.einsum("bkgsd,bkud->bkgsu", q, k_new.astype(jnp.float32),
                        precision=cfg.precision) * scale
     s_new = jnp.where(new_mask[:, None, None, :, :], s_new, -jnp.inf)
@@ -243,7 +264,8 @@ class Embedder(nn.Module):
 
   def attend(self, hidden: Array) -> Array:
     if self.table.ndim == 3:
-      return packing.packed_matmul(hidden, self.table).astype(self.config.dtype)
+      return packing.packed_matmul(hidden, self.table,
+                                   self.config.batch_invariant).astype(self.config.dtype)
     return matmul(hidden, self.table, self.config)
 
 
@@ -294,7 +316,7 @@ class Transformer(nn.Module):
       self.blocks = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg)
     if not cfg.tie_word_embeddings:
-      self.lm_head = Dense(cfg.vocab_size, cfg)
+      self.lm_head = Dense(cfg.vocab_size, cfg, projection=False)
 
   def embed_tokens(self, tokens: Array) -> Array:
     return self.embed(tokens)
@@ -303,6 +325,24 @@ class Transformer(nn.Module):
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
                logits_at: Optional[Array] = None,
                cache_mask: Optional[Array] = None) -> ForwardOutput:
+    hidden, penultimate, new_cache = self.features(tokens, positions, cache, attn_mask, embeds,
+                                                   cache_mask)
+    head_in = hidden
+    if logits_at is not None:  # only the positions whose logits are needed (e.g. prefill)
+      head_in = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
+    return ForwardOutput(logits=self.head(head_in), hidden=hidden, penultimate=penultimate,
+                         cache=new_cache)
+
+  def head(self, hidden: Array) -> Array:
+    """Output logits [..., V] float32 of final hidden states [..., D]."""
+    if self.config.tie_word_embeddings:
+      return self.embed.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def features(self, tokens: Optional[Array], positions: Array, cache: Optional[KVCache],
+               attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
+               cache_mask: Optional[Array] = None):
+    """(final hidden [B, S, D], penultimate [B, S, D], new cache) of the forward pass."""
     cfg = self.config
     if (tokens is None) == (embeds is None):
       raise ValueError("pass exactly one of tokens or embeds")
@@ -328,17 +368,8 @@ class Transformer(nn.Module):
         ks.append(kl)
         vs.append(vl)
       (x, penultimate), k, v = carry, tuple(ks), tuple(vs)
-    hidden = self.final_norm(x)
-    head_in = hidden
-    if logits_at is not None:  # only the positions whose logits are needed (e.g. prefill)
-      head_in = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
-    if cfg.tie_word_embeddings:
-      logits = self.embed.attend(head_in)
-    else:
-      logits = self.lm_head(head_in)
     new_cache = None if cache is None else KVCache(k=k, v=v, lengths=cache.lengths + S)
-    return ForwardOutput(logits=logits.astype(jnp.float32), hidden=hidden,
-                         penultimate=penultimate, cache=new_cache)
+    return self.final_norm(x), penultimate, new_cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -365,9 +396,55 @@ def forward(params: Any, config: ModelConfig, tokens: Optional[Array], positions
   cache_mask: optional [B, S, T] bool: which cache slots each new token may see, on top of
   `slot < cache.lengths[b]` (token trees grown inside the cache).
   Jitted (a no-op inside an outer jit), so eager calls do not re-trace the layer scan.
+  Under `config.batch_invariant` the new tokens go through the model one at a time
+  (`_forward_token_by_token`).
   """
+  if config.batch_invariant:
+    return _forward_token_by_token(params, config, tokens, positions, cache, attn_mask, embeds,
+                                   logits_at, cache_mask)
   return Transformer(config).apply({"params": params}, tokens, positions, cache, attn_mask,
                                    embeds, logits_at, cache_mask)
+
+
+def _forward_token_by_token(params, config: ModelConfig, tokens, positions, cache, attn_mask,
+                            embeds, logits_at, cache_mask) -> ForwardOutput:
+  """The batch-invariant forward pass (`models.batch_invariant`): a scan over the S new
+  tokens, each run alone through the layers with its visibility spelled out slot by slot
+  (the cache as it was, where `cache_mask` allows, and the new tokens `attn_mask` lets it
+  see, itself included), then the LM head on the positions asked for. Same outputs and cache
+  as the one-call pass up to rounding, with no dependence on the batch, the padding or the
+  cache length. Without a cache (scoring) a scratch cache holds the sequence."""
+  model = Transformer(config)
+  x = tokens if tokens is not None else embeds
+  B, S = x.shape[:2]
+  scratch = cache is None
+  if scratch:
+    cache = KVCache.init(config, B, 1 << max(0, (S - 1).bit_length()))
+  T = cache.max_len
+  start = cache.lengths  # [B]
+  new_mask = new_token_mask(B, S, attn_mask)  # [B, S, S]
+  slot = jnp.arange(T)[None, :]  # [1, T]
+  rel = slot - start[:, None]  # [B, T]: index among the new tokens of slot t
+
+  def step(c, j):
+    old = slot < start[:, None]
+    if cache_mask is not None:
+      old = old & cache_mask[:, j].astype(bool)
+    mine = jax.lax.dynamic_index_in_dim(new_mask, j, axis=1, keepdims=False)  # [B, S]
+    new = (rel >= 0) & (rel <= j) & jnp.take_along_axis(mine, jnp.clip(rel, 0, S - 1), axis=1)
+    col = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, j, 1, axis=1)
+    hidden, penultimate, c = model.apply(
+        {"params": params}, col(tokens), col(positions), c, None, col(embeds),
+        (old | new)[:, None, :], method=Transformer.features)
+    return c, (hidden[:, 0], penultimate[:, 0])
+
+  cache, (hidden, penultimate) = jax.lax.scan(step, cache, jnp.arange(S))
+  hidden, penultimate = jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(penultimate, 0, 1)
+  head_in = hidden if logits_at is None else jnp.take_along_axis(
+      hidden, logits_at[:, :, None], axis=1)
+  logits = model.apply({"params": params}, head_in, method=Transformer.head)
+  return ForwardOutput(logits=logits, hidden=hidden, penultimate=penultimate,
+                       cache=None if scratch else cache)
 
 
 def embed(params: Any, config: ModelConfig, tokens: Array) -> Array:

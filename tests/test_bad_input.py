@@ -86,7 +86,8 @@ def _with_mesh(data, model, **kw):
 
 @pytest.mark.parametrize("config,match", [
     (cfg(matmul_kernel="pakced"), "did you mean 'packed'"),
-    (cfg(matmul_kernel="packed", dtype="bfloat16"), "computes in float32"),
+    (cfg(matmul_kernel="packed", numerics="bf16"), "computes in float32"),
+    (cfg(numerics="layercats"), "did you mean 'layercast'"),
     (_with_mesh(2, 1, matmul_kernel="packed"), "one CPU device"),
 ])
 def test_bad_matmul_kernel_rejected_before_loading(monkeypatch, config, match):

@@ -32,5 +32,7 @@ def test_notebook_executes(path):
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
   expected = {"01_generate.ipynb": "sequence log-prob",
-              "02_train.ipynb": "trained export generates ids"}
+              "02_train.ipynb": "trained export generates ids",
+              "03_speculative.ipynb": "speculative outputs equal greedy",
+              "04_images.ipynb": "image grids generated"}
   assert expected.get(os.path.basename(path), "") in outputs

@@ -131,8 +131,9 @@ def load_draft_model(name_or_path: str, target, resources) -> tuple[Any, Any]:
 
   A trained self-draft artifact (DistillSpec) is rebuilt from the target and its trained
   layers, after checking it was trained for this target; any other language model is
-  loaded in the target's compute dtype and layer layout (per-layer weights decode faster on
-  CPU, see `models.lm.load_model`) and must share the target's vocabulary.
+  loaded in the target's numerics (compute and storage dtypes, dot precision) and layer layout
+  (per-layer weights decode faster on CPU, see `models.lm.load_model`) and must share the
+  target's vocabulary.
   """
   lm = target.lm
   try:
@@ -144,8 +145,11 @@ def load_draft_model(name_or_path: str, target, resources) -> tuple[Any, Any]:
     layout = dict(scan_layers=lm.config.scan_layers,
                   fused_projections=lm.config.fused_projections,
                   matmul_kernel=lm.config.matmul_kernel)  # the target's layout
-    m = resources.get(("lm", name_or_path, str(lm.config.dtype), tuple(layout.values())),
-                      lambda: lm_lib.load_model(name_or_path, dtype=lm.config.dtype, **layout))
+    c = lm.config  # and the target's numerics
+    numerics = dict(dtype=c.dtype, param_dtype=c.param_dtype, proj_dtype=c.proj_dtype,
+                    matmul_precision=c.matmul_precision)
+    m = resources.get(("lm", name_or_path, str(tuple(numerics.values())), tuple(layout.values())),
+                      lambda: lm_lib.load_model(name_or_path, **numerics, **layout))
   except (ValueError, FileNotFoundError) as e:
     raise GenerationError(f"cannot load draft_model {name_or_path!r}: {e}") from e
   if m.lm.vocab_size != lm.vocab_size:

@@ -1,0 +1,232 @@
+"""Batch-invariant mode (models/batch_invariant.py): a row's logits and greedy tokens are
+bitwise the same alone, in any batch, with any padding, cache length and mesh; and the mode
+computes the same model as the default one up to float32 rounding."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decoding.greedy import Greedy
+from decoding.runner import generate
+from models import batch_invariant as bi
+from models import packed_matmul, transformer
+from models.config import tiny_config
+from models.lm import TransformerLM
+from tests import REPO
+from tests.helpers import target
+
+RNG = np.random.default_rng(0)
+
+
+def _tiny(kernel: str = "xla", **kw):
+  """A small model whose widths are multiples of 16 (so the packed kernel applies)."""
+  cfg = tiny_config(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                    intermediate_size=48, num_layers=2, scan_layers=False, **kw)
+  params = transformer.unstack_layers(
+      transformer.init_params(cfg.replace(scan_layers=True), jax.random.PRNGKey(0)), 2)
+  params = transformer.fuse_projections(params)
+  cfg = cfg.replace(fused_projections=True)
+  if kernel == "packed":
+    params = transformer.pack_params(params)
+    cfg = cfg.replace(matmul_kernel="packed")
+  return cfg, params
+
+
+def _prefill(lm, params, rows, P, T):
+  """Last-position logits [B, V] of prompts padded to P in a cache of T slots."""
+  toks = np.zeros((len(rows), P), np.int32)
+  for b, r in enumerate(rows):
+    toks[b, :len(r)] = r
+  pos = jnp.broadcast_to(jnp.arange(P)[None], (len(rows), P))
+  at = jnp.asarray([[len(r) - 1] for r in rows])
+  out = lm(params, jnp.asarray(toks), pos, lm.init_cache(len(rows), T), logits_at=at)
+  return np.asarray(out.logits[:, 0])
+
+
+def test_tree_sum_is_a_sum_and_ignores_batch_shape_and_trailing_zeros():
+  x = RNG.standard_normal((13, 300)).astype(np.float32) * 100
+  s = np.asarray(bi.tree_sum(jnp.asarray(x)))
+  np.testing.assert_allclose(s, x.astype(np.float64).sum(-1), rtol=1e-5, atol=1e-3)
+  alone = np.asarray(bi.tree_sum(jnp.asarray(x[3:4])))[0]
+  padded = np.asarray(bi.tree_sum(jnp.asarray(np.pad(x, ((0, 0), (0, 700))))))[3]
+  assert alone == s[3] == padded
+  # over a leading axis too
+  np.testing.assert_array_equal(np.asarray(bi.tree_sum(jnp.asarray(x.T), axis=0)), s)
+
+
+def test_chunked_matmul_is_the_product_and_a_row_does_not_depend_on_its_batch():
+  w = jnp.asarray(RNG.standard_normal((96, 80)).astype(np.float32))
+  x = RNG.standard_normal((40, 96)).astype(np.float32) * 5
+  y = np.asarray(bi.chunked_matmul(jnp.asarray(x), w))
+  np.testing.assert_allclose(y, x @ np.asarray(w), rtol=1e-4, atol=1e-4)
+  for M, at in ((1, 0), (3, 2), (17, 11)):
+    rows = RNG.standard_normal((M, 96)).astype(np.float32)
+    rows[at] = x[5]
+    assert np.array_equal(np.asarray(bi.chunked_matmul(jnp.asarray(rows), w))[at], y[5])
+
+
+@pytest.mark.parametrize("kernel", ["xla", "packed"])
+def test_batch_invariant_mode_computes_the_same_model(kernel):
+  if kernel == "packed" and packed_matmul.unavailable_reason():
+    pytest.skip(packed_matmul.unavailable_reason())
+  cfg, params = _tiny(kernel)
+  ref, lm = TransformerLM(cfg), TransformerLM(cfg.replace(batch_invariant=True))
+  toks = jnp.asarray(RNG.integers(0, 96, (3, 9)))
+  pos = jnp.broadcast_to(jnp.arange(9)[None], (3, 9))
+  tree = jnp.asarray(np.tril(RNG.random((9, 9)) > 0.4) | np.eye(9, dtype=bool))
+  for mask in (None, tree[None]):
+    a = ref(params, toks, pos, ref.init_cache(3, 16), attn_mask=mask)
+    b = lm(params, toks, pos, lm.init_cache(3, 16), attn_mask=mask)
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b.cache.lengths), np.asarray(a.cache.lengths))
+  # a following step on each cache, and a cache-free (scoring) pass
+  step = jnp.asarray([[1], [2], [3]])
+  a2 = ref(params, step, jnp.full((3, 1), 9), a.cache)
+  b2 = lm(params, step, jnp.full((3, 1), 9), b.cache)
+  np.testing.assert_allclose(np.asarray(b2.logits), np.asarray(a2.logits), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lm(params, toks, pos, None).logits),
+                             np.asarray(ref(params, toks, pos, None).logits), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "packed"])
+def test_a_rows_logits_are_bitwise_the_same_alone_batched_padded_and_in_a_longer_cache(kernel):
+  if kernel == "packed" and packed_matmul.unavailable_reason():
+    pytest.skip(packed_matmul.unavailable_reason())
+  cfg, params = _tiny(kernel)
+  lm = TransformerLM(cfg.replace(batch_invariant=True))
+  rows = [list(RNG.integers(0, 96, n)) for n in (5, 11, 3, 16, 7, 9, 2, 13, 8, 4)]
+  alone = _prefill(lm, params, rows[:1], 8, 16)[0]
+  for mates, P, T in ((rows[1:4], 16, 32), (rows[1:], 16, 64), ([], 32, 128)):
+    got = _prefill(lm, params, rows[:1] + mates, P, T)[0]
+    assert np.array_equal(got, alone), (len(mates), P, T)
+
+
+def test_greedy_tokens_do_not_depend_on_batch_size_or_mates():
+  cfg, params = _tiny("xla")
+  t = target(TransformerLM(cfg.replace(batch_invariant=True)), params, eos_ids=(1,), pad_id=0)
+  prompts = [list(RNG.integers(2, 96, n)) for n in RNG.integers(1, 20, 32)]
+  s = Greedy(max_new_tokens=12)
+  runs = {bs: [g.output_ids for g in generate(t, prompts, s, batch_size=bs)]
+          for bs in (1, 4, 16)}
+  assert runs[4] == runs[1] and runs[16] == runs[1]
+  # a prompt alone (its own, shorter padding and cache) against its row in the full run
+  assert [g.output_ids for g in generate(t, prompts[7:8], s)][0] == runs[1][7]
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import dataclasses, json
+    import jax, numpy as np
+    from decoding.greedy import Greedy
+    from decoding.runner import generate
+    from decoding.strategy import Target
+    from models import sharding, transformer
+    from models.config import tiny_config
+    from models.lm import TransformerLM
+    assert len(jax.devices()) == 8
+    cfg = tiny_config(vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=48, num_layers=2, scan_layers=False,
+                      fused_projections=True, batch_invariant=True)
+    params = transformer.fuse_projections(transformer.unstack_layers(transformer.init_params(
+        cfg.replace(scan_layers=True, fused_projections=False), jax.random.PRNGKey(0)), 2))
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(2, 96, n))) for n in rng.integers(1, 20, 16)]
+    s = Greedy(max_new_tokens=10)
+    out = {}
+    for data, model in ((1, 1), (2, 4), (8, 1), (1, 8)):
+      mesh = sharding.make_mesh(data, model)
+      p = sharding.shard_params(params, mesh, column_only=True)
+      lm = TransformerLM(cfg, mesh=mesh)
+      g = generate(Target(lm, p, (1,), 0), prompts, s, batch_size=8,
+                   shard=lambda a: sharding.shard_batch(a, mesh))
+      out[f"{data}x{model}"] = [x.output_ids for x in g]
+    print(json.dumps(out))
+""")
+
+
+def _tokens_per_mesh(script: str) -> dict:
+  """Runs `script` on 8 simulated CPU devices; its last line: {mesh: tokens per prompt}."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_greedy_tokens_are_the_same_on_every_mesh():
+  out = _tokens_per_mesh(MESH_SCRIPT)
+  for mesh, tokens in out.items():
+    assert tokens == out["1x1"], mesh
+
+
+def test_split_k_is_refused_in_batch_invariant_mode():
+  with pytest.raises(ValueError, match="split_k"):
+    tiny_config(batch_invariant=True, split_k=2)
+
+
+def _smollm_prompts(tok, n: int = 32) -> list[list[int]]:
+  """n prompts of mixed lengths (3 to about 60 tokens): arithmetic problems cut short."""
+  from models.datasets import arithmetic
+  probs = arithmetic.problems(n, seed=5)
+  cuts = np.random.default_rng(2).integers(3, 60, n)
+  return [tok.encode(p.prompt)[:int(c)] for p, c in zip(probs, cuts)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("numerics", ["fp32", "layercast"])
+def test_smollm2_greedy_is_bitwise_the_same_at_batch_1_4_16(smollm_gguf, numerics):
+  """32 prompts of mixed lengths: identical tokens at batch sizes 1, 4 and 16, and a prompt
+  decoded alone equals its row in the batch (the packed kernel where it runs, else XLA)."""
+  from models.lm import load_model
+  kernel = "xla" if packed_matmul.unavailable_reason() else "packed"
+  m = load_model("smollm2-135m-instruct", numerics=numerics, batch_invariant=True,
+                 matmul_kernel=kernel)
+  prompts = _smollm_prompts(m.tokenizer)
+  t = target(m.lm, m.params, eos_ids=(m.tokenizer.eos_id,), pad_id=m.tokenizer.pad_id)
+  s = Greedy(max_new_tokens=16)
+  runs = {bs: [g.output_ids for g in generate(t, prompts, s, batch_size=bs)]
+          for bs in (16, 4, 1)}
+  assert runs[4] == runs[16] and runs[1] == runs[16]
+  assert generate(t, prompts[5:6], s)[0].output_ids == runs[16][5]
+
+
+SMOLLM_MESH_SCRIPT = textwrap.dedent("""
+    import dataclasses, json
+    import jax, numpy as np
+    from decoding.greedy import Greedy
+    from decoding.runner import generate
+    from decoding.strategy import Target
+    from models import sharding
+    from models.lm import load_model
+    from tests.models.test_batch_invariant import _smollm_prompts
+    m = load_model("smollm2-135m-instruct", batch_invariant=True)
+    prompts = _smollm_prompts(m.tokenizer)
+    s = Greedy(max_new_tokens=16)
+    out = {}
+    for data, model in ((1, 1), (2, 4), (8, 1)):
+      mesh = sharding.make_mesh(data, model)
+      p = sharding.shard_params(m.params, mesh, column_only=True)
+      lm = dataclasses.replace(m.lm, mesh=mesh)
+      g = generate(Target(lm, p, (m.tokenizer.eos_id,), m.tokenizer.pad_id), prompts, s,
+                   batch_size=16, shard=lambda a: sharding.shard_batch(a, mesh))
+      out[f"{data}x{model}"] = [x.output_ids for x in g]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_bitwise_the_same_on_every_mesh(smollm_gguf):
+  out = _tokens_per_mesh(SMOLLM_MESH_SCRIPT)
+  for mesh, tokens in out.items():
+    assert tokens == out["1x1"], mesh
