@@ -199,34 +199,3 @@ def test_smollm2_greedy_is_bitwise_the_same_at_batch_1_4_16(smollm_gguf, numeric
           for bs in (16, 4, 1)}
   assert runs[4] == runs[16] and runs[1] == runs[16]
   assert generate(t, prompts[5:6], s)[0].output_ids == runs[16][5]
-
-
-SMOLLM_MESH_SCRIPT = textwrap.dedent("""
-    import dataclasses, json
-    import jax, numpy as np
-    from decoding.greedy import Greedy
-    from decoding.runner import generate
-    from decoding.strategy import Target
-    from models import sharding
-    from models.lm import load_model
-    from tests.models.test_batch_invariant import _smollm_prompts
-    m = load_model("smollm2-135m-instruct", batch_invariant=True)
-    prompts = _smollm_prompts(m.tokenizer)
-    s = Greedy(max_new_tokens=16)
-    out = {}
-    for data, model in ((1, 1), (2, 4), (8, 1)):
-      mesh = sharding.make_mesh(data, model)
-      p = sharding.shard_params(m.params, mesh, column_only=True)
-      lm = dataclasses.replace(m.lm, mesh=mesh)
-      g = generate(Target(lm, p, (m.tokenizer.eos_id,), m.tokenizer.pad_id), prompts, s,
-                   batch_size=16, shard=lambda a: sharding.shard_batch(a, mesh))
-      out[f"{data}x{model}"] = [x.output_ids for x in g]
-    print(json.dumps(out))
-""")
-
-
-@pytest.mark.slow
-def test_smollm2_greedy_is_bitwise_the_same_on_every_mesh(smollm_gguf):
-  out = _tokens_per_mesh(SMOLLM_MESH_SCRIPT)
-  for mesh, tokens in out.items():
-    assert tokens == out["1x1"], mesh
