@@ -2,9 +2,9 @@
 
 XLA picks how to vectorize and block a reduction or a matrix product from the shapes of the
 whole operation, so a row's floating-point sums are taken in an order that changes with the
-batch size, the padded prompt length and the cache length (measured on XLA:CPU: a
-576 x 1536 float32 product gives different bits for a row computed alone and in a batch of 2
-to 32, and again in a batch of 64; a row-wise sum of squares changes from 8 rows on). Greedy
+batch size, the padded prompt length and the cache length (seen on XLA:CPU while building
+this mode: a row of a float32 product, and a row-wise sum of squares, changed bits with the
+number of rows). Greedy
 decoding then flips at near-ties and a row's output depends on what it was batched with
 ("Give Me FP32 or Give Me Death? Challenges and Solutions for Reproducible Reasoning",
 Yuan et al., 2025; "Defeating Nondeterminism in LLM Inference", He et al., Thinking Machines
