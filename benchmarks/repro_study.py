@@ -167,7 +167,8 @@ def render(result: dict) -> str:
   lines += ["", f"`{result['command']}`; per-configuration outputs in "
             f"`{os.path.basename(a['out'])[:-5]}.runs.jsonl`, plot `{result['plot']}`."]
   if not result["complete"]:
-    lines.append(f"Incomplete: {result['missing']} configurations not run yet.")
+    lines.append(f"Incomplete: {result['missing']} configurations not run yet "
+                 f"({', '.join(result.get('missing_configs', []))}).")
   return "\n".join(lines)
 
 
@@ -201,6 +202,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--devices", default="1,2,4,8")
   ap.add_argument("--batch_invariant", type=int, default=0, choices=(0, 1))
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--max_hours", type=float, default=0.0,
+                  help="start no new configuration after this long (0: run them all); the "
+                       "report then covers the configurations done, and a rerun goes on")
   report.add_output_args(ap, "results/repro_smollm2.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
@@ -227,41 +231,62 @@ def main(argv=None) -> dict:
           done_runs[r["key"]] = r
   probs = arithmetic.problems(args.problems, seed=args.seed)
   t0 = time.time()
+  models, prompts = {}, {}
+
+  def model_of(mode):  # loaded once, kept: the configurations interleave the recipes
+    if mode not in models:
+      models[mode] = load_model(MODEL, numerics=mode, batch_invariant=invariant)
+      tok = models[mode].tokenizer
+      prompts[mode] = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
+    return models[mode]
+
+  # Cheapest configurations first (one device, large batches), every recipe at each, so a
+  # study stopped early (--max_hours) still compares the recipes on the same configurations.
+  order = [(d, b) for d in sorted(devices) for b in sorted(batches, reverse=True)]
+  order = [(1, 1)] + [c for c in order if c != (1, 1)]
+  for d, b in order:
+    for mode in modes:
+      key = config_key(mode, b, d, invariant)
+      if key in done_runs:
+        continue
+      if args.max_hours and time.time() - t0 > args.max_hours * 3600:
+        break
+      model = model_of(mode)
+      tok = model.tokenizer
+      r = run_config(model, prompts[mode], mode, b, d, invariant, args.max_new_tokens,
+                     (tok.eos_id,), tok.pad_id)
+      with open(runs_path, "a") as f:
+        f.write(json.dumps(r) + "\n")
+      done_runs[key] = r
+      print(f"{key}: {r['seconds']:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
   recipes = {}
   for mode in modes:
-    model = load_model(MODEL, numerics=mode, batch_invariant=invariant)
-    tok = model.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
-    eos, pad = (tok.eos_id,), tok.pad_id
-    for d in devices:
-      for b in batches:
-        key = config_key(mode, b, d, invariant)
-        if key in done_runs:
-          continue
-        r = run_config(model, prompts, mode, b, d, invariant, args.max_new_tokens, eos, pad)
-        with open(runs_path, "a") as f:
-          f.write(json.dumps(r) + "\n")
-        done_runs[key] = r
-        print(f"{key}: {r['seconds']:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
-    mode_runs = [done_runs[config_key(mode, b, d, invariant)] for d in devices for b in batches]
+    if config_key(mode, 1, 1, invariant) not in done_runs:
+      continue
+    model, tok = model_of(mode), models[mode].tokenizer
+    mode_runs = [done_runs[k] for k in (config_key(mode, b, d, invariant)
+                                        for d in devices for b in batches) if k in done_runs]
     ref = done_runs[config_key(mode, 1, 1, invariant)]
     text = lambda ids: tok.decode(ids, skip_special_tokens=True)
     correct = [[arithmetic.is_correct(last_number(text(o)), p) for o, p in zip(r["outputs"], probs)]
                for r in mode_runs]
     gaps = [logit_gaps(model, pr, out) if out else np.zeros(0)
-            for pr, out in zip(prompts, ref["outputs"])]
+            for pr, out in zip(prompts[mode], ref["outputs"])]
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     recipes[mode + ("+bi" if invariant else "")] = dict(
         bytes_per_param=numerics_lib.param_bytes(model.params)["total"] / n_params,
         reference_accuracy=float(np.mean(correct[mode_runs.index(ref)])),
         metrics=analyse(mode_runs, ref, correct, gaps))
-    del model
+    models.pop(mode)
   total = len(modes) * len(batches) * len(devices)
   have = sum(config_key(m, b, d, invariant) in done_runs for m in modes for b in batches
              for d in devices)
   plot_path = args.out[:-5] + ".png"
   result = dict(model=MODEL, args=vars(args), machine=cpu_name(), recipes=recipes,
                 complete=have == total, missing=total - have, plot=plot_path,
+                missing_configs=[config_key(m, b, d, invariant) for d in devices
+                                 for b in batches for m in modes
+                                 if config_key(m, b, d, invariant) not in done_runs],
                 seconds=time.time() - t0,
                 command=" ".join(["python -m benchmarks.repro_study"] + list(
                     sys.argv[1:] if argv is None else argv)))

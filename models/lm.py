@@ -35,11 +35,27 @@ class TransformerLM:
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
                logits_at: Optional[Array] = None,
                cache_mask: Optional[Array] = None) -> transformer.ForwardOutput:
+    if self._rows_per_device(tokens if tokens is not None else embeds):
+      # bitwise the single-device result on a data-parallel mesh (models.sharding)
+      fn = lambda p, *args: transformer.forward(p, self.config, *args)
+      return sharding.rows_per_device(fn, self.mesh, positions.shape[0], params, tokens,
+                                      positions, cache, attn_mask, embeds, logits_at,
+                                      cache_mask)
     if cache_mask is None:  # keeps the jit cache key of the common call unchanged
       return transformer.forward(params, self.config, tokens, positions, cache, attn_mask,
                                  embeds, logits_at)
     return transformer.forward(params, self.config, tokens, positions, cache, attn_mask, embeds,
                                logits_at, cache_mask)
+
+  def _rows_per_device(self, x: Array) -> bool:
+    """A batch-invariant model on a data-only mesh whose data axis divides the batch runs
+    each device's rows as their own program. On a mesh with a model axis GSPMD partitions
+    the products, and a column block of a product can round differently from the whole
+    (seen on XLA:CPU at SmolLM2's shapes): the tokens stay the same there, not every bit."""
+    mesh = self.mesh
+    return (self.config.batch_invariant and mesh is not None
+            and mesh.shape[sharding.MODEL] == 1 and mesh.shape[sharding.DATA] > 1
+            and x.shape[0] % mesh.shape[sharding.DATA] == 0)
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
     if self.config.batch_invariant:  # tree sums over the slots want a power of two

@@ -8,12 +8,13 @@ replicated, so any mesh shape is valid. GSPMD inserts the collectives.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from models.kv_cache import KVCache
 from models.numerics import path_name
 
 DATA, MODEL = "data", "model"
@@ -95,3 +96,35 @@ def batch_spec(shape: tuple, mesh: Mesh) -> P:
 def shard_batch(arrays: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(x.shape, mesh))),
                       arrays)
+
+
+def rows_per_device(fn: Callable[..., Any], mesh: Mesh, batch_size: int, params: Any,
+                    *args: Any) -> Any:
+  """fn(params, *args) with every data device running it on its own rows only.
+
+  A `shard_map` over the data axis of a data-only mesh (model axis 1): the weights are
+  replicated, every array argument whose leading dimension is the batch is split by rows
+  (a KV cache by its batch axis), and each device runs exactly the program a single device
+  would run on those rows. Under GSPMD a data-parallel product is instead partitioned as
+  XLA sees fit (a fixed-size row chunk may be split over devices and summed in another
+  order), so this is what makes a batch-invariant model (`models.batch_invariant`) give the
+  same bits on any data-parallel mesh. Outputs with a leading batch dimension are
+  gathered back in row order. `batch_size` must divide evenly over the data axis.
+  """
+  if mesh.shape[MODEL] != 1 or batch_size % mesh.shape[DATA]:
+    raise ValueError(f"rows_per_device needs a data-only mesh dividing the batch; got mesh "
+                     f"{dict(mesh.shape)} for {batch_size} rows")
+
+  def spec(x: Any) -> P:
+    if isinstance(x, KVCache):
+      rows = lambda a: P(*([None] * (a.ndim - 4) + [DATA]))  # [(L,) B, Hkv, T, hd]
+      return KVCache(k=jax.tree.map(rows, x.k), v=jax.tree.map(rows, x.v), lengths=P(DATA))
+    return jax.tree.map(lambda a: P(DATA) if a.ndim and a.shape[0] == batch_size else P(), x)
+
+  is_cache = lambda x: isinstance(x, KVCache)
+  in_specs = (jax.tree.map(lambda _: P(), params),) + tuple(
+      jax.tree.map(spec, a, is_leaf=is_cache) for a in args)
+  out_shape = jax.eval_shape(fn, params, *args)
+  out_specs = jax.tree.map(spec, out_shape, is_leaf=is_cache)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(params, *args)

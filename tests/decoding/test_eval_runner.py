@@ -4,11 +4,15 @@ once and ends with the uninterrupted run's file; bad input is an error before an
 
 The equality tests decode greedily with a tiny random model. Wherever every device computes
 the same shapes as the single-device run (a resumed run, two processes of one device each)
-the files are compared byte for byte. Data parallel over a mesh is not bitwise equal: a
-device's share of a batch is a smaller product, which XLA:CPU sums in another order, so
-log-probs, entropies and scores move by about 1e-6 (measured: up to 5e-6 in the logits of
-one forward pass over 8 rows split 8 ways, with or without `ModelConfig.batch_invariant` as
-it stands); there the tokens, ids and flags are compared exactly and the floats to 1e-5."""
+the files are compared byte for byte. Data parallel over a mesh in the default mode is not
+bitwise equal: a device's share of a batch is a smaller product, which XLA:CPU sums in
+another order, so log-probs, entropies and scores move by about 1e-6 (measured: up to 5e-6
+in the logits of one forward pass over 8 rows split 8 ways); there the tokens, ids and flags
+are compared exactly and the floats to 1e-5. In the batch-invariant mode
+(`ModelConfig.batch_invariant`) a data-only mesh runs each device's rows as their own
+program (`models.sharding.rows_per_device`) and the file is the single-device file byte for
+byte; with a model axis the products are split by columns, which can round differently, so
+there too the tokens are exact and the floats equal to 1e-5."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +52,10 @@ BATCH = 8
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_target() -> Target:
-  """A random two-layer decoder (the same weights in every process)."""
-  c = tiny_config(vocab_size=V)
+def tiny_target(invariant: bool = False) -> Target:
+  """A random two-layer decoder (the same weights in every process); `invariant`: in the
+  batch-invariant mode."""
+  c = tiny_config(vocab_size=V, batch_invariant=invariant)
   # scaled up: sharper next-token distributions than the near-uniform init, so greedy
   # choices are not near-ties
   params = jax.tree.map(lambda x: x * 4.0, transformer.init_params(c, jax.random.PRNGKey(0)))
@@ -64,9 +69,11 @@ def tiny_rows() -> list[Row]:
               {"k": k}) for k in range(20)]
 
 
-def run_case(output: str, mesh=(1, 1), kill_at_batch: int = 0) -> list[dict]:
-  """`evaluate` of the tiny model over the tiny rows into `output`; with `kill_at_batch`, the
-  process kills itself (SIGKILL) when that batch (1-based) starts."""
+def run_case(output: str, mesh=(1, 1), kill_at_batch: int = 0, invariant: bool = False
+             ) -> list[dict]:
+  """`evaluate` of the tiny model (batch-invariant with `invariant`) over the tiny rows into
+  `output`; with `kill_at_batch`, the process kills itself (SIGKILL) when that batch
+  (1-based) starts."""
   if kill_at_batch:
     calls = [0]
     generate = eval_runner.generate
@@ -77,8 +84,8 @@ def run_case(output: str, mesh=(1, 1), kill_at_batch: int = 0) -> list[dict]:
         os.kill(os.getpid(), signal.SIGKILL)
       return generate(*args, **kwargs)
     eval_runner.generate = dying
-  return eval_runner.evaluate(tiny_target(), tiny_rows(), SETTINGS, output, batch_size=BATCH,
-                              mesh=tuple(mesh), progress=False)
+  return eval_runner.evaluate(tiny_target(invariant), tiny_rows(), SETTINGS, output,
+                              batch_size=BATCH, mesh=tuple(mesh), progress=False)
 
 
 # A subprocess: optionally joins a two-process run, then runs cases (tests/decoding/...:
@@ -253,14 +260,20 @@ def assert_same_but_rounding(text: str, reference_text: str, tol: float = 1e-5) 
 @pytest.mark.slow
 def test_one_and_eight_devices_write_the_same_file(reference, tmp_path):
   """Data parallel over 8 simulated devices (and data 4 x model 2) gives the single-device
-  records: the same tokens, the floats up to rounding (see the module docstring); images
-  sampled under guidance, data parallel, are the same images."""
-  outs = {m: str(tmp_path / f"out_{m[0]}x{m[1]}.jsonl") for m in [(8, 1), (4, 2)]}
+  records: the same tokens, the floats up to rounding (see the module docstring); in the
+  batch-invariant mode 8 x 1 writes the single-device file byte for byte; images sampled
+  under guidance, data parallel, are the same images."""
+  meshes = [(8, 1), (4, 2)]
+  outs = {m: str(tmp_path / f"out_{m[0]}x{m[1]}.jsonl") for m in meshes}
+  inv = {m: str(tmp_path / f"invariant_{m[0]}x{m[1]}.jsonl") for m in [(1, 1)] + meshes}
   images = {"folder": str(tmp_path / "images"), "meshes": [[1, 1], [8, 1]]}
-  files = finish(launch({"cases": [{"output": o, "mesh": m} for m, o in outs.items()],
-                         "images": images}, devices=8))
+  cases = ([{"output": o, "mesh": m} for m, o in outs.items()]
+           + [{"output": o, "mesh": m, "invariant": True} for m, o in inv.items()])
+  files = finish(launch({"cases": cases, "images": images}, devices=8))
   assert_same_but_rounding(files[outs[(8, 1)]], reference[0])
   assert_same_but_rounding(files[outs[(4, 2)]], reference[0])
+  assert files[inv[(8, 1)]] == files[inv[(1, 1)]]  # byte for byte
+  assert_same_but_rounding(files[inv[(4, 2)]], files[inv[(1, 1)]])
   single, sharded = ([json.loads(line) for line in files[f"images {m}"].splitlines()]
                      for m in ("1x1", "8x1"))
   assert [(r["id"], r["codes"], r["forward_passes"]) for r in sharded] == [
