@@ -28,8 +28,11 @@ The batches are the same whatever the number of processes (and a resumed run's r
 batches are the uninterrupted run's), so with one device per process the file is byte for
 byte the single-process file. Split over a mesh's `data` axis, a device multiplies a smaller
 share of the batch, which XLA:CPU sums in another order (log-probs move by ~1e-6; greedy
-tokens agree unless two logits are that close); exact equality there needs a model whose
-products do not depend on the rows per device.
+tokens agree unless two logits are that close). A batch-invariant model
+(`ModelConfig.batch_invariant`) on a data-only mesh runs each device's rows as their own
+program (`models.sharding.rows_per_device`), and the file is then the single-device file
+byte for byte; with a model axis too, its tokens are the same and its floats agree to ~1e-6
+(a column block of a product can round differently from the whole).
 
 Text records are {"id", the row's fields, "outputs": [one `Generation.to_json` per output
 sequence, with "text" when the model has a tokenizer]}; image records {"id", the row's

@@ -23,12 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
   # (the Hugging Face reference) instead of two workers each spawning one per core.
   os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# JAX's persistent compilation cache stays off in the suite unless asked for
-# (DECODAX_TEST_JAX_CACHE=<folder>, or =1 for ~/.cache/decodax/jax_test_cache): with it on, two
-# full runs of the suite on a 2-core AVX-512 machine (one of them CI's) each lost a pytest
-# worker to a segmentation fault inside jax's compile-and-write-cache path (once in the
-# compile, once in serializing the executable), at different tests, and xdist then waited
-# forever. Reruns of a single file are faster with it (about 2x for the SmolLM2 parity file).
+# JAX's persistent compilation cache is off in the suite unless asked for
+# (DECODAX_TEST_JAX_CACHE=<folder>, or =1 for ~/.cache/decodax/jax_test_cache): a fresh clone
+# gains nothing from it, and the whole suite ran in 11 min 35 s without it here, against about
+# 35 min in earlier sessions with it. Reruns of one file are faster with it (about 2x for the
+# SmolLM2 parity file).
 _JAX_CACHE = os.environ.get("DECODAX_TEST_JAX_CACHE", "0")
 if _JAX_CACHE not in ("", "0"):
   if _JAX_CACHE == "1":
@@ -132,3 +131,32 @@ def prompt_ids(smollm):
   ids += [tok.encode_chat([{"role": "user", "content": q}])
           for q in ("What is the capital of France?", "Write a haiku about the sea.")]
   return ids
+
+
+# Every XLA:CPU executable keeps its machine code in memory mappings of its own (a SmolLM2
+# program holds hundreds), and a process may hold at most vm.max_map_count of them (65530 by
+# default). One pytest worker compiles thousands of programs; past the limit LLVM's next
+# mapping fails and the worker dies with a segmentation fault inside an XLA compile (seen in
+# CI, and reproduced here by running one worker's files in one process: the mappings grew
+# by about 500 per SmolLM2 test). Between test files the compiled programs are dropped once
+# the mappings pass MAX_MAPPINGS; the next use of a jitted function compiles it again.
+MAX_MAPPINGS = int(os.environ.get("DECODAX_TEST_MAX_MAPPINGS", "24000"))
+
+
+def _mappings() -> int:
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux: nothing to watch
+    return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_memory_mappings():
+  yield
+  if _mappings() > MAX_MAPPINGS:
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

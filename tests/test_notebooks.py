@@ -34,5 +34,6 @@ def test_notebook_executes(path):
   expected = {"01_generate.ipynb": "sequence log-prob",
               "02_train.ipynb": "trained export generates ids",
               "03_speculative.ipynb": "speculative outputs equal greedy",
-              "04_images.ipynb": "image grids generated"}
+              "04_images.ipynb": "image grids generated",
+              "05_reproducibility.ipynb": "batch-invariant outputs are bitwise the same"}
   assert expected.get(os.path.basename(path), "") in outputs

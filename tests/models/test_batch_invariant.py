@@ -148,7 +148,32 @@ MESH_SCRIPT = textwrap.dedent("""
       lm = TransformerLM(cfg, mesh=mesh)
       g = generate(Target(lm, p, (1,), 0), prompts, s, batch_size=8,
                    shard=lambda a: sharding.shard_batch(a, mesh))
-      out[f"{data}x{model}"] = [x.output_ids for x in g]
+      out[f"{data}x{model}"] = [[x.output_ids, x.token_logprobs] for x in g]
+    print(json.dumps(out))
+""")
+
+# SmolLM2 in fp32, batch-invariant, on three meshes: 8 prompts of mixed lengths, 8 tokens.
+SMOLLM_MESH_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from decoding.greedy import Greedy
+    from decoding.runner import generate
+    from decoding.strategy import Target
+    from models import sharding
+    from models.lm import load_model
+    from tests.models.test_batch_invariant import _smollm_prompts
+    assert len(jax.devices()) == 8
+    m = load_model("smollm2-135m-instruct", numerics="fp32", batch_invariant=True)
+    prompts = _smollm_prompts(m.tokenizer, 8)
+    out = {}
+    for data, model in ((1, 1), (8, 1), (2, 4)):
+      mesh = sharding.make_mesh(data, model)
+      p = sharding.shard_params(m.params, mesh, column_only=True)
+      lm = m.lm.__class__(m.lm.config, mesh=mesh)
+      g = generate(Target(lm, p, (m.tokenizer.eos_id,), m.tokenizer.pad_id), prompts,
+                   Greedy(max_new_tokens=8), batch_size=8,
+                   shard=lambda a: sharding.shard_batch(a, mesh))
+      out[f"{data}x{model}"] = [[x.output_ids, x.token_logprobs] for x in g]
     print(json.dumps(out))
 """)
 
@@ -163,11 +188,25 @@ def _tokens_per_mesh(script: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _assert_same_on_meshes(out: dict) -> None:
+  """The same tokens on every mesh; on data-only meshes (`models.sharding.rows_per_device`)
+  the same log-probabilities, bit for bit (JSON keeps a float's shortest exact repr)."""
+  ref = out["1x1"]
+  for mesh, rows in out.items():
+    assert [tokens for tokens, _ in rows] == [tokens for tokens, _ in ref], mesh
+    if mesh.endswith("x1"):
+      assert rows == ref, mesh
+
+
 @pytest.mark.slow
 def test_greedy_tokens_are_the_same_on_every_mesh():
-  out = _tokens_per_mesh(MESH_SCRIPT)
-  for mesh, tokens in out.items():
-    assert tokens == out["1x1"], mesh
+  _assert_same_on_meshes(_tokens_per_mesh(MESH_SCRIPT))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm_gguf")
+def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4():
+  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT))
 
 
 def test_split_k_is_refused_in_batch_invariant_mode():
