@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.strategy = "greedy"
 
   # Hugging Face GenerationConfig names (decoding/settings.py).
-  c.max_new_tokens = unset(int)  # 64; best_of_n and self_agreement: 128
+  c.max_new_tokens = unset(int)  # 64; best_of_n and self_agreement: 128; soft_thinking: 256
   c.min_new_tokens = unset(int)
   c.temperature = unset(float)  # 1.0; superposed: 0.06; best_of_n, self_agreement: 0.7
   c.top_k = unset(int)  # 0 disables
@@ -76,6 +76,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.agreement_max_new_tokens = unset(int)
   c.agreement_template = unset(str)
   c.agreement_path_template = unset(str)
+  # soft_thinking (decoding/soft_thinking.py); the warpers above are its answer phase's
+  c.soft_variant = unset(str)  # gumbel | dirichlet | vanilla
+  c.soft_temperature = unset(float)  # 0.6
+  c.soft_top_k = unset(int)  # 30; 0: the whole vocabulary
+  c.soft_top_p = unset(float)  # 0.95
+  c.soft_max_topk = unset(int)  # 10: components of a soft token
+  c.dirichlet_alpha = unset(float)  # 4.0
+  c.gumbel_temperature = unset(float)  # 0.5
+  # Markers: text, or token ids (Python API). think_end default "</think>"; "" = budget only
+  c.think_start = config_dict.FieldReference(None, field_type=object)
+  c.think_end = config_dict.FieldReference(None, field_type=object)
+  c.max_think_tokens = unset(int)  # 192 (max_new_tokens, default 256, counts every token)
+
+  # exact_extract (decoding/exact_extract.py): input lines {"passage", "question"[, "examples"]}
+  c.max_span_tokens = unset(int)  # 0: any length (the whole passage window)
+  c.length_normalize = unset(bool)  # False: rank spans by NLL, True: NLL / (length + 1)
+  c.top_spans = unset(int)  # 5
+  c.start_chunk = unset(int)  # 16 start positions per compiled pass
+  c.window_tokens = unset(int)  # 0: as many passage tokens as the context allows
+  c.window_stride = unset(int)  # 0: window_tokens // 2
 
   # speculative (decoding/speculative/): lossless in greedy mode (the tokens of
   # strategy="greedy") and, with do_sample=True, in sampling mode. The drafter's own fields

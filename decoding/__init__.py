@@ -15,6 +15,7 @@ and processes, streamed to JSONL). (`decoding.generate`, `decoding.generate_imag
 from decoding.beam_search import Beam, DiverseBeam
 from decoding.best_of_n import BestOfN
 from decoding.errors import GenerationError
+from decoding.exact_extract import ExactExtract
 from decoding.greedy import Greedy
 from decoding.image_strategies import ImageAR, ImageEagle, ImageSJD
 from decoding.momentum import Momentum
@@ -22,6 +23,7 @@ from decoding.registry import STRATEGIES, strategy_of
 from decoding.results import Generation
 from decoding.sampling import Sample
 from decoding.self_agreement import SelfAgreement
+from decoding.soft_thinking import SoftThinking
 from decoding.speculative.dyspec import DySpec
 from decoding.speculative.eagle import EagleDraft
 from decoding.speculative.gad_drafter import GadDraft
@@ -31,7 +33,8 @@ from decoding.speculative.strategy import Speculative
 from decoding.strategy import Resources, Target
 from decoding.superposed import Superposed
 
-__all__ = ["Beam", "BestOfN", "DiverseBeam", "DySpec", "EagleDraft", "GadDraft", "Generation",
+__all__ = ["Beam", "BestOfN", "DiverseBeam", "DySpec", "EagleDraft", "ExactExtract", "GadDraft",
+           "Generation",
            "GenerationError", "Greedy", "ImageAR", "ImageEagle", "ImageSJD", "ModelDraft",
            "Momentum", "PromptLookup", "Resources", "STRATEGIES", "Sample", "SelfAgreement",
-           "SelfDraft", "Speculative", "Superposed", "Target", "strategy_of"]
+           "SelfDraft", "SoftThinking", "Speculative", "Superposed", "Target", "strategy_of"]

@@ -30,9 +30,11 @@ byte the single-process file. Split over a mesh's `data` axis, a device multipli
 share of the batch, which XLA:CPU sums in another order (log-probs move by ~1e-6; greedy
 tokens agree unless two logits are that close). A batch-invariant model
 (`ModelConfig.batch_invariant`) on a data-only mesh runs each device's rows as their own
-program (`models.sharding.rows_per_device`), and the file is then the single-device file
-byte for byte; with a model axis too, its tokens are the same and its floats agree to ~1e-6
-(a column block of a product can round differently from the whole).
+program (`models.sharding.rows_per_device`): the tests' tiny model then writes the
+single-device file byte for byte; with a model axis too (a column block of a product can
+round differently from the whole), and at SmolLM2's sizes (XLA:CPU's exp inside attention
+rounds differently for one row and for eight), the tokens are the same and the floats agree
+to ~1e-5.
 
 Text records are {"id", the row's fields, "outputs": [one `Generation.to_json` per output
 sequence, with "text" when the model has a tokenizer]}; image records {"id", the row's
@@ -287,6 +289,19 @@ def _check_signature(output: str, signature: Optional[Mapping]) -> None:
                           f"delete it and {path}, or choose another output")
 
 
+def numerics_of(lm) -> dict:
+  """What decides a model's floating-point results besides its weights: the dtypes, the dot
+  precision, the matmul kernel and the batch-invariant mode (empty for a model without a
+  `ModelConfig`). Part of a run's signature, so a resumed file is not mixed across them."""
+  config = getattr(lm, "config", None)
+  if config is None or not hasattr(config, "batch_invariant"):
+    return {}
+  name = lambda d: None if d is None else np.dtype(d).name
+  return {"dtype": name(config.dtype), "param_dtype": name(config.param_dtype),
+          "proj_dtype": name(config.proj_dtype), "matmul_precision": config.matmul_precision,
+          "matmul_kernel": config.matmul_kernel, "batch_invariant": bool(config.batch_invariant)}
+
+
 # -------------------------------------------------------------------------------- the loop
 
 
@@ -393,7 +408,8 @@ def evaluate(model, rows: Sequence[Row], settings, output: str, *, seed: int = 0
     plan_lengths(settings.max_new_tokens, max(len(r.input) for r in rows),
                  target.lm.max_positions, max_cache_len)
   signature = {"strategy": strategy.name, "settings": settings.to_flat(), "seed": int(seed),
-               "model": target.name, "model_sha256": target.sha256}
+               "model": target.name, "model_sha256": target.sha256,
+               "numerics": numerics_of(target.lm)}
   _check_signature(output, signature)
   placed, shard = place(target, data, model_parallel)
   resources = Resources() if resources is None else resources

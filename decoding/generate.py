@@ -32,6 +32,7 @@ from tqdm import tqdm
 from decoding import cli
 from decoding.errors import GenerationError, nearest
 from decoding.prompts import check_request_line, encode_text  # encode_text: also for scripts
+from decoding.registry import strategy_of
 from decoding.runner import generate, validate_prompts
 from decoding.strategy import Resources, Target
 from decoding.timing import Stopwatch, speed_report
@@ -46,7 +47,7 @@ _INPUT = flags.DEFINE_string("input", None, "JSONL file of prompts (batch mode).
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL file for the results (batch mode).")
 
 
-def read_requests(path: str) -> list[dict]:
+def read_requests(path: str, check_line=check_request_line) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"input file not found: {path}")
   requests = []
@@ -58,11 +59,25 @@ def read_requests(path: str) -> list[dict]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-      check_request_line(obj, f"{path}:{lineno}")
+      check_line(obj, f"{path}:{lineno}")
       requests.append(obj)
   if not requests:
     raise ValueError(f"{path}: no prompts")
   return requests
+
+
+def line_check(strategy):
+  """How a JSONL line is checked: a prompt line, or the input of a strategy that reads its
+  own (`Strategy.check_inputs`, e.g. exact_extract's {"passage", "question"})."""
+  if strategy.check_inputs is None:
+    return check_request_line
+
+  def check(obj, where: str) -> None:
+    try:
+      strategy.check_inputs([obj])
+    except GenerationError as e:
+      raise GenerationError(f"{where}: {str(e).removeprefix('input 0: ')}") from None
+  return check
 
 
 def check_request(cfg, prompts_given: bool):
@@ -119,11 +134,19 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
   settings = check_request(cfg, prompt is not None or input_path is not None)
   if input_path is not None and output_path is None:
     raise GenerationError("--input needs --output")
-  requests = read_requests(input_path) if input_path else [{"prompt": prompt}]
+  strategy = strategy_of(settings)
+  if strategy.check_inputs is not None and input_path is None:
+    raise GenerationError(f"strategy {strategy.name!r} reads its own input lines: give "
+                          "--input=FILE.jsonl --output=FILE.jsonl")
+  requests = read_requests(input_path, line_check(strategy)) if input_path else [
+      {"prompt": prompt}]
   model, shard = load(cfg)
-  prompts = [r["prompt_ids"] if "prompt_ids" in r else encode_text(model, r["prompt"], cfg)
-             for r in requests]
-  validate_prompts(prompts, model.lm.vocab_size)
+  if strategy.check_inputs is not None:
+    prompts = requests
+  else:
+    prompts = [r["prompt_ids"] if "prompt_ids" in r else encode_text(model, r["prompt"], cfg)
+               for r in requests]
+    validate_prompts(prompts, model.lm.vocab_size)
   target, resources = Target.of(model), Resources()
   results, generations, watch = [], [], Stopwatch()
   bs = int(cfg.batch_size)
@@ -141,6 +164,7 @@ def run(cfg, prompt: Optional[str], input_path: Optional[str], output_path: Opti
       g.index += start
       text = model.tokenizer.decode(g.output_ids, skip_special_tokens=True) if (
           model.tokenizer is not None) else ""
+      text = g.extras.get("text", text)  # a strategy's own text (exact_extract: the span)
       given = {"prompt": requests[g.index]["prompt"]} if "prompt" in requests[g.index] else {}
       results.append(g.to_json(text=text, **given))
   if output_path is not None:

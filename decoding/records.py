@@ -18,19 +18,44 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import batch_invariant
+
 Array = jax.Array
 
 
-def distribution_stats(logp: Array) -> tuple[Array, Array]:
+def is_batch_invariant(lm) -> bool:
+  """Whether `lm` runs in the batch-invariant mode (`models.batch_invariant`); its records
+  are then summed in a fixed order too (`log_softmax`, `distribution_stats`)."""
+  return bool(getattr(getattr(lm, "config", None), "batch_invariant", False))
+
+
+def log_softmax(logits: Array, invariant: bool = False) -> Array:
+  """fp32 log-softmax over the last axis. `invariant`: the normalizer is a pairwise tree sum
+  (`models.batch_invariant.tree_sum`), so a row's values do not depend on how many rows the
+  call has (XLA:CPU's own reduction can change with the batch shape: seen at V = 576)."""
+  x = logits.astype(jnp.float32)
+  if not invariant:
+    return jax.nn.log_softmax(x, axis=-1)
+  m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))  # exact in any order
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  shifted = x - m
+  return shifted - jnp.log(batch_invariant.tree_sum(jnp.exp(shifted)))[..., None]
+
+
+def distribution_stats(logp: Array, invariant: bool = False) -> tuple[Array, Array]:
   """(entropy, mean log-prob over the vocabulary) of fp32 log-probs [..., V] -> [...].
 
   Tokens with probability 0 (log p = -inf) add nothing to the entropy; the mean
   log-prob is then -inf, as it should be (self-certainty is unbounded there).
+  `invariant`: both sums are pairwise tree sums (see `log_softmax`).
   """
   logp = logp.astype(jnp.float32)
   p = jnp.exp(logp)
-  entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-  return entropy, jnp.mean(logp, axis=-1)
+  terms = jnp.where(p > 0, p * logp, 0.0)
+  if invariant:
+    return (-batch_invariant.tree_sum(terms),
+            batch_invariant.tree_sum(logp) / logp.shape[-1])
+  return -jnp.sum(terms, axis=-1), jnp.mean(logp, axis=-1)
 
 
 @flax.struct.dataclass
@@ -79,11 +104,13 @@ class TokenRecord:
             "token_logprobs", "processed_logprobs", "token_entropy", "token_mean_logp")})
 
 
-def token_stats(tokens: Array, raw_logp: Array, processed_logp: Array) -> TokenRecord:
+def token_stats(tokens: Array, raw_logp: Array, processed_logp: Array,
+                invariant: bool = False) -> TokenRecord:
   """The record of `tokens` [...] chosen from raw model log-probs `raw_logp` [..., V] (fp32
-  log-softmax) and `processed_logp` [..., V] (what the strategy scored the token with)."""
+  log-softmax) and `processed_logp` [..., V] (what the strategy scored the token with);
+  `invariant`: the statistics are summed in a fixed order (`distribution_stats`)."""
   pick = lambda lp: jnp.take_along_axis(lp, tokens[..., None], axis=-1)[..., 0]
-  entropy, mean_logp = distribution_stats(raw_logp)
+  entropy, mean_logp = distribution_stats(raw_logp, invariant)
   return TokenRecord(tokens=tokens.astype(jnp.int32), token_logprobs=pick(raw_logp),
                      processed_logprobs=pick(processed_logp).astype(jnp.float32),
                      token_entropy=entropy, token_mean_logp=mean_logp)

@@ -7,8 +7,8 @@ and the Python API all look strategies up here, and a settings object names its 
 """
 from __future__ import annotations
 
-from decoding import (beam_search, best_of_n, greedy, image_strategies, momentum, sampling,
-                      self_agreement, superposed)
+from decoding import (beam_search, best_of_n, exact_extract, greedy, image_strategies, momentum,
+                      sampling, self_agreement, soft_thinking, superposed)
 from decoding.errors import GenerationError, unknown
 from decoding.speculative import strategy as speculative
 from decoding.strategy import Strategy
@@ -24,6 +24,8 @@ STRATEGIES: dict[str, Strategy] = {
     "best_of_n": best_of_n.STRATEGY,
     "self_agreement": self_agreement.STRATEGY,
     "speculative": speculative.STRATEGY,
+    "soft_thinking": soft_thinking.STRATEGY,
+    "exact_extract": exact_extract.STRATEGY,
     # images (class-conditional image tokens, `models.image_ar`)
     "ar": image_strategies.AR,
     "sjd": image_strategies.SJD,

@@ -108,7 +108,10 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
   if strategy.modality != "text":
     raise GenerationError(f"strategy {strategy.name!r} generates images: use "
                           "decoding.image_strategies.generate_images")
-  validate_prompts(prompts, target.lm.vocab_size)
+  if strategy.check_inputs is None:
+    validate_prompts(prompts, target.lm.vocab_size)
+  else:  # not token-id prompts (e.g. exact_extract's passages and questions)
+    prompts = strategy.check_inputs(prompts)
   check_int("batch_size", batch_size, 1)
   check_int("max_cache_len", max_cache_len, 0)
   if not is_int(seed):

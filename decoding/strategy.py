@@ -118,9 +118,15 @@ class Strategy:
   # Whether the output is greedy decoding's for the settings (its G-NLL is then reported).
   greedy_equivalent: Callable[[Any], bool] = lambda s: False
   postprocess: Optional[Callable[[list], None]] = None  # adds extras to the Generations
+  # Pipeline strategies whose input is not a token-id prompt (exact-extract: passage and
+  # question): check_inputs(inputs) -> inputs raises GenerationError for bad ones and
+  # replaces `generate`'s prompt validation; the pipeline receives them as given.
+  check_inputs: Optional[Callable[[Sequence[Any]], list]] = None
 
   def __post_init__(self):
     if (self.prepare is None) == (self.pipeline is None):
       raise ValueError(f"strategy {self.name!r}: give exactly one of prepare or pipeline")
     if self.modality not in ("text", "image"):
       raise ValueError(f"strategy {self.name!r}: unknown modality {self.modality!r}")
+    if self.check_inputs is not None and self.pipeline is None:
+      raise ValueError(f"strategy {self.name!r}: check_inputs needs a pipeline")

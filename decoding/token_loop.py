@@ -13,12 +13,13 @@ depend on the rest of the batch.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from decoding import records
 from decoding.prefill import new_cache, prefill
 from decoding.processors import LogitsProcessor, ProcessorContext
 from decoding.records import DecodeResult, TokenRecord, token_stats
@@ -40,6 +41,25 @@ def sample_select(logits: Array, keys: Array) -> Array:
   return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits)
 
 
+class StepHook:
+  """Optional per-step hook of the loop, for strategies that choose from more than the
+  processed logits or feed the model something other than the chosen token (soft thinking
+  feeds a mixture of embeddings, `decoding.soft_thinking`). Hooks are hashable values: they
+  are static arguments of the jitted loop.
+
+  init(state) -> aux: the hook's own loop state (per-row arrays), kept in `DecodeState.aux`.
+  choose(lm, params, state, processed [B, V], step_keys [B, 2]) -> (tokens [B],
+  record_logits [B, V]: the logits whose log-softmax the record's processed log-prob is read
+  from, embeds [B, D] or None: the next input (None: the tokens' own embeddings), new aux).
+  """
+
+  def init(self, state: "DecodeState") -> Any:
+    return None
+
+  def choose(self, lm, params, state: "DecodeState", processed: Array, keys: Array):
+    raise NotImplementedError
+
+
 @flax.struct.dataclass
 class DecodeState:
   """Loop state of token-by-token decoding (an explicit pytree)."""
@@ -53,6 +73,7 @@ class DecodeState:
   record: TokenRecord  # [B, N]
   cache: KVCache
   row_keys: Array  # [B, 2] uint32 per-row PRNG keys
+  aux: Any = None  # a `StepHook`'s own state, else None
 
   @property
   def processor_context(self) -> ProcessorContext:
@@ -92,26 +113,39 @@ def step_keys(row_keys: Array, step: Array) -> Array:
 
 
 def decode_step(lm, params, state: DecodeState, processor: LogitsProcessor, select: Selector,
-                eos_ids: Array, pad_id: int, max_new_tokens: int) -> DecodeState:
-  """Chooses one token per row from `state.logits`, records it and runs the model on it."""
+                eos_ids: Array, pad_id: int, max_new_tokens: int,
+                hook: Optional[StepHook] = None) -> DecodeState:
+  """Chooses one token per row from `state.logits`, records it and runs the model on it
+  (or, with a `hook`, on the input the hook gives)."""
   B = state.logits.shape[0]
   processed = processor(state.logits, state.processor_context)
-  tokens = select(processed, step_keys(state.row_keys, state.step)).astype(jnp.int32)
+  keys = step_keys(state.row_keys, state.step)
+  embeds, aux = None, state.aux
+  if hook is None:
+    tokens = select(processed, keys).astype(jnp.int32)
+  else:
+    tokens, processed, embeds, aux = hook.choose(lm, params, state, processed, keys)
+    tokens = tokens.astype(jnp.int32)
   active = ~state.done
   tokens = jnp.where(active, tokens, pad_id)
-  stats = token_stats(tokens, jax.nn.log_softmax(state.logits, axis=-1),
-                      jax.nn.log_softmax(processed, axis=-1))
+  invariant = records.is_batch_invariant(lm)  # fixed-order sums for its records too
+  stats = token_stats(tokens, records.log_softmax(state.logits, invariant),
+                      records.log_softmax(processed, invariant), invariant)
   record = state.record.write(state.step, jax.tree.map(lambda x: x[:, None], stats), active)
   sequences = state.sequences.at[jnp.arange(B), state.seq_len].set(tokens)
   is_eos = jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1) & active
   state = state.replace(
       step=state.step + 1, sequences=sequences, seq_len=state.seq_len + active,
-      done=state.done | is_eos, num_generated=state.num_generated + active, record=record)
+      done=state.done | is_eos, num_generated=state.num_generated + active, record=record,
+      aux=aux)
 
   def advance(s: DecodeState) -> DecodeState:
     # Finished rows feed a pad token at a frozen position; their cache row is not advanced.
     positions = (s.seq_len - 1)[:, None]
-    out = lm(params, tokens[:, None], positions, s.cache)
+    if embeds is None:
+      out = lm(params, tokens[:, None], positions, s.cache)
+    else:
+      out = lm(params, None, positions, s.cache, embeds=embeds[:, None])
     cache = out.cache.with_lengths(s.cache.lengths + active)
     return s.replace(logits=out.logits[:, 0], cache=cache)
 
@@ -120,12 +154,13 @@ def decode_step(lm, params, state: DecodeState, processor: LogitsProcessor, sele
 
 
 def decode_loop(lm, params, state: DecodeState, processor: LogitsProcessor, select: Selector,
-                eos_ids: Array, pad_id: int, max_new_tokens: int) -> DecodeState:
+                eos_ids: Array, pad_id: int, max_new_tokens: int,
+                hook: Optional[StepHook] = None) -> DecodeState:
   def cond(s):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s):
-    return decode_step(lm, params, s, processor, select, eos_ids, pad_id, max_new_tokens)
+    return decode_step(lm, params, s, processor, select, eos_ids, pad_id, max_new_tokens, hook)
 
   return jax.lax.while_loop(cond, body, state)
 

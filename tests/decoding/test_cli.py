@@ -70,8 +70,7 @@ def test_cli_reports_bad_values_without_traceback():
   assert "Traceback" not in proc.stderr
 
 
-TEXT_STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "momentum", "superposed",
-                   "best_of_n", "self_agreement", "speculative")
+TEXT_STRATEGIES = tuple(registry.names("text"))  # every text strategy in the table
 
 
 @pytest.mark.parametrize("name", TEXT_STRATEGIES)

@@ -405,9 +405,15 @@ def test_unwritable_or_foreign_outputs_are_errors(no_compile, tmp_path):
   mixed.write_text("")
   (tmp_path / "mixed.jsonl.run.json").write_text(json.dumps(
       {"strategy": "greedy", "settings": {**SETTINGS.to_flat(), "max_new_tokens": 9},
-       "seed": 0}))
+       "seed": 0, "numerics": eval_runner.numerics_of(tiny_target().lm)}))
   with pytest.raises(GenerationError, match="written by another run .settings.max_new_tokens: "
                                             "9 in the file, 6 now"):
+    run(mixed)
+  (tmp_path / "mixed.jsonl.run.json").write_text(json.dumps(  # by the batch-invariant mode
+      {"strategy": "greedy", "settings": SETTINGS.to_flat(), "seed": 0,
+       "numerics": eval_runner.numerics_of(tiny_target(invariant=True).lm)}))
+  with pytest.raises(GenerationError, match="written by another run .numerics.batch_invariant: "
+                                            "True in the file, False now"):
     run(mixed)
   broken = tmp_path / "broken.jsonl"  # a broken line before the last one
   broken.write_text('{"id": 100}\nnot json\n{"id": 101}\n')

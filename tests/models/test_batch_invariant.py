@@ -188,14 +188,17 @@ def _tokens_per_mesh(script: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _assert_same_on_meshes(out: dict) -> None:
-  """The same tokens on every mesh; on data-only meshes (`models.sharding.rows_per_device`)
-  the same log-probabilities, bit for bit (JSON keeps a float's shortest exact repr)."""
+def _assert_same_on_meshes(out: dict, bitwise_on_data_meshes: bool = True) -> None:
+  """The same tokens on every mesh; with `bitwise_on_data_meshes`, on data-only meshes
+  (`models.sharding.rows_per_device`) the same log-probabilities, bit for bit (JSON keeps a
+  float's shortest exact repr), else equal to 1e-4."""
   ref = out["1x1"]
   for mesh, rows in out.items():
     assert [tokens for tokens, _ in rows] == [tokens for tokens, _ in ref], mesh
-    if mesh.endswith("x1"):
+    if mesh.endswith("x1") and bitwise_on_data_meshes:
       assert rows == ref, mesh
+    for (_, lp), (_, lp_ref) in zip(rows, ref):
+      np.testing.assert_allclose(lp, lp_ref, atol=1e-4, err_msg=mesh)
 
 
 @pytest.mark.slow
@@ -206,7 +209,31 @@ def test_greedy_tokens_are_the_same_on_every_mesh():
 @pytest.mark.slow
 @pytest.mark.usefixtures("smollm_gguf")
 def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4():
-  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT))
+  """The same tokens on 1 x 1, 8 x 1 and 2 x 4. Not every bit of the log-probabilities: at
+  SmolLM2's sizes, with a cache of 64 slots or more, XLA:CPU computes the attention's
+  exp(scores - max) differently for one row and for eight (measured: up to 7e-5 in the
+  logits between batch 1 and 8 on one device), so a device holding one row of the batch
+  rounds differently from the single device holding eight."""
+  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT), bitwise_on_data_meshes=False)
+
+
+def test_invariant_records_do_not_depend_on_the_number_of_rows():
+  """The decoding records' log-softmax and entropy in the batch-invariant mode: a row's
+  values are the same bits alone and among 8 rows (V = 576, where XLA:CPU's own reduction
+  is seen to change with the rows), and equal jax.nn.log_softmax to rounding."""
+  from decoding import records
+  logits = jnp.asarray(RNG.normal(size=(8, 576)) * 3, jnp.float32)
+  many = records.log_softmax(logits, invariant=True)
+  one = records.log_softmax(logits[3:4], invariant=True)
+  np.testing.assert_array_equal(np.asarray(many[3]), np.asarray(one[0]))
+  np.testing.assert_allclose(np.asarray(many), np.asarray(jax.nn.log_softmax(logits)),
+                             atol=1e-5)
+  ent_many, mean_many = records.distribution_stats(many, invariant=True)
+  ent_one, mean_one = records.distribution_stats(one, invariant=True)
+  assert ent_many[3] == ent_one[0] and mean_many[3] == mean_one[0]
+  ent_ref, mean_ref = records.distribution_stats(many)
+  np.testing.assert_allclose(np.asarray(ent_many), np.asarray(ent_ref), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(mean_many), np.asarray(mean_ref), rtol=1e-5)
 
 
 def test_split_k_is_refused_in_batch_invariant_mode():
