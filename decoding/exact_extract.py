@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding.errors import GenerationError
+from decoding.lengths import bucket, plan_lengths
 from decoding.prefill import new_cache, prefill
 from decoding.results import Generation
 from decoding.settings import Settings, check_bool, check_int, is_int, settings
@@ -293,13 +294,12 @@ def search(target: Target, queries: Sequence[Query], s: ExactExtract,
 
 def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id) -> list[list[Span]]:
   """One prefill of the group's prompts, then the chunked passes over all their starts."""
-  from decoding import runner  # here, not at the top: runner -> registry -> this module
-  Q = runner.bucket(len(group), minimum=1)
+  Q = bucket(len(group), minimum=1)
   lens = [len(q.passage) for q in group]
   span_max = [min(s.max_span_tokens, n) if s.max_span_tokens else n for n in lens]
-  L = runner.bucket(max(span_max), minimum=4)
+  L = bucket(max(span_max), minimum=4)
   longest = max(len(q.prompt_ids) for q in group)
-  P, cache_len = runner.plan_lengths(L, longest, lm.max_positions)
+  P, cache_len = plan_lengths(L, longest, lm.max_positions)
   prompts = np.zeros((Q, P), np.int32)
   plen = np.ones((Q,), np.int32)
   for k, q in enumerate(group):
@@ -315,12 +315,12 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id) -> l
   starts = [(k, i) for k, n in enumerate(lens) for i in range(n)]
   span_len = np.array([min(span_max[k], lens[k] - i) for k, i in starts], np.int32)
   order = np.argsort(-span_len, kind="stable")
-  S = min(s.start_chunk, runner.bucket(len(starts), minimum=1))
+  S = min(s.start_chunk, bucket(len(starts), minimum=1))
   nll = np.full((len(starts), L), np.inf, np.float32)
   tok, stop = np.zeros_like(nll), np.zeros_like(nll)
   for c in range(0, len(starts), S):
     chunk = order[c:c + S]
-    Lc = min(L, runner.bucket(int(span_len[chunk].max()), minimum=4))
+    Lc = min(L, bucket(int(span_len[chunk].max()), minimum=4))
     query = np.zeros((S,), np.int32)
     tokens = np.zeros((S, Lc), np.int32)
     lens_c = np.zeros((S,), np.int32)

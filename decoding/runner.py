@@ -8,7 +8,6 @@ sequence.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from decoding import registry
 from decoding.errors import GenerationError
+from decoding.lengths import bucket, plan_lengths  # noqa: F401 (part of this module's API)
 from decoding.results import Generation, to_generations
 from decoding.settings import check_int, is_int
 from decoding.strategy import Batch, Resources, Target
@@ -37,33 +37,6 @@ def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
     if bad.size:
       raise GenerationError(
           f"prompt {i} has token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """Next power of two >= n (at least `minimum`): the few shapes we compile for."""
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def plan_lengths(max_new_tokens: int, longest_prompt: int, max_positions: int,
-                 explicit: int = 0) -> tuple[int, int]:
-  """(padded prompt length P, cache length) for a batch; errors if the request cannot fit.
-
-  The padded prefill writes P slots per row before they are trimmed to the true
-  lengths, so the cache holds at least P + max_new_tokens slots. `explicit` > 0 is the
-  requested cache length (max_cache_len).
-  """
-  n = int(max_new_tokens)
-  P = bucket(longest_prompt)
-  needed = longest_prompt + n
-  if explicit and needed > explicit:
-    raise GenerationError(
-        f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the KV "
-        f"cache (max_cache_len={explicit}); shorten the prompt or raise max_cache_len")
-  if needed > max_positions:
-    raise GenerationError(
-        f"prompt of {longest_prompt} tokens + max_new_tokens={n} = {needed} exceeds the "
-        f"model's context of {max_positions} positions")
-  return P, max(explicit, P + n)
 
 
 def row_keys(seed: int, row_ids: Sequence[int]) -> Array:
