@@ -18,8 +18,9 @@ dependence:
 * weight products run the packed kernel on every row (`models.packed_matmul`, each output
   summed in k order per row) or, with XLA weights, as fixed-shape products of `ROW_CHUNK`
   rows at a time (`chunked_matmul`), the same compiled product whatever the batch;
-* attention reads each token's keys from their cache slots, one query token at a time
-  (`attend_one_token`), so a key always sits at the same index of the same sums.
+* attention reads each token's keys from their cache slots, one query token and one row at
+  a time, in fixed blocks of slots up to the last one the token sees (`attend_one_token`),
+  so a key always sits at the same index of the same sums, computed by the same program.
 
 The model processes one token per call in this mode (`models.transformer.forward` loops over
 the new tokens), so a prompt token is computed exactly as a generated one.
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 ROW_CHUNK = 8  # rows per fixed-shape product of `chunked_matmul`
+SLOT_BLOCK = 64  # cache slots per fixed-shape block of `attend_one_token`
 
 
 def tree_sum(x: Array, axis: int = -1) -> Array:
@@ -80,17 +82,51 @@ def attend_one_token(q: Array, k_cache: Array, v_cache: Array, visible: Array,
 
   q: [B, Hkv, G, hd] float32 (already scaled); k_cache, v_cache: [B, Hkv, T, hd] holding the
   new token's own key and value at its slot; visible: [B, T] bool, the slots the token sees
-  (itself included). Scores, the softmax normalizer and the weighted sum of values are
-  `tree_sum`s over a slot axis where slot t holds position t, so neither the batch nor the
-  cache length T changes a bit of the result. Returns [B, Hkv, G, hd] in `dtype`.
+  (itself included). Returns [B, Hkv, G, hd] in `dtype`.
+
+  Nothing a row computes may depend on the batch or on T, and XLA:CPU compiles an
+  elementwise chain such as exp(scores - max) differently for different shapes (measured at
+  SmolLM2's sizes: a [1, ...] and an [8, ...] batch, or a 128- and a 512-slot cache, put up
+  to 7e-5 between the logits). So every arithmetic operation runs on one fixed shape: rows
+  go one at a time (`lax.map`), and a row's slots in blocks of `SLOT_BLOCK`, up to the last
+  block it can see, with the softmax carried across blocks online ("Online normalizer
+  calculation for softmax", Milakov and Gimelshein, 2018). Within a block the sums are
+  `tree_sum`s; blocks are added in slot order. Blocks past the row's last visible slot are
+  never read, so the result does not depend on the cache length, and attention costs the
+  row's live length rather than the whole cache.
   """
-  k = k_cache.astype(jnp.float32)[:, :, None]  # [B, Hkv, 1, T, hd]
-  scores = tree_sum(q[:, :, :, None, :] * k, axis=-1)  # [B, Hkv, G, T]
-  vis = visible[:, None, None, :]
-  scores = jnp.where(vis, scores, -jnp.inf)
-  m = jnp.max(scores, axis=-1, keepdims=True)  # a maximum is exact in any order
-  p = jnp.where(vis, jnp.exp(scores - m), 0.0)
-  denom = tree_sum(p, axis=-1)  # [B, Hkv, G]
-  v = v_cache.astype(jnp.float32)[:, :, None]  # [B, Hkv, 1, T, hd]
-  out = tree_sum(p[..., None] * v, axis=-2)  # [B, Hkv, G, hd]
-  return (out / denom[..., None]).astype(dtype)
+  T = k_cache.shape[2]
+  if T % SLOT_BLOCK:  # a short (scratch) cache: pad it so the block shape stays the same
+    pad = ((0, 0), (0, 0), (0, -T % SLOT_BLOCK), (0, 0))
+    k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+    visible = jnp.pad(visible, ((0, 0), (0, -T % SLOT_BLOCK)))
+  return jax.lax.map(lambda row: _attend_row(*row).astype(dtype),
+                     (q, k_cache, v_cache, visible))
+
+
+def _attend_row(q: Array, k: Array, v: Array, visible: Array) -> Array:
+  """One row of `attend_one_token`: q [Hkv, G, hd], k, v [Hkv, T, hd], visible [T] with T a
+  multiple of SLOT_BLOCK; -> [Hkv, G, hd] float32 (zeros for a row that sees nothing)."""
+  Hkv, G, hd = q.shape
+  last = jnp.max(jnp.where(visible, jnp.arange(visible.shape[0]), -1))
+  n_blocks = (last + SLOT_BLOCK) // SLOT_BLOCK  # 0 when nothing is visible
+
+  def block(b, carry):
+    m, l, acc = carry  # running max [Hkv, G], normalizer [Hkv, G], weighted values [Hkv, G, hd]
+    at = b * SLOT_BLOCK
+    kb = jax.lax.dynamic_slice_in_dim(k, at, SLOT_BLOCK, axis=1).astype(jnp.float32)
+    vb = jax.lax.dynamic_slice_in_dim(v, at, SLOT_BLOCK, axis=1).astype(jnp.float32)
+    vis = jax.lax.dynamic_slice_in_dim(visible, at, SLOT_BLOCK)
+    s = jnp.where(vis, tree_sum(q[:, :, None, :] * kb[:, None], axis=-1), -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # a maximum is exact in any order
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a block that sees nothing adds nothing
+    alpha = jnp.exp(m - shift)  # exactly 1 when the maximum did not move
+    p = jnp.where(vis, jnp.exp(s - shift[..., None]), 0.0)  # [Hkv, G, SLOT_BLOCK]
+    l = l * alpha + tree_sum(p, axis=-1)
+    acc = acc * alpha[..., None] + tree_sum(p[..., None] * vb[:, None], axis=-2)
+    return m_new, l, acc
+
+  init = (jnp.full((Hkv, G), -jnp.inf, jnp.float32), jnp.zeros((Hkv, G), jnp.float32),
+          jnp.zeros((Hkv, G, hd), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+  return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)

@@ -35,5 +35,5 @@ def test_notebook_executes(path):
               "02_train.ipynb": "trained export generates ids",
               "03_speculative.ipynb": "speculative outputs equal greedy",
               "04_images.ipynb": "image grids generated",
-              "05_reproducibility.ipynb": "batch-invariant tokens are the same at batch 1 and 8"}
+              "05_reproducibility.ipynb": "batch-invariant tokens and log-probabilities are the same at batch 1 and 8"}
   assert expected.get(os.path.basename(path), "") in outputs

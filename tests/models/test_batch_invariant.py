@@ -73,6 +73,35 @@ def test_chunked_matmul_is_the_product_and_a_row_does_not_depend_on_its_batch():
     assert np.array_equal(np.asarray(bi.chunked_matmul(jnp.asarray(rows), w))[at], y[5])
 
 
+def test_one_token_attention_is_softmax_attention_and_a_row_ignores_batch_and_cache_length():
+  """SmolLM2's attention shapes (3 key heads, 3 queries each, 64-wide heads): the result is
+  softmax attention over the visible slots, and a row's bits are the same alone, among 8
+  rows and in a cache four times longer (the shapes at which XLA:CPU's fused exp once
+  rounded per batch). A row that sees nothing gets zeros."""
+  Hkv, G, hd, T, live = 3, 3, 64, 128, 77
+  q = jnp.asarray(RNG.standard_normal((8, Hkv, G, hd)).astype(np.float32) * 0.3)
+  k = jnp.asarray(RNG.standard_normal((8, Hkv, T, hd)).astype(np.float32))
+  v = jnp.asarray(RNG.standard_normal((8, Hkv, T, hd)).astype(np.float32))
+  visible = jnp.asarray(np.arange(T)[None] < RNG.integers(1, live + 1, 8)[:, None])
+  visible = visible.at[2].set(False)
+  out = np.asarray(bi.attend_one_token(q, k, v, visible, jnp.float32))
+  s = np.einsum("bkgd,bktd->bkgt", np.asarray(q, np.float64), np.asarray(k, np.float64))
+  s = np.where(np.asarray(visible)[:, None, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = np.einsum("bkgt,bktd->bkgd", p / p.sum(-1, keepdims=True), np.asarray(v, np.float64))
+  ok = np.arange(8) != 2
+  np.testing.assert_allclose(out[ok], want[ok], rtol=1e-5, atol=1e-5)
+  assert not out[2].any()
+  pad = ((0, 0), (0, 0), (0, 3 * T), (0, 0))
+  for r in (0, 5):
+    alone = bi.attend_one_token(q[r:r + 1], k[r:r + 1], v[r:r + 1], visible[r:r + 1],
+                                jnp.float32)
+    longer = bi.attend_one_token(q[r:r + 1], jnp.pad(k[r:r + 1], pad), jnp.pad(v[r:r + 1], pad),
+                                 jnp.pad(visible[r:r + 1], ((0, 0), (0, 3 * T))), jnp.float32)
+    assert np.array_equal(np.asarray(alone)[0], out[r])
+    assert np.array_equal(np.asarray(longer)[0], out[r])
+
+
 @pytest.mark.parametrize("kernel", ["xla", "packed"])
 def test_batch_invariant_mode_computes_the_same_model(kernel):
   if kernel == "packed" and packed_matmul.unavailable_reason():
@@ -107,6 +136,22 @@ def test_a_rows_logits_are_bitwise_the_same_alone_batched_padded_and_in_a_longer
   rows = [list(RNG.integers(0, 96, n)) for n in (5, 11, 3, 16, 7, 9, 2, 13, 8, 4)]
   alone = _prefill(lm, params, rows[:1], 8, 16)[0]
   for mates, P, T in ((rows[1:4], 16, 32), (rows[1:], 16, 64), ([], 32, 128)):
+    got = _prefill(lm, params, rows[:1] + mates, P, T)[0]
+    assert np.array_equal(got, alone), (len(mates), P, T)
+
+
+def test_a_rows_logits_are_bitwise_the_same_at_smollm2_attention_shapes():
+  """Two layers with SmolLM2's attention (9 query heads over 3 key heads, 64 wide): a row
+  alone in a 128-slot cache, among 8 rows, and alone in 256- and 512-slot caches gives the
+  same logits bit for bit (before attention ran on fixed slot blocks one row at a time, the
+  fused exp of XLA:CPU rounded differently for each of these)."""
+  cfg = tiny_config(vocab_size=96, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
+                    intermediate_size=64, num_layers=2, max_position_embeddings=1024)
+  params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+  lm = TransformerLM(cfg.replace(batch_invariant=True))
+  rows = [list(RNG.integers(0, 96, n)) for n in (5, 11, 3, 16, 7, 9, 2, 13, 8, 4)]
+  alone = _prefill(lm, params, rows[:1], 16, 128)[0]
+  for mates, P, T in ((rows[1:8], 16, 128), ([], 16, 512), (rows[1:4], 32, 256)):
     got = _prefill(lm, params, rows[:1] + mates, P, T)[0]
     assert np.array_equal(got, alone), (len(mates), P, T)
 
@@ -209,12 +254,9 @@ def test_greedy_tokens_are_the_same_on_every_mesh():
 @pytest.mark.slow
 @pytest.mark.usefixtures("smollm_gguf")
 def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4():
-  """The same tokens on 1 x 1, 8 x 1 and 2 x 4. Not every bit of the log-probabilities: at
-  SmolLM2's sizes, with a cache of 64 slots or more, XLA:CPU computes the attention's
-  exp(scores - max) differently for one row and for eight (measured: up to 7e-5 in the
-  logits between batch 1 and 8 on one device), so a device holding one row of the batch
-  rounds differently from the single device holding eight."""
-  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT), bitwise_on_data_meshes=False)
+  """The same tokens on 1 x 1, 8 x 1 and 2 x 4, and on 8 x 1 (each device holding one row)
+  the single device's log-probabilities bit for bit."""
+  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT))
 
 
 def test_invariant_records_do_not_depend_on_the_number_of_rows():
@@ -252,8 +294,9 @@ def _smollm_prompts(tok, n: int = 32) -> list[list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("numerics", ["fp32", "layercast"])
 def test_smollm2_greedy_is_bitwise_the_same_at_batch_1_4_16(smollm_gguf, numerics):
-  """32 prompts of mixed lengths: identical tokens at batch sizes 1, 4 and 16, and a prompt
-  decoded alone equals its row in the batch (the packed kernel where it runs, else XLA)."""
+  """32 prompts of mixed lengths: identical tokens and log-probabilities, bit for bit, at
+  batch sizes 1, 4 and 16, and a prompt decoded alone equals its row in the batch (the
+  packed kernel where it runs, else XLA)."""
   from models.lm import load_model
   kernel = "xla" if packed_matmul.unavailable_reason() else "packed"
   m = load_model("smollm2-135m-instruct", numerics=numerics, batch_invariant=True,
@@ -261,7 +304,8 @@ def test_smollm2_greedy_is_bitwise_the_same_at_batch_1_4_16(smollm_gguf, numeric
   prompts = _smollm_prompts(m.tokenizer)
   t = target(m.lm, m.params, eos_ids=(m.tokenizer.eos_id,), pad_id=m.tokenizer.pad_id)
   s = Greedy(max_new_tokens=16)
-  runs = {bs: [g.output_ids for g in generate(t, prompts, s, batch_size=bs)]
-          for bs in (16, 4, 1)}
+  runs = {bs: [(g.output_ids, list(map(float, g.token_logprobs)))
+               for g in generate(t, prompts, s, batch_size=bs)] for bs in (16, 4, 1)}
   assert runs[4] == runs[16] and runs[1] == runs[16]
-  assert generate(t, prompts[5:6], s)[0].output_ids == runs[16][5]
+  alone = generate(t, prompts[5:6], s)[0]
+  assert (alone.output_ids, list(map(float, alone.token_logprobs))) == runs[16][5]
