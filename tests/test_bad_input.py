@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from configs import generate as generate_config
+from decoding import adadec, token_loop
 from decoding import generate as cli
-from decoding import token_loop
 from decoding.errors import GenerationError
 from tests.fakes import BigramLM
 from tests.helpers import run_config
@@ -24,6 +24,7 @@ def no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("compiled before validating")
   monkeypatch.setattr(token_loop, "decode", boom)
+  monkeypatch.setattr(adadec, "decode", boom)
 
 
 LM = BigramLM(vocab_size=10, max_positions=64)
@@ -55,6 +56,17 @@ TABLE = np.zeros((10, 10), np.float32)
      "tree_budget does not apply to drafter 'prompt_lookup'"),
     (dict(strategy="speculative", drafter="eagle", eagle_draft_vocab=-1), [[1]],
      "eagle_draft_vocab must be an integer >= 0"),
+    (dict(strategy="adadec", lookahead_candidates=0), [[1]],
+     "lookahead_candidates must be an integer >= 1"),
+    (dict(strategy="adadec", lookahead_candidates=11, max_new_tokens=8), [[1]],
+     "lookahead_candidates=11 exceeds the vocabulary of 10 tokens"),
+    (dict(strategy="adadec", lookahead_steps=0), [[1]], "lookahead_steps must be an integer >= 1"),
+    (dict(strategy="adadec", lookahead_weight=0.0), [[1]], "lookahead_weight must be a number > 0"),
+    (dict(strategy="adadec", lookahead_weight=-1.0), [[1]], "lookahead_weight"),
+    (dict(strategy="adadec", entropy_threshold=float("nan")), [[1]],
+     "entropy_threshold must be a number of nats"),
+    (dict(strategy="adadec", lookahead_step=2), [[1]], "did you mean 'lookahead_steps'"),
+    (dict(entropy_threshold=1.0), [[1]], "entropy_threshold does not apply to strategy 'greedy'"),
     (dict(strategy="sjd"), [[1]], "generates images"),
     # sampled speculative decoding is not deterministic: the message must not say it is
     (dict(strategy="speculative", do_sample=True, num_return_sequences=2), [[1]],
