@@ -1,7 +1,7 @@
 """HumanEval pass@1 of greedy decoding, AdaDec and beam search, with each method's speed.
 
 AdaDec is "Towards Better Code Generation: Adaptive Decoding with Uncertainty Guidance" (He
-et al., arXiv 2506.08980; algorithm card 5): greedy decoding that, at steps whose
+et al., arXiv 2506.08980): greedy decoding that, at steps whose
 next-token entropy reaches a learned threshold tau, reranks the top candidates by a short
 lookahead. HumanEval is "Evaluating Large Language Models Trained on Code" (Chen et al.
 2021): 164 Python functions to complete, each checked by unit tests.

@@ -1,4 +1,4 @@
-"""Learns AdaDec's entropy threshold tau for one model (algorithm card 5, steps (a) 4 and (g)).
+"""Learns AdaDec's entropy threshold tau for one model, as the paper's reference code does.
 
 "Towards Better Code Generation: Adaptive Decoding with Uncertainty Guidance" (He et al.,
 arXiv 2506.08980): AdaDec decodes greedily and pauses to rerank the top candidates by a

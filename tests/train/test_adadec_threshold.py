@@ -30,7 +30,7 @@ def test_threshold_puts_the_fitted_probability_at_p_star(w, b, p):
 
 
 def test_reference_statistics_give_the_cards_tau():
-  """Card 5 (g): the reference's Qwen3-0.6B fit, w = -2.631, b = 1.742, p* = 0.15 -> 1.321."""
+  """The reference code's Qwen3-0.6B fit, w = -2.631, b = 1.742, p* = 0.15 -> 1.321."""
   assert at.threshold(-2.631, 1.742, 0.15) == pytest.approx(1.321, abs=1e-3)
 
 
