@@ -19,6 +19,8 @@ import os
 import statistics
 import time
 
+import jax
+
 from benchmarks import hardware
 from benchmarks.bench_decode import greedy_call, write_table
 from decoding.strategy import Target
@@ -52,7 +54,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--prompts", type=int, default=16)
   ap.add_argument("--numerics", default="fp32,layercast")
   ap.add_argument("--out", default="results/batch_invariant_cost.json")
-  ap.add_argument("--bench_md", default="BENCHMARKS.md")
+  ap.add_argument("--bench_md", default="BENCHMARKS.md", help="'' = write no table")
   args = ap.parse_args(argv)
   kernels = ["xla"] + ([] if packed_matmul.unavailable_reason() else ["packed"])
   models = {}  # (numerics, kernel, invariant) -> (lm, params): one set of weights for both modes
@@ -78,16 +80,18 @@ def main(argv=None) -> dict:
         rows.append(dict(numerics=mode, kernel=kernel, batch=batch,
                          default_tokens_per_s=n / d, invariant_tokens_per_s=n / i, ratio=d / i))
         print(rows[-1], flush=True)
-  result = dict(model=MODEL, args=vars(args), machine=hardware.cpu_name(), rows=rows,
+  result = dict(model=MODEL, args=vars(args), machine=hardware.machine_name(), rows=rows,
                 prompt_tokens=sum(map(len, prompts)) / len(prompts),
                 command="python -m benchmarks.bench_batch_invariant " + " ".join(
                     f"--{k}={v}" for k, v in vars(args).items()
                     if k in ("runs", "new_tokens", "prompts", "numerics")),
+                backend=jax.default_backend(),
                 time=time.strftime("%Y-%m-%d"))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
-  write_table(args.bench_md, render(result), MARKER, "## Batch-invariant mode: cost")
+  if args.bench_md:
+    write_table(args.bench_md, render(result), MARKER, "## Batch-invariant mode: cost")
   print(render(result))
   return result
 

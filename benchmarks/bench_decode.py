@@ -276,7 +276,7 @@ def main(argv=None):
   floor_b1 = hardware.step_floor_s(1, wbytes, mparams, bandwidth, peak)
   lcpp = tps.get("llama.cpp F32, batch 1")
   lines = [
-      f"Model: {args.model}. Machine: {hardware.cpu_name()}, {os.cpu_count()} cores, backend "
+      f"Model: {args.model}. Machine: {hardware.machine_name()}, {os.cpu_count()} cores, backend "
       f"{jax.default_backend()}, jax {jax.__version__}. Weights {wbytes / 1e6:.0f} MB in fp32 "
       f"({mparams / 1e6:.1f} M matmul parameters). Measured in this run: read bandwidth "
       f"{bandwidth / 1e9:.1f} GB/s, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s. Median of "

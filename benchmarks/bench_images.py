@@ -35,7 +35,7 @@ from PIL import Image
 
 from benchmarks import report
 from benchmarks.bench_decode import write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import eval_runner
 from decoding.eval_runner import Row
 from decoding.image_strategies import ImageAR, ImageEagle, ImageSJD, generate_codes, grid_image
@@ -192,7 +192,7 @@ def main(argv=None):
     if writer:
       Image.fromarray(grid_image(imgs[pick], cols=10)).save(
           os.path.join(args.grids, f"fmnist_{slug(name)}.png"))
-  result = {"machine": cpu_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
+  result = {"machine": machine_name(), "num_images": len(labels), "cfg_scale": args.cfg_scale,
             "top_k": args.top_k, "window": args.window, "lantern_k": args.lantern_k,
             "eagle_window": 0 if args.no_eagle else args.eagle_window,
             "eagle_tree_budget": 0 if args.no_eagle else args.eagle_tree_budget,

@@ -36,7 +36,7 @@ import statistics
 import time
 
 from benchmarks.bench_decode import load_hf, write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from configs import generate as generate_cfg
 from decoding.cli import settings_from_config
 from decoding.errors import GenerationError
@@ -297,7 +297,7 @@ def merged(kept: list, rows: list) -> list:
 def save(args, out_path: str, rows: list, notes: list, hf, complete: bool) -> None:
   """Writes the JSON and the BENCHMARKS.md table; called after every configuration, so a run
   stopped early keeps what it measured (marked incomplete)."""
-  result = dict(model=args.model, machine=cpu_name(), rows=rows, hf_prompt_lookup=hf,
+  result = dict(model=args.model, machine=machine_name(), rows=rows, hf_prompt_lookup=hf,
                 notes=sorted(set(notes)), args=vars(args), complete=complete)
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   with open(out_path, "w") as f:

@@ -42,7 +42,7 @@ import statistics
 
 from benchmarks.bench_decode import load_hf, time_hf, write_table
 from benchmarks.eval_open_ended import strategy_settings
-from benchmarks.hardware import cpu_name, interleaved
+from benchmarks.hardware import machine_name, interleaved
 from decoding.adadec import AdaDec
 from decoding.best_of_n import BestOfN
 from decoding.exact_extract import ExactExtract, build_query
@@ -199,7 +199,7 @@ def main(argv=None):
       ", fused projections" if model.config.fused_projections else "")
   lines = [f"SmolLM2-135M-Instruct fp32 ({layout}), batch 1, {n} new tokens per returned "
            f"sequence, median of {args.runs} warm runs timed in interleaved rounds, "
-           f"{cpu_name()}.", "",
+           f"{machine_name()}.", "",
            "| strategy | seconds | tokens/s | vs greedy |", "|---|---|---|---|"]
   for name, s in secs.items():
     lines.append(f"| {labels[name]} | {s:.2f} | {n / s:.1f} | {greedy / s:.2f}x |")

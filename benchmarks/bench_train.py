@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.bench_decode import write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from models import registry
 from models.lm import load_model
 from train import data, lora, losses, optim, trainer
@@ -135,7 +135,7 @@ def main():
   roof = peak / flops * tokens
   del unrolled
   lines = [
-      f"Machine: {cpu_name()}, {os.cpu_count()} cores, backend {jax.default_backend()}. "
+      f"Machine: {machine_name()}, {os.cpu_count()} cores, backend {jax.default_backend()}. "
       f"jax {jax.__version__}. SmolLM2-135M-Instruct, fp32 weights and compute, batch "
       f"{args.batch} x {args.seq_len} tokens, AdamW + global-norm clipping, median of "
       f"{args.runs} warm steps. Measured XLA fp32 matmul rate {peak / 1e9:.1f} GFLOP/s; a step "

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from benchmarks import report
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import eval_runner
 from decoding.eval_runner import Row
 from decoding.exact_extract import ExactExtract, build_query
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
   result = dict(passages=len({e.passage_id for e in examples}), questions=len(examples),
                 seed=args.seed, shots=shots, max_new_tokens=args.max_new_tokens,
                 max_span_tokens=args.max_span_tokens, models=models,
-                seconds=time.time() - t0, machine=cpu_name(),
+                seconds=time.time() - t0, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_extractive"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)

@@ -59,7 +59,7 @@ import jax
 import numpy as np
 
 from benchmarks.bench_decode import write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import eval_runner, sandbox, timing
 from decoding.beam_search import Beam
 from decoding.errors import GenerationError
@@ -324,7 +324,7 @@ def run(args, command: str) -> dict:
       "settings": signature["settings"], "methods": summarize(records, args.methods),
       "per_task": {r["task_id"]: {m: r["methods"][m]["status"] for m in args.methods}
                    for r in records},
-      "records": output, "seconds": time.time() - t0, "machine": cpu_name(),
+      "records": output, "seconds": time.time() - t0, "machine": machine_name(),
       "backend": jax.default_backend(), "command": command,
   }
 

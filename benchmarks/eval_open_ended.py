@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from benchmarks import report
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import eval_runner, scoring
 from decoding.beam_search import Beam, DiverseBeam
 from decoding.eval_runner import Row
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
   result = dict(model="smollm2-135m-instruct", prompts=len(prompts),
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, seed=args.seed,
                 metrics=metrics, first_prompt=model.tokenizer.decode(prompts[0]),
-                samples=samples, seconds=time.time() - t0, machine=cpu_name())
+                samples=samples, seconds=time.time() - t0, machine=machine_name())
   report.save(result, args, render, MARKER)
   return result
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from benchmarks import report
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import best_of_n, eval_runner, scoring
 from decoding.answers import last_number
 from decoding.eval_runner import Row
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
                 max_samples=args.max_samples, temperature=args.temperature,
                 max_new_tokens=args.max_new_tokens, greedy_accuracy=float(np.mean(greedy_ok)),
                 sample_accuracy=float(np.mean(flat_ok)), by_n=table, auroc=aurocs,
-                seconds=time.time() - t0, machine=cpu_name(),
+                seconds=time.time() - t0, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_reasoning"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)

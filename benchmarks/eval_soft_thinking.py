@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding import eval_runner, processors
 from decoding.answers import last_number
 from decoding.eval_runner import Row
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
                 max_think_tokens=args.max_think_tokens, probe_problems=args.probe_problems,
                 probe_steps=args.probe_steps, prompt_suffix=INSTRUCTION, think_end=THINK_END,
                 settings={n: method_settings(n, args).to_flat() for n in methods},
-                probe=probe_out, methods=methods, seconds=time.time() - t0, machine=cpu_name(),
+                probe=probe_out, methods=methods, seconds=time.time() - t0, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_soft_thinking"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)

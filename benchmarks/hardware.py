@@ -18,14 +18,19 @@ import jax
 import jax.numpy as jnp
 
 
-def cpu_name() -> str:
+def machine_name() -> str:
+  """The CPU model, and the accelerator JAX computes on when it is not the CPU."""
+  cpu = platform.processor() or "unknown CPU"
   try:
     for line in open("/proc/cpuinfo"):
       if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
+        cpu = line.split(":", 1)[1].strip()
+        break
   except OSError:
     pass
-  return platform.processor() or "unknown"
+  if jax.default_backend() == "cpu":
+    return cpu
+  return f"{jax.devices()[0].device_kind} ({jax.default_backend()}), host CPU {cpu}"
 
 
 def _median_seconds(f, *args, runs: int) -> float:

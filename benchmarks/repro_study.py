@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
-from benchmarks.hardware import cpu_name  # noqa: E402
+from benchmarks.hardware import machine_name  # noqa: E402
 from decoding.answers import last_number  # noqa: E402
 from decoding.greedy import Greedy  # noqa: E402
 from decoding.runner import generate  # noqa: E402
@@ -222,6 +222,7 @@ def main(argv=None) -> dict:
              "python -m benchmarks.repro_study, which simulates them)")
   invariant = bool(args.batch_invariant)
   runs_path = args.out[:-5] + ".runs.jsonl"
+  os.makedirs(os.path.dirname(runs_path) or ".", exist_ok=True)
   done_runs = {}
   if os.path.exists(runs_path):
     with open(runs_path) as f:
@@ -240,9 +241,10 @@ def main(argv=None) -> dict:
       prompts[mode] = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in probs]
     return models[mode]
 
-  # Cheapest configurations first (one device, large batches), every recipe at each, so a
-  # study stopped early (--max_hours) still compares the recipes on the same configurations.
-  order = [(d, b) for d in sorted(devices) for b in sorted(batches, reverse=True)]
+  # Cheapest configurations first (large batches, on every mesh), every recipe at each, so a
+  # study stopped early (--max_hours) still compares the recipes on the same configurations
+  # and covers every mesh before the slow batch-1 runs.
+  order = [(d, b) for b in sorted(batches, reverse=True) for d in sorted(devices)]
   order = [(1, 1)] + [c for c in order if c != (1, 1)]
   for d, b in order:
     for mode in modes:
@@ -282,7 +284,7 @@ def main(argv=None) -> dict:
   have = sum(config_key(m, b, d, invariant) in done_runs for m in modes for b in batches
              for d in devices)
   plot_path = args.out[:-5] + ".png"
-  result = dict(model=MODEL, args=vars(args), machine=cpu_name(), recipes=recipes,
+  result = dict(model=MODEL, args=vars(args), machine=machine_name(), recipes=recipes,
                 complete=have == total, missing=total - have, plot=plot_path,
                 missing_configs=[config_key(m, b, d, invariant) for d in devices
                                  for b in batches for m in modes

@@ -38,7 +38,7 @@ import time
 import jax
 
 from benchmarks.bench_decode import write_table
-from benchmarks.hardware import cpu_name
+from benchmarks.hardware import machine_name
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.speculative.prompt_lookup import PromptLookup
@@ -202,7 +202,7 @@ def main(argv=None):
       ", fused projections" if args.fused else ", separate projections") + (
       ", packed matmul kernel" if args.packed else "")
   lines = [
-      f"Model: {args.model}, {layout}, fp32. Machine: {cpu_name()}, {os.cpu_count()} cores, "
+      f"Model: {args.model}, {layout}, fp32. Machine: {machine_name()}, {os.cpu_count()} cores, "
       f"jax {jax.__version__}. One warm call per case under `jax.profiler`, {n} new tokens; "
       "milliseconds per model call (a decoding step or one verification call): each part's "
       "total over the call divided by the number of model calls in the loop (the prompt's "

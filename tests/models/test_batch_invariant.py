@@ -62,15 +62,20 @@ def test_tree_sum_is_a_sum_and_ignores_batch_shape_and_trailing_zeros():
   np.testing.assert_array_equal(np.asarray(bi.tree_sum(jnp.asarray(x.T), axis=0)), s)
 
 
-def test_chunked_matmul_is_the_product_and_a_row_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("precision", [jax.lax.Precision.HIGHEST, None])
+def test_chunked_matmul_is_the_product_and_a_row_does_not_depend_on_its_batch(precision):
+  """At HIGHEST the product is float32's; at the default precision (TF32 on recent GPUs) it
+  is only checked for batch invariance."""
   w = jnp.asarray(RNG.standard_normal((96, 80)).astype(np.float32))
   x = RNG.standard_normal((40, 96)).astype(np.float32) * 5
-  y = np.asarray(bi.chunked_matmul(jnp.asarray(x), w))
-  np.testing.assert_allclose(y, x @ np.asarray(w), rtol=1e-4, atol=1e-4)
+  y = np.asarray(bi.chunked_matmul(jnp.asarray(x), w, precision))
+  if precision is not None:
+    np.testing.assert_allclose(y, x @ np.asarray(w), rtol=1e-4, atol=1e-4)
   for M, at in ((1, 0), (3, 2), (17, 11)):
     rows = RNG.standard_normal((M, 96)).astype(np.float32)
     rows[at] = x[5]
-    assert np.array_equal(np.asarray(bi.chunked_matmul(jnp.asarray(rows), w))[at], y[5])
+    assert np.array_equal(np.asarray(bi.chunked_matmul(jnp.asarray(rows), w, precision))[at],
+                          y[5])
 
 
 def test_one_token_attention_is_softmax_attention_and_a_row_ignores_batch_and_cache_length():
@@ -107,7 +112,8 @@ def test_one_token_attention_is_softmax_attention_and_a_row_ignores_batch_and_ca
 def test_batch_invariant_mode_computes_the_same_model(kernel):
   if kernel == "packed" and packed_matmul.unavailable_reason():
     pytest.skip(packed_matmul.unavailable_reason())
-  cfg, params = _tiny(kernel)
+  # HIGHEST: on a GPU the default-precision float32 dot runs in TF32, a different model
+  cfg, params = _tiny(kernel, matmul_precision="highest")
   ref, lm = TransformerLM(cfg), TransformerLM(cfg.replace(batch_invariant=True))
   toks = jnp.asarray(RNG.integers(0, 96, (3, 9)))
   pos = jnp.broadcast_to(jnp.arange(9)[None], (3, 9))
