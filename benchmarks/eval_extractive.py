@@ -149,13 +149,10 @@ def main(argv=None) -> dict:
                   help="exact-extract's L_max (0: any length, as the paper; 16 covers every "
                        "answer here and runs about 4x fewer positions)")
   ap.add_argument("--batch_size", type=int, default=8)
-  report.add_output_args(ap, "results/extractive_qa.json")
-  report.add_harness_args(ap, "runs/eval_extractive")
-  args = ap.parse_args(argv)
-  done = report.render_only(args, render, MARKER)
+  args, mesh, done = report.parse_and_start(ap, argv, out="results/extractive_qa.json",
+                                            work_dir="runs/eval_extractive", render=render, marker=MARKER)
   if done is not None:
     return done
-  mesh = report.start_harness(args)
   examples = qa.examples(args.passages, seed=args.seed)
   if args.limit:
     examples = examples[:args.limit]

@@ -93,13 +93,10 @@ def main(argv=None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--only", default="", help="comma-separated strategy names (default: all)")
   ap.add_argument("--batch_size", type=int, default=8)
-  report.add_output_args(ap, "results/open_ended_smollm2.json")
-  report.add_harness_args(ap, "runs/eval_open_ended")
-  args = ap.parse_args(argv)
-  done = report.render_only(args, render, MARKER)
+  args, mesh, done = report.parse_and_start(ap, argv, out="results/open_ended_smollm2.json",
+                                            work_dir="runs/eval_open_ended", render=render, marker=MARKER)
   if done is not None:
     return done
-  mesh = report.start_harness(args)
   model = load_model("smollm2-135m-instruct")
   prompts = chapter_prompts(model.tokenizer, args.prompts, args.prompt_tokens)
   rows = [Row(i, p) for i, p in enumerate(prompts)]

@@ -81,13 +81,10 @@ def main(argv=None) -> dict:
   ap.add_argument("--temperature", type=float, default=0.7)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
-  report.add_output_args(ap, "results/reasoning_smollm2.json")
-  report.add_harness_args(ap, "runs/eval_reasoning")
-  args = ap.parse_args(argv)
-  done = report.render_only(args, render, MARKER)
+  args, mesh, done = report.parse_and_start(ap, argv, out="results/reasoning_smollm2.json",
+                                            work_dir="runs/eval_reasoning", render=render, marker=MARKER)
   if done is not None:
     return done
-  mesh = report.start_harness(args)
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   probs = arithmetic.problems(args.problems, seed=args.seed)

@@ -162,13 +162,10 @@ def main(argv=None) -> dict:
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
-  report.add_output_args(ap, "results/soft_thinking.json")
-  report.add_harness_args(ap, "runs/eval_soft_thinking")
-  args = ap.parse_args(argv)
-  done = report.render_only(args, render, MARKER)
+  args, mesh, done = report.parse_and_start(ap, argv, out="results/soft_thinking.json",
+                                            work_dir="runs/eval_soft_thinking", render=render, marker=MARKER)
   if done is not None:
     return done
-  mesh = report.start_harness(args)
   model = load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   probs = arithmetic.problems(max(args.problems, args.probe_problems), seed=args.seed)

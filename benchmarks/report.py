@@ -51,6 +51,20 @@ def start_harness(args) -> tuple[int, int]:
   return eval_runner.mesh_axes((args.mesh_data, args.mesh_model))
 
 
+def parse_and_start(ap: argparse.ArgumentParser, argv, *, out: str, work_dir: str,
+                    render: Callable[[dict], str], marker: str):
+  """The shared start of an evaluation script: adds the output and harness options to `ap`,
+  parses `argv`, and either rewrites the table (--render_only; returns (args, None, result))
+  or joins the run's processes and returns (args, mesh, None)."""
+  add_output_args(ap, out)
+  add_harness_args(ap, work_dir)
+  args = ap.parse_args(argv)
+  done = render_only(args, render, marker)
+  if done is not None:
+    return args, None, done
+  return args, start_harness(args), None
+
+
 def save(result: dict, args, render: Callable[[dict], str], marker: str) -> None:
   """Writes the result JSON, the README table (unless --readme=''), and prints the table;
   in a multi-process run only process 0 does."""
