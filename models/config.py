@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from models.moe import Routing
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 MATMUL_KERNELS = ("xla", "packed")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,6 +63,12 @@ class ModelConfig:
   # a row's outputs independent of the batch, its padding and the cache length
   # (`models.batch_invariant`): one new token per layer pass, tree sums, fixed-shape products
   batch_invariant: bool = False
+  # Mixture of Experts (`models.moe`): 0 = the dense MLP; else every layer's MLP is
+  # `moe_experts` SwiGLU experts of `moe_intermediate_size` hidden units (0: intermediate_size)
+  # behind a router, combined by `moe_routing` (top-k, rank-k, one expert, all)
+  moe_experts: int = 0
+  moe_intermediate_size: int = 0
+  moe_routing: Routing = Routing()
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -84,6 +92,16 @@ class ModelConfig:
     if self.batch_invariant and self.split_k > 1:
       raise ValueError("batch_invariant=True fixes the order of every sum; split_k > 1 "
                        "(blocked accumulation) does not apply: use split_k=1")
+    if self.moe_experts < 0 or self.moe_intermediate_size < 0:
+      raise ValueError(f"moe_experts and moe_intermediate_size must be >= 0, got "
+                       f"{self.moe_experts} and {self.moe_intermediate_size}")
+    if self.moe_experts:
+      if not isinstance(self.moe_routing, Routing):
+        raise ValueError(f"moe_routing must be a models.moe.Routing, got {self.moe_routing!r}")
+      self.moe_routing.check(self.moe_experts)
+      if self.batch_invariant or self.matmul_kernel == "packed":
+        raise ValueError("a Mixture-of-Experts model runs with matmul_kernel='xla' and "
+                         "batch_invariant=False")
     if self.matmul_kernel == "packed":
       if jnp.dtype(self.dtype) != jnp.float32:
         raise ValueError("matmul_kernel='packed' computes in float32; got compute dtype "
@@ -100,6 +118,11 @@ class ModelConfig:
   def projection_dtype(self):
     """Storage dtype of the attention and MLP projection weights."""
     return self.param_dtype if self.proj_dtype is None else self.proj_dtype
+
+  @property
+  def expert_intermediate_size(self) -> int:
+    """Hidden units of one expert (Mixture of Experts)."""
+    return self.moe_intermediate_size or self.intermediate_size
 
   @property
   def precision(self) -> jax.lax.Precision:

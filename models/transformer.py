@@ -35,7 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models import batch_invariant
+from models import batch_invariant, moe
 from models import packed_matmul as packing
 from models.config import ModelConfig
 from models.kv_cache import KVCache, write_rows
@@ -294,7 +294,8 @@ class DecoderLayer(nn.Module):
         RMSNorm(self.config, name="attn_norm")(x), rotary, k_cache, v_cache, lengths, mask,
         cache_mask)
     y = x + h
-    y = y + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(y))
+    mlp = moe.MoEMLP if self.config.moe_experts else MLP
+    y = y + mlp(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(y))
     return (y, x), (k_cache, v_cache)
 
 
@@ -308,7 +309,8 @@ class Transformer(nn.Module):
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          layer_cls, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
       )(cfg)
@@ -484,7 +486,8 @@ def fuse_projections(params: Any) -> Any:
 
 def unfuse_projections(params: Any, config: ModelConfig) -> Any:
   """Inverse of `fuse_projections` (for saving, training or LoRA on a fused model)."""
-  H, Hkv, hd, inter = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+  H, Hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  inter = config.expert_intermediate_size if config.moe_experts else config.intermediate_size
   sizes = {"attn": (H * hd, Hkv * hd, Hkv * hd), "mlp": (inter, inter)}
   params = dict(params)
   for layer in _layer_trees(params):
