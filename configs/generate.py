@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_beam_groups = unset(int)
   c.diversity_penalty = unset(float)
   c.num_return_sequences = unset(int)
-  c.do_sample = unset(bool)  # beam and speculative; for ancestral sampling: strategy="sample"
+  c.do_sample = unset(bool)  # beam, speculative, scmoe; for ancestral sampling: strategy="sample"
 
   # momentum (decoding/momentum.py)
   c.momentum_alpha = unset(float)
@@ -96,6 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.lookahead_steps = unset(int)  # 5: greedy rollout tokens per candidate
   c.lookahead_weight = unset(float)  # 1.0: lambda of the score
   c.code_stops = unset(bool)  # True: rollouts stop at an unindented line or 4 blank lines
+
+  # scmoe (decoding/scmoe.py): an MoE model's strong top-k routing contrasted with its weak
+  # rank-k routing inside the strong plausible set; do_sample=True samples the contrast
+  c.scmoe_beta = unset(float)  # 0.5: score (1 + beta) z_strong - beta z_weak
+  c.scmoe_alpha = unset(float)  # 0.1: plausible set p_strong >= alpha * max p_strong
+  c.scmoe_weak_rank = unset(int)  # 2: 0-based rank of the weak routing's one expert
+  c.scmoe_strong_top_k = unset(int)  # 2
 
   # exact_extract (decoding/exact_extract.py): input lines {"passage", "question"[, "examples"]}
   c.max_span_tokens = unset(int)  # 0: any length (the whole passage window)

@@ -23,6 +23,7 @@ from decoding.momentum import Momentum
 from decoding.registry import STRATEGIES, strategy_of
 from decoding.results import Generation
 from decoding.sampling import Sample
+from decoding.scmoe import SCMoE
 from decoding.self_agreement import SelfAgreement
 from decoding.soft_thinking import SoftThinking
 from decoding.speculative.dyspec import DySpec
@@ -37,5 +38,5 @@ from decoding.superposed import Superposed
 __all__ = ["AdaDec", "Beam", "BestOfN", "DiverseBeam", "DySpec", "EagleDraft", "ExactExtract",
            "GadDraft", "Generation",
            "GenerationError", "Greedy", "ImageAR", "ImageEagle", "ImageSJD", "ModelDraft",
-           "Momentum", "PromptLookup", "Resources", "STRATEGIES", "Sample", "SelfAgreement",
+           "Momentum", "PromptLookup", "Resources", "SCMoE", "STRATEGIES", "Sample", "SelfAgreement",
            "SelfDraft", "SoftThinking", "Speculative", "Superposed", "Target", "strategy_of"]

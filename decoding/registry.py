@@ -8,7 +8,7 @@ and the Python API all look strategies up here, and a settings object names its 
 from __future__ import annotations
 
 from decoding import (adadec, beam_search, best_of_n, exact_extract, greedy, image_strategies,
-                      momentum, sampling, self_agreement, soft_thinking, superposed)
+                      momentum, sampling, scmoe, self_agreement, soft_thinking, superposed)
 from decoding.errors import GenerationError, unknown
 from decoding.speculative import strategy as speculative
 from decoding.strategy import Strategy
@@ -27,6 +27,7 @@ STRATEGIES: dict[str, Strategy] = {
     "soft_thinking": soft_thinking.STRATEGY,
     "exact_extract": exact_extract.STRATEGY,
     "adadec": adadec.STRATEGY,
+    "scmoe": scmoe.STRATEGY,
     # images (class-conditional image tokens, `models.image_ar`)
     "ar": image_strategies.AR,
     "sjd": image_strategies.SJD,

@@ -71,7 +71,7 @@ TABLE = np.zeros((10, 10), np.float32)
     # sampled speculative decoding is not deterministic: the message must not say it is
     (dict(strategy="speculative", do_sample=True, num_return_sequences=2), [[1]],
      "^num_return_sequences does not apply to strategy 'speculative' \\(it is a field of "
-     "sample, beam, diverse_beam, superposed, soft_thinking\\)$"),
+     "sample, beam, diverse_beam, superposed, soft_thinking, scmoe\\)$"),
 ])
 def test_generate_rejects(no_compile, kw, prompts, match):
   with pytest.raises(GenerationError, match=match):
