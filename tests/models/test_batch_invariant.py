@@ -204,7 +204,8 @@ MESH_SCRIPT = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
-# SmolLM2 in fp32, batch-invariant, on three meshes: 8 prompts of mixed lengths, 8 tokens.
+# SmolLM2, batch-invariant, in one recipe (formatted in), on three meshes: 32 prompts of mixed
+# lengths, 8 tokens, batches of 16.
 SMOLLM_MESH_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
@@ -215,17 +216,17 @@ SMOLLM_MESH_SCRIPT = textwrap.dedent("""
     from models.lm import load_model
     from tests.models.test_batch_invariant import _smollm_prompts
     assert len(jax.devices()) == 8
-    m = load_model("smollm2-135m-instruct", numerics="fp32", batch_invariant=True)
-    prompts = _smollm_prompts(m.tokenizer, 8)
-    out = {}
+    m = load_model("smollm2-135m-instruct", numerics="{numerics}", batch_invariant=True)
+    prompts = _smollm_prompts(m.tokenizer, 32)
+    out = {{}}
     for data, model in ((1, 1), (8, 1), (2, 4)):
       mesh = sharding.make_mesh(data, model)
       p = sharding.shard_params(m.params, mesh, column_only=True)
       lm = m.lm.__class__(m.lm.config, mesh=mesh)
       g = generate(Target(lm, p, (m.tokenizer.eos_id,), m.tokenizer.pad_id), prompts,
-                   Greedy(max_new_tokens=8), batch_size=8,
+                   Greedy(max_new_tokens=8), batch_size=16,
                    shard=lambda a: sharding.shard_batch(a, mesh))
-      out[f"{data}x{model}"] = [[x.output_ids, x.token_logprobs] for x in g]
+      out[f"{{data}}x{{model}}"] = [[x.output_ids, x.token_logprobs] for x in g]
     print(json.dumps(out))
 """)
 
@@ -260,10 +261,12 @@ def test_greedy_tokens_are_the_same_on_every_mesh():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("smollm_gguf")
-def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4():
-  """The same tokens on 1 x 1, 8 x 1 and 2 x 4, and on 8 x 1 (each device holding one row)
-  the single device's log-probabilities bit for bit."""
-  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT))
+@pytest.mark.parametrize("numerics", ["fp32", "layercast"])
+def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4(numerics):
+  """32 prompts of mixed lengths: the same tokens on 1 x 1, 8 x 1 and 2 x 4, and on 8 x 1
+  (each device holding two rows of a batch of 16) the single device's log-probabilities bit
+  for bit."""
+  _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT.format(numerics=numerics)))
 
 
 def test_invariant_records_do_not_depend_on_the_number_of_rows():
