@@ -20,9 +20,10 @@ setting. The reference masks EOS unless `--early_stop` and stops on stop strings
 an ordinary token (it is chosen when it wins the contrast inside V_head), since decodax stops
 on EOS everywhere. Both temperatures are 1.
 
-`ContrastLM` wraps the two routings of one model behind the `TransformerLM` boundary (the
-strategy sees the contrast scores as its logits, and `PairCache` moves both caches
-together), so the ordinary greedy and sampling loops run it. The per-token log-probabilities
+`ContrastLM` wraps both routings of one model behind the `TransformerLM` boundary: one call
+runs the strong and the weak rows together (`models.moe` routing ``contrast``), each with its
+own cache rows, and the strategy sees the contrast scores as its logits, so the ordinary
+greedy and sampling loops run it. The per-token log-probabilities
 an output carries are those of softmax(score), the distribution SCMoE decodes from.
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -39,7 +39,7 @@ from decoding import processors, token_loop
 from decoding.errors import GenerationError
 from decoding.settings import Penalties, Sampled, check_int, check_real, settings
 from decoding.strategy import Strategy
-from models.kv_cache import KVCache
+from decoding.guidance import GuidedCache
 from models.moe import Routing
 from models.transformer import ForwardOutput
 
@@ -54,81 +54,53 @@ def contrast_scores(strong: Array, weak: Array, alpha: float, beta: float) -> Ar
   return jnp.where(head, (1.0 + beta) * zs - beta * zw, -jnp.inf)
 
 
-@flax.struct.dataclass
-class PairCache:
-  """The strong and weak routings' caches behind one B-row cache interface."""
-  strong: KVCache
-  weak: KVCache
-
-  @property
-  def lengths(self) -> Array:
-    return self.strong.lengths
-
-  @property
-  def max_len(self) -> int:
-    return self.strong.max_len
-
-  @property
-  def batch_size(self) -> int:
-    return self.strong.batch_size
-
-  def _both(self, method: str, *args) -> "PairCache":
-    return PairCache(getattr(self.strong, method)(*args), getattr(self.weak, method)(*args))
-
-  def with_lengths(self, lengths: Array) -> "PairCache":
-    return self._both("with_lengths", lengths)
-
-  def rollback(self, lengths: Array) -> "PairCache":
-    return self._both("rollback", lengths)
-
-  def take_rows(self, rows: Array) -> "PairCache":
-    return self._both("take_rows", rows)
-
-  def compact(self, start: Array, src: Array) -> "PairCache":
-    return self._both("compact", start, src)
-
-
 @dataclasses.dataclass(frozen=True)
 class ContrastLM:
-  """An MoE model decoded by SCMoE: `strong` and `weak` are the same weights' two routings
-  (`TransformerLM`s differing in `config.moe_routing`); calls return the contrast scores as
-  logits and the strong routing's hidden states."""
-  strong: Any
-  weak: Any
+  """An MoE model decoded by SCMoE. `lm` has `Routing("contrast", k, weak_rank)`: it runs
+  each call on 2B rows, rows 0..B-1 under the strong routing and B..2B-1 under the weak one,
+  in one batched call (the weights are read once for both), with a 2B-row cache presented
+  as B rows (`GuidedCache`: lengths, rollback and row moves act on both halves). Calls
+  return the contrast scores as logits and the strong rows' hidden states."""
+  lm: Any
   alpha: float
   beta: float
 
   @property
   def vocab_size(self) -> int:
-    return self.strong.vocab_size
+    return self.lm.vocab_size
 
   @property
   def max_positions(self) -> int:
-    return self.strong.max_positions
+    return self.lm.max_positions
 
   @property
   def config(self):
-    return self.strong.config
+    return self.lm.config
 
-  def init_cache(self, batch_size: int, max_len: int) -> PairCache:
-    return PairCache(self.strong.init_cache(batch_size, max_len),
-                     self.weak.init_cache(batch_size, max_len))
+  def init_cache(self, batch_size: int, max_len: int) -> GuidedCache:
+    return GuidedCache(self.lm.init_cache(2 * batch_size, max_len))
 
   def embed(self, params, tokens: Array) -> Array:
-    return self.strong.embed(params, tokens)
+    return self.lm.embed(params, tokens)
 
-  def __call__(self, params, tokens: Optional[Array], positions: Array, cache: PairCache,
+  def __call__(self, params, tokens: Optional[Array], positions: Array, cache: GuidedCache,
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,
                logits_at: Optional[Array] = None,
                cache_mask: Optional[Array] = None) -> ForwardOutput:
-    kw = {} if cache_mask is None else {"cache_mask": cache_mask}
-    s = self.strong(params, tokens, positions, None if cache is None else cache.strong,
-                    attn_mask, embeds, logits_at, **kw)
-    w = self.weak(params, tokens, positions, None if cache is None else cache.weak,
-                  attn_mask, embeds, logits_at, **kw)
-    return ForwardOutput(logits=contrast_scores(s.logits, w.logits, self.alpha, self.beta),
-                         hidden=s.hidden, penultimate=s.penultimate,
-                         cache=None if cache is None else PairCache(s.cache, w.cache))
+    x = tokens if tokens is not None else embeds
+    B = x.shape[0]
+
+    def pair(a):  # per-row inputs go to both halves
+      return None if a is None else (jnp.concatenate([a, a]) if a.ndim >= 1 and a.shape[0] == B
+                                     else a)
+
+    kw = {} if cache_mask is None else {"cache_mask": pair(cache_mask)}
+    out = self.lm(params, pair(tokens), pair(positions), None if cache is None else cache.inner,
+                  pair(attn_mask), pair(embeds), pair(logits_at), **kw)
+    return ForwardOutput(logits=contrast_scores(out.logits[:B], out.logits[B:], self.alpha,
+                                                self.beta),
+                         hidden=out.hidden[:B], penultimate=out.penultimate[:B],
+                         cache=None if out.cache is None else GuidedCache(out.cache))
 
 
 @settings
@@ -167,9 +139,9 @@ def contrast_lm(s: SCMoE, lm) -> ContrastLM:
       r.check(experts)
     except ValueError as e:
       raise GenerationError(f"{name}: {e}") from None
-  with_routing = lambda r: dataclasses.replace(lm, config=cfg.replace(moe_routing=r))
-  return ContrastLM(with_routing(strong), with_routing(weak), float(s.scmoe_alpha),
-                    float(s.scmoe_beta))
+  routing = Routing("contrast", s.scmoe_strong_top_k, weak_rank=s.scmoe_weak_rank)
+  return ContrastLM(dataclasses.replace(lm, config=cfg.replace(moe_routing=routing)),
+                    float(s.scmoe_alpha), float(s.scmoe_beta))
 
 
 def prepare(s: SCMoE, target, resources):

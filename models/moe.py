@@ -14,7 +14,9 @@ the same weights is `TransformerLM(config.replace(moe_routing=...))`, one compil
   Power by Self-Contrast", Shi et al., 2024; rank 0 is top-1 routing);
 * ``expert``: one fixed expert (index k), weight 1, whatever the router says;
 * ``all``: every expert with weight 1. An MoE made by splitting a dense MLP's hidden units
-  into experts then computes the dense MLP again (up to the order of the final sum).
+  into experts then computes the dense MLP again (up to the order of the final sum);
+* ``contrast``: the first half of the batch rows routed ``top_k`` (k), the second half
+  ``rank_k`` (`weak_rank`): both activations of self-contrast decoding in one call.
 
 Ties among router probabilities are broken by the lower expert index (a stable sort), so
 every rule is deterministic.
@@ -43,7 +45,7 @@ import numpy as np
 
 Array = jax.Array
 
-ROUTING_KINDS = ("top_k", "rank_k", "expert", "all")
+ROUTING_KINDS = ("top_k", "rank_k", "expert", "all", "contrast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +56,28 @@ class Routing:
   ignored by `all`."""
   kind: str = "top_k"
   k: int = 2
+  weak_rank: int = 2  # `contrast` only: the rank-k routing of the second half of the rows
 
   def __post_init__(self):
     if self.kind not in ROUTING_KINDS:
       raise ValueError(f"routing kind must be one of {ROUTING_KINDS}, got {self.kind!r}")
-    if self.kind == "top_k" and self.k < 1:
+    if self.kind == "contrast" and self.weak_rank < 0:
+      raise ValueError(f"contrast routing needs a 0-based weak_rank >= 0, got {self.weak_rank}")
+    if self.kind in ("top_k", "contrast") and self.k < 1:
       raise ValueError(f"top_k routing keeps k >= 1 experts, got k={self.k}")
     if self.kind in ("rank_k", "expert") and self.k < 0:
       raise ValueError(f"{self.kind} routing needs a 0-based index k >= 0, got k={self.k}")
 
   def check(self, num_experts: int) -> None:
     """Raises if `k` does not fit `num_experts` experts."""
-    limit = {"top_k": num_experts, "rank_k": num_experts - 1, "expert": num_experts - 1}
+    limit = {"top_k": num_experts, "rank_k": num_experts - 1, "expert": num_experts - 1,
+             "contrast": num_experts}
     if self.kind in limit and self.k > limit[self.kind]:
       raise ValueError(f"{self.kind} routing with k={self.k} on a model of {num_experts} "
                        f"experts (k <= {limit[self.kind]})")
+    if self.kind == "contrast" and self.weak_rank > num_experts - 1:
+      raise ValueError(f"contrast routing with weak_rank={self.weak_rank} on a model of "
+                       f"{num_experts} experts (weak_rank <= {num_experts - 1})")
 
 
 def expert_ranks(probs: Array) -> Array:
@@ -79,7 +88,13 @@ def expert_ranks(probs: Array) -> Array:
 
 
 def routing_weights(router_logits: Array, routing: Routing) -> Array:
-  """Combination weights [..., E] float32 of the experts from the router logits [..., E]."""
+  """Combination weights [..., E] float32 of the experts from the router logits [..., E]
+  (`contrast`: [B, ..., E], B even)."""
+  if routing.kind == "contrast":
+    half = router_logits.shape[0] // 2
+    return jnp.concatenate([
+        routing_weights(router_logits[:half], Routing("top_k", routing.k)),
+        routing_weights(router_logits[half:], Routing("rank_k", routing.weak_rank))])
   logits = router_logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   E = probs.shape[-1]

@@ -240,3 +240,18 @@ def test_sharded_moe_greedy_equals_single_device():
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["out"]["2x4"] == res["out"]["1x1"] == res["out"]["1x8"]
   assert res["specs"]["2x4"] == str(jax.sharding.PartitionSpec(None, None, None, "model"))
+
+
+def test_contrast_routing_runs_the_strong_and_weak_routings_on_the_two_halves_of_the_batch():
+  cfg = _moe_cfg()
+  params = transformer.init_params(cfg, jax.random.PRNGKey(7))
+  toks = jnp.asarray(RNG.integers(0, 32, (3, 6)))
+  both = np.asarray(_forward(params, cfg.replace(moe_routing=Routing("contrast", 2, 1)),
+                             jnp.concatenate([toks, toks])))
+  strong = np.asarray(_forward(params, cfg.replace(moe_routing=Routing("top_k", 2)), toks))
+  weak = np.asarray(_forward(params, cfg.replace(moe_routing=Routing("rank_k", 1)), toks))
+  np.testing.assert_allclose(both[:3], strong, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(both[3:], weak, rtol=1e-5, atol=1e-6)
+  assert np.abs(strong - weak).max() > 1e-3
+  with pytest.raises(ValueError, match="weak_rank=4"):
+    _moe_cfg(moe_routing=Routing("contrast", 2, 4))
