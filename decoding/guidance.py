@@ -84,20 +84,10 @@ class GuidedCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class GuidedLM:
-  """`lm` under classifier-free guidance with scale `scale` (see the module docstring)."""
+class TwoStreamLM:
+  """The base of wrappers that run `lm` on 2B rows (two streams of the same prompts) behind
+  a B-row model boundary, with a `GuidedCache`."""
   lm: Any
-  scale: float
-  null_token: int
-  cond_len: int = 1
-  paired_hidden: bool = False  # hidden [..., 2D]: both streams' features (guided drafting)
-
-  def __post_init__(self):
-    if not 0 <= int(self.null_token) < self.lm.vocab_size:
-      raise ValueError(f"null_token {self.null_token} is outside the vocabulary "
-                       f"[0, {self.lm.vocab_size})")
-    if int(self.cond_len) < 1:
-      raise ValueError(f"cond_len must be >= 1, got {self.cond_len}")
 
   @property
   def vocab_size(self) -> int:
@@ -116,6 +106,22 @@ class GuidedLM:
 
   def embed(self, params, tokens: Array) -> Array:
     return self.lm.embed(params, tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedLM(TwoStreamLM):
+  """`lm` under classifier-free guidance with scale `scale` (see the module docstring)."""
+  scale: float
+  null_token: int
+  cond_len: int = 1
+  paired_hidden: bool = False  # hidden [..., 2D]: both streams' features (guided drafting)
+
+  def __post_init__(self):
+    if not 0 <= int(self.null_token) < self.lm.vocab_size:
+      raise ValueError(f"null_token {self.null_token} is outside the vocabulary "
+                       f"[0, {self.lm.vocab_size})")
+    if int(self.cond_len) < 1:
+      raise ValueError(f"cond_len must be >= 1, got {self.cond_len}")
 
   def __call__(self, params, tokens: Optional[Array], positions: Array, cache: GuidedCache,
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,

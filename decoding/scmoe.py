@@ -39,7 +39,7 @@ from decoding import processors, token_loop
 from decoding.errors import GenerationError
 from decoding.settings import Penalties, Sampled, check_int, check_real, settings
 from decoding.strategy import Strategy
-from decoding.guidance import GuidedCache
+from decoding.guidance import GuidedCache, TwoStreamLM
 from models.moe import Routing
 from models.transformer import ForwardOutput
 
@@ -55,33 +55,14 @@ def contrast_scores(strong: Array, weak: Array, alpha: float, beta: float) -> Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class ContrastLM:
+class ContrastLM(TwoStreamLM):
   """An MoE model decoded by SCMoE. `lm` has `Routing("contrast", k, weak_rank)`: it runs
   each call on 2B rows, rows 0..B-1 under the strong routing and B..2B-1 under the weak one,
   in one batched call (the weights are read once for both), with a 2B-row cache presented
   as B rows (`GuidedCache`: lengths, rollback and row moves act on both halves). Calls
   return the contrast scores as logits and the strong rows' hidden states."""
-  lm: Any
   alpha: float
   beta: float
-
-  @property
-  def vocab_size(self) -> int:
-    return self.lm.vocab_size
-
-  @property
-  def max_positions(self) -> int:
-    return self.lm.max_positions
-
-  @property
-  def config(self):
-    return self.lm.config
-
-  def init_cache(self, batch_size: int, max_len: int) -> GuidedCache:
-    return GuidedCache(self.lm.init_cache(2 * batch_size, max_len))
-
-  def embed(self, params, tokens: Array) -> Array:
-    return self.lm.embed(params, tokens)
 
   def __call__(self, params, tokens: Optional[Array], positions: Array, cache: GuidedCache,
                attn_mask: Optional[Array] = None, embeds: Optional[Array] = None,

@@ -30,9 +30,12 @@ On an NVIDIA H200 (XLA:GPU, JAX 0.11.2) a row's logits stayed bitwise the same a
 padding and cache length, and `attend_one_token` and `chunked_matmul` alone were invariant
 to the batch, but a row with 3 or 7 batch mates differed from the same row alone by about
 one float32 ulp (`benchmarks/bi_shape_diag.py`, results/h200_batch_invariance_diag.txt).
-The op that varies with the batch there was not found in that run; element-wise fusions,
-which the GPU compiler may contract into fused multiply-adds differently per shape, are the
-remaining suspects. Treat the mode as batch-invariant on CPU only until that is closed.
+The op that varies with the batch there was not found in that run. One candidate was found
+afterwards on XLA:CPU: a division by a constant (RMSNorm's mean over D, the records' mean
+over V) rounded differently for one row and for eight, so both are now products by the
+reciprocal; whether that was the GPU's difference too has not been run there. Element-wise
+fusions that the GPU compiler may contract into fused multiply-adds differently per shape
+remain suspects. Treat the mode as batch-invariant on CPU only until a GPU run shows more.
 """
 from __future__ import annotations
 
@@ -67,7 +70,9 @@ def tree_sum(x: Array, axis: int = -1) -> Array:
 def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
   """RMSNorm with the mean of squares taken by `tree_sum`."""
   x32 = x.astype(jnp.float32)
-  ms = tree_sum(x32 * x32) / x.shape[-1]
+  # times a constant rather than divided by D: XLA:CPU's vectorized division (several rows)
+  # and scalar division (one row) can round differently, a product rounds the same
+  ms = tree_sum(x32 * x32) * (1.0 / x.shape[-1])
   y = x32 * jax.lax.rsqrt(ms[..., None] + eps)
   return scale.astype(dtype) * y.astype(dtype)
 

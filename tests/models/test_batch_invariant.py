@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.bi_shape_diag import prefill_last_logits
 from decoding.greedy import Greedy
 from decoding.runner import generate
 from models import batch_invariant as bi
@@ -40,17 +41,6 @@ def _tiny(kernel: str = "xla", **kw):
   return cfg, params
 
 
-def _prefill(lm, params, rows, P, T):
-  """Last-position logits [B, V] of prompts padded to P in a cache of T slots."""
-  toks = np.zeros((len(rows), P), np.int32)
-  for b, r in enumerate(rows):
-    toks[b, :len(r)] = r
-  pos = jnp.broadcast_to(jnp.arange(P)[None], (len(rows), P))
-  at = jnp.asarray([[len(r) - 1] for r in rows])
-  out = lm(params, jnp.asarray(toks), pos, lm.init_cache(len(rows), T), logits_at=at)
-  return np.asarray(out.logits[:, 0])
-
-
 def test_tree_sum_is_a_sum_and_ignores_batch_shape_and_trailing_zeros():
   x = RNG.standard_normal((13, 300)).astype(np.float32) * 100
   s = np.asarray(bi.tree_sum(jnp.asarray(x)))
@@ -60,6 +50,22 @@ def test_tree_sum_is_a_sum_and_ignores_batch_shape_and_trailing_zeros():
   assert alone == s[3] == padded
   # over a leading axis too
   np.testing.assert_array_equal(np.asarray(bi.tree_sum(jnp.asarray(x.T), axis=0)), s)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_rms_norm_rows_do_not_depend_on_the_number_of_rows(jit):
+  """Eagerly, XLA:CPU once divided the sum of squares of 8 rows by D differently from one
+  row's (1 ulp); the mean is now a product by 1/D."""
+  f = lambda x, s: bi.rms_norm(x, s, 1e-5, jnp.float32)
+  f = jax.jit(f) if jit else f
+  scale = jnp.asarray(RNG.normal(size=576).astype(np.float32))
+  for seed in range(8):
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(8, 576)) * 3, jnp.float32)
+    many = np.asarray(f(x, scale))
+    for r in range(8):
+      np.testing.assert_array_equal(many[r], np.asarray(f(x[r:r + 1], scale))[0])
+  want = np.asarray(x) / np.sqrt((np.asarray(x, np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(many, want * np.asarray(scale), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("precision", [jax.lax.Precision.HIGHEST, None])
@@ -141,9 +147,9 @@ def test_a_rows_logits_are_bitwise_the_same_alone_batched_padded_and_in_a_longer
   cfg, params = _tiny(kernel)
   lm = TransformerLM(cfg.replace(batch_invariant=True))
   rows = [list(RNG.integers(0, 96, n)) for n in (5, 11, 3, 16, 7, 9, 2, 13, 8, 4)]
-  alone = _prefill(lm, params, rows[:1], 8, 16)[0]
+  alone = prefill_last_logits(lm, params, rows[:1], 8, 16)[0]
   for mates, P, T in ((rows[1:4], 16, 32), (rows[1:], 16, 64), ([], 32, 128)):
-    got = _prefill(lm, params, rows[:1] + mates, P, T)[0]
+    got = prefill_last_logits(lm, params, rows[:1] + mates, P, T)[0]
     assert np.array_equal(got, alone), (len(mates), P, T)
 
 
@@ -157,9 +163,9 @@ def test_a_rows_logits_are_bitwise_the_same_at_smollm2_attention_shapes():
   params = transformer.init_params(cfg, jax.random.PRNGKey(0))
   lm = TransformerLM(cfg.replace(batch_invariant=True))
   rows = [list(RNG.integers(0, 96, n)) for n in (5, 11, 3, 16, 7, 9, 2, 13, 8, 4)]
-  alone = _prefill(lm, params, rows[:1], 16, 128)[0]
+  alone = prefill_last_logits(lm, params, rows[:1], 16, 128)[0]
   for mates, P, T in ((rows[1:8], 16, 128), ([], 16, 512), (rows[1:4], 32, 256)):
-    got = _prefill(lm, params, rows[:1] + mates, P, T)[0]
+    got = prefill_last_logits(lm, params, rows[:1] + mates, P, T)[0]
     assert np.array_equal(got, alone), (len(mates), P, T)
 
 
@@ -178,7 +184,8 @@ def test_greedy_tokens_do_not_depend_on_batch_size_or_mates():
 MESH_SCRIPT = textwrap.dedent("""
     import dataclasses, json
     import jax, numpy as np
-    from decoding.greedy import Greedy
+    from benchmarks.bi_shape_diag import prefill_last_logits
+from decoding.greedy import Greedy
     from decoding.runner import generate
     from decoding.strategy import Target
     from models import sharding, transformer
@@ -209,7 +216,8 @@ MESH_SCRIPT = textwrap.dedent("""
 SMOLLM_MESH_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
-    from decoding.greedy import Greedy
+    from benchmarks.bi_shape_diag import prefill_last_logits
+from decoding.greedy import Greedy
     from decoding.runner import generate
     from decoding.strategy import Target
     from models import sharding
@@ -269,23 +277,29 @@ def test_smollm2_greedy_is_the_same_on_one_device_8x1_and_2x4(numerics):
   _assert_same_on_meshes(_tokens_per_mesh(SMOLLM_MESH_SCRIPT.format(numerics=numerics)))
 
 
-def test_invariant_records_do_not_depend_on_the_number_of_rows():
-  """The decoding records' log-softmax and entropy in the batch-invariant mode: a row's
-  values are the same bits alone and among 8 rows (V = 576, where XLA:CPU's own reduction
-  is seen to change with the rows), and equal jax.nn.log_softmax to rounding."""
+@pytest.mark.parametrize("jit", [False, True])
+def test_invariant_records_do_not_depend_on_the_number_of_rows(jit):
+  """The decoding records' log-softmax and entropy in the batch-invariant mode: every row's
+  values are the same bits alone and among 8 rows (V = 576, where XLA:CPU's own reduction,
+  and its division of 8 rows by V, are seen to change with the rows), over several draws,
+  eagerly and compiled; and they equal jax.nn.log_softmax to rounding."""
   from decoding import records
-  logits = jnp.asarray(RNG.normal(size=(8, 576)) * 3, jnp.float32)
-  many = records.log_softmax(logits, invariant=True)
-  one = records.log_softmax(logits[3:4], invariant=True)
-  np.testing.assert_array_equal(np.asarray(many[3]), np.asarray(one[0]))
-  np.testing.assert_allclose(np.asarray(many), np.asarray(jax.nn.log_softmax(logits)),
-                             atol=1e-5)
-  ent_many, mean_many = records.distribution_stats(many, invariant=True)
-  ent_one, mean_one = records.distribution_stats(one, invariant=True)
-  assert ent_many[3] == ent_one[0] and mean_many[3] == mean_one[0]
-  ent_ref, mean_ref = records.distribution_stats(many)
-  np.testing.assert_allclose(np.asarray(ent_many), np.asarray(ent_ref), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(mean_many), np.asarray(mean_ref), rtol=1e-5)
+
+  def stats(z):
+    logp = records.log_softmax(z, invariant=True)
+    return (logp,) + tuple(records.distribution_stats(logp, invariant=True))
+  f = jax.jit(stats) if jit else stats
+  for seed in range(6):
+    logits = jnp.asarray(np.random.default_rng(seed).normal(size=(8, 576)) * 3, jnp.float32)
+    many = [np.asarray(a) for a in f(logits)]
+    for r in range(8):
+      one = [np.asarray(a)[0] for a in f(logits[r:r + 1])]
+      for m, o in zip(many, one):
+        np.testing.assert_array_equal(m[r], o, err_msg=f"seed {seed} row {r}")
+    np.testing.assert_allclose(many[0], np.asarray(jax.nn.log_softmax(logits)), atol=1e-5)
+    ent_ref, mean_ref = records.distribution_stats(jnp.asarray(many[0]))
+    np.testing.assert_allclose(many[1], np.asarray(ent_ref), rtol=1e-5)
+    np.testing.assert_allclose(many[2], np.asarray(mean_ref), rtol=1e-5)
 
 
 def test_split_k_is_refused_in_batch_invariant_mode():
