@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from models.config import DTYPES, ModelConfig, SUPPORTED_ARCHITECTURES
+from models.moe import Routing
 from models.registry import ChecksumError  # re-exported: the error of every checksum check
 
 
@@ -288,6 +289,7 @@ def config_to_dict(config: ModelConfig) -> dict:
   d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   d["dtype"], d["param_dtype"] = _dtype_name(config.dtype), _dtype_name(config.param_dtype)
   d["proj_dtype"] = None if config.proj_dtype is None else _dtype_name(config.proj_dtype)
+  d["moe_routing"] = dataclasses.asdict(config.moe_routing)
   return d
 
 
@@ -297,5 +299,7 @@ def config_from_dict(d: dict, **overrides) -> ModelConfig:
   for k in ("dtype", "param_dtype", "proj_dtype"):
     if isinstance(d.get(k), str):
       d[k] = DTYPES[d[k]]
+  if isinstance(d.get("moe_routing"), dict):
+    d["moe_routing"] = Routing(**d["moe_routing"])
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: v for k, v in d.items() if k in known})

@@ -184,8 +184,7 @@ def test_greedy_tokens_do_not_depend_on_batch_size_or_mates():
 MESH_SCRIPT = textwrap.dedent("""
     import dataclasses, json
     import jax, numpy as np
-    from benchmarks.bi_shape_diag import prefill_last_logits
-from decoding.greedy import Greedy
+    from decoding.greedy import Greedy
     from decoding.runner import generate
     from decoding.strategy import Target
     from models import sharding, transformer
@@ -216,8 +215,7 @@ from decoding.greedy import Greedy
 SMOLLM_MESH_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
-    from benchmarks.bi_shape_diag import prefill_last_logits
-from decoding.greedy import Greedy
+    from decoding.greedy import Greedy
     from decoding.runner import generate
     from decoding.strategy import Target
     from models import sharding

@@ -255,3 +255,10 @@ def test_contrast_routing_runs_the_strong_and_weak_routings_on_the_two_halves_of
   assert np.abs(strong - weak).max() > 1e-3
   with pytest.raises(ValueError, match="weak_rank=4"):
     _moe_cfg(moe_routing=Routing("contrast", 2, 4))
+
+
+def test_an_moe_config_survives_the_artifact_manifest():
+  """Artifacts store their config as JSON (`models.checkpoint.config_to_dict`)."""
+  from models.checkpoint import config_from_dict, config_to_dict
+  c = _moe_cfg(moe_routing=Routing("contrast", 2, 1))
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(c)))) == c
