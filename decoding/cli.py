@@ -11,11 +11,13 @@ batching, ...) are the command's own. `parse_flags` turns flag errors into one l
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from absl import flags
+from absl import app, flags
+from ml_collections import config_flags
 
 from decoding import registry
 from decoding.errors import GenerationError, nearest, unknown
@@ -26,10 +28,11 @@ TEXT_RUN_FIELDS = ("model", "numerics", "batch_invariant", "scan_layers",
                    "fused_projections", "matmul_kernel", "seed",
                    "batch_size", "max_cache_len", "chat_template", "system_prompt", "mesh")
 IMAGE_RUN_FIELDS = ("model", "numerics", "classes", "per_class", "seed", "batch_size", "out_dir")
-RUN_FIELDS = {"text": TEXT_RUN_FIELDS, "image": IMAGE_RUN_FIELDS}
+CAPTION_RUN_FIELDS = ("model", "numerics", "images", "output", "batch_size")
+RUN_FIELDS = {"text": TEXT_RUN_FIELDS, "image": IMAGE_RUN_FIELDS, "caption": CAPTION_RUN_FIELDS}
 # What to say when a Hugging Face habit does not apply to the chosen strategy.
 HINTS = {"do_sample": " (for ancestral sampling use strategy='sample')"}
-DEFAULT_STRATEGY = {"text": "greedy", "image": "ar"}
+DEFAULT_STRATEGY = {"text": "greedy", "image": "ar", "caption": "guided_caption"}
 
 
 def as_dict(cfg: Any) -> dict:
@@ -112,3 +115,22 @@ def _unknown_field(text: str) -> str:
     return text
   hint = f" (did you mean {found.group(2)!r}?)" if found.group(2) else ""
   return f"unknown config field {found.group(1)!r}{hint}"
+
+
+def main_with_config(default_config: str, help_text: str, run: Callable[[Any], dict],
+                     show: Callable[[dict], dict] = lambda summary: summary) -> None:
+  """The `main` of a config-file command: defines `--config` (at call time, so importing a
+  command never collides with another's flag), runs `run(config)`, prints `show(summary)`
+  as JSON, and turns a bad setting or input into one line on stderr with exit status 2."""
+  config = config_flags.DEFINE_config_file("config", default_config, help_text)
+
+  def _main(argv):
+    del argv
+    try:
+      summary = run(config.value)
+    except (GenerationError, ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(show(summary), indent=1))
+
+  app.run(_main, flags_parser=parse_flags)

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
-from absl import app
-from ml_collections import config_flags
 from PIL import Image
 
 from decoding import cli, registry
-from decoding.errors import GenerationError
 from decoding.image_strategies import generate_codes, generate_images, grid_image
 from decoding.strategy import Resources
 from models.image_ar import load_image_model
@@ -77,21 +73,8 @@ def file_name(class_name: str) -> str:
 
 
 def main() -> None:
-  # the flag is defined here, not at import, so importing this module (tests, other CLIs)
-  # never collides with another module's --config
-  config = config_flags.DEFINE_config_file("config", "configs/generate_images.py",
-                                           "Image generation config file.")
-
-  def _main(argv):
-    del argv
-    try:
-      summary = run(config.value)
-    except (GenerationError, ValueError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
-
-  app.run(_main, flags_parser=cli.parse_flags)
+  cli.main_with_config("configs/generate_images.py", "Image generation config file.", run,
+                       show=lambda summary: {k: v for k, v in summary.items() if k != "settings"})
 
 
 if __name__ == "__main__":

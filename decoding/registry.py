@@ -7,8 +7,9 @@ and the Python API all look strategies up here, and a settings object names its 
 """
 from __future__ import annotations
 
-from decoding import (adadec, beam_search, best_of_n, exact_extract, greedy, image_strategies,
-                      momentum, sampling, scmoe, self_agreement, soft_thinking, superposed)
+from decoding import (adadec, beam_search, best_of_n, captioning, exact_extract, greedy,
+                      image_strategies, momentum, sampling, scmoe, self_agreement, soft_thinking,
+                      superposed)
 from decoding.errors import GenerationError, unknown
 from decoding.speculative import strategy as speculative
 from decoding.strategy import Strategy
@@ -32,6 +33,8 @@ STRATEGIES: dict[str, Strategy] = {
     "ar": image_strategies.AR,
     "sjd": image_strategies.SJD,
     "eagle": image_strategies.EAGLE,
+    # captions (image -> text, `models.captioner`)
+    "guided_caption": captioning.STRATEGY,
 }
 
 _BY_SETTINGS = {s.settings: s for s in STRATEGIES.values()}
@@ -43,8 +46,9 @@ def get(name: str, modality: str = "text") -> Strategy:
     raise unknown("strategy", name, names(modality))
   strategy = STRATEGIES[name]
   if strategy.modality != modality:
-    cli = "decoding.generate_images" if strategy.modality == "image" else "decoding.generate"
-    noun = {"text": "text", "image": "images"}
+    cli = {"text": "decoding.generate", "image": "decoding.generate_images",
+           "caption": "decoding.caption_images"}[strategy.modality]
+    noun = {"text": "text", "image": "images", "caption": "captions"}
     raise GenerationError(f"strategy {name!r} generates {noun[strategy.modality]}, not "
                           f"{noun[modality]}: use python -m {cli} (strategies for "
                           f"{noun[modality]}: {', '.join(names(modality))})")

@@ -92,6 +92,7 @@ class Resources:
 
 
 Run = Callable[[Batch], DecodeResult]
+MODALITIES = ("text", "image", "caption")
 
 
 def one_row(settings) -> int:
@@ -104,7 +105,7 @@ class Strategy:
   name: str
   settings: type  # its settings type; a settings object names its strategy
   summary: str  # one line: what it does
-  modality: str = "text"  # "text" | "image"
+  modality: str = "text"  # "text" | "image" | "caption" (image -> text)
   prepare: Optional[Callable[..., Run]] = None  # array strategies
   pipeline: Optional[Callable[..., list]] = None  # pipeline strategies
   # Rows decoded per prompt from one prefill (sampling with num_return_sequences > 1); the
@@ -126,7 +127,7 @@ class Strategy:
   def __post_init__(self):
     if (self.prepare is None) == (self.pipeline is None):
       raise ValueError(f"strategy {self.name!r}: give exactly one of prepare or pipeline")
-    if self.modality not in ("text", "image"):
+    if self.modality not in MODALITIES:
       raise ValueError(f"strategy {self.name!r}: unknown modality {self.modality!r}")
     if self.check_inputs is not None and self.pipeline is None:
       raise ValueError(f"strategy {self.name!r}: check_inputs needs a pipeline")

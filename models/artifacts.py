@@ -68,6 +68,7 @@ PRODUCERS = {
     "gad_drafter": "python -m train.gad",
     "vq_tokenizer": "python -m train.vqvae",
     "image_classifier": "python -m train.image_classifier",
+    "moe_delta": "python -m train.moe_distill",
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.moe import Routing
+from models.moe import TOP_K_WEIGHTS, Routing
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 MATMUL_KERNELS = ("xla", "packed")
@@ -69,6 +69,12 @@ class ModelConfig:
   moe_experts: int = 0
   moe_intermediate_size: int = 0
   moe_routing: Routing = Routing()
+  # hidden units of a shared expert that every token uses with weight 1 beside the routed
+  # ones ("DeepSeekMoE", Dai et al., 2024); 0: none
+  moe_shared_intermediate_size: int = 0
+  # top-k weights: "sum_one" (renormalised to sum to 1, Mixtral) or "mean_one" (times k, so
+  # they average 1: for experts that are parts of one dense MLP rather than copies of it)
+  moe_top_k_weights: str = "sum_one"
 
   def __post_init__(self):
     if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -99,6 +105,12 @@ class ModelConfig:
       if not isinstance(self.moe_routing, Routing):
         raise ValueError(f"moe_routing must be a models.moe.Routing, got {self.moe_routing!r}")
       self.moe_routing.check(self.moe_experts)
+      if self.moe_top_k_weights not in TOP_K_WEIGHTS:
+        raise ValueError(f"moe_top_k_weights must be one of {TOP_K_WEIGHTS}, got "
+                         f"{self.moe_top_k_weights!r}")
+      if self.moe_shared_intermediate_size < 0:
+        raise ValueError("moe_shared_intermediate_size must be >= 0, got "
+                         f"{self.moe_shared_intermediate_size}")
       if self.batch_invariant or self.matmul_kernel == "packed":
         raise ValueError("a Mixture-of-Experts model runs with matmul_kernel='xla' and "
                          "batch_invariant=False")

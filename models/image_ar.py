@@ -121,20 +121,28 @@ class ImageModel:
     return self.sha256 or checkpoint.params_sha256(self.params)
 
 
-def load_image_model(name_or_path: str = "image-ar-fmnist", numerics: str = "fp32") -> ImageModel:
-  """The AR model (a registered name or an `lm` artifact folder) in a precision recipe
-  (`models.numerics`), its token layout and its VQ-VAE tokenizer."""
+def read_token_model(name_or_path: str, layout_key: str, what: str,
+                     command: str) -> tuple[str, dict]:
+  """(folder, info) of an `lm` artifact over VQ image tokens whose info holds its token layout
+  under `layout_key` and its tokenizer's name; a clear error naming `command` otherwise."""
   try:
     path, _, _ = registry.resolve(name_or_path)
     _, manifest = artifacts.read_manifest(path, "lm")
   except (ValueError, FileNotFoundError) as e:
     if isinstance(e, artifacts.OutdatedFormatError):
       raise
-    raise FileNotFoundError(f"no image model at {name_or_path!r} ({e}; train one: python -m "
-                            "train.image_ar --config=configs/image_ar_fmnist.py)") from e
+    raise FileNotFoundError(f"no {what} at {name_or_path!r} ({e}; train one: {command})") from e
   info = manifest["info"]
-  if "image_tokens" not in info or "tokenizer" not in info:
-    raise ValueError(f"{path}: not an image-token model (its info has no image_tokens/tokenizer)")
+  if layout_key not in info or "tokenizer" not in info:
+    raise ValueError(f"{path}: holds no {what} (its info has no {layout_key}/tokenizer)")
+  return path, info
+
+
+def load_image_model(name_or_path: str = "image-ar-fmnist", numerics: str = "fp32") -> ImageModel:
+  """The AR model (a registered name or an `lm` artifact folder) in a precision recipe
+  (`models.numerics`), its token layout and its VQ-VAE tokenizer."""
+  path, info = read_token_model(name_or_path, "image_tokens", "image model",
+                                "python -m train.image_ar --config=configs/image_ar_fmnist.py")
   m = load_model(path, numerics=numerics)
   layout = ImageTokens(**info["image_tokens"])
   tok, tok_params, _ = vqvae.load(info["tokenizer"])

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from models import artifacts, checkpoint, packed_matmul, registry, sharding, transformer
+from models import artifacts, checkpoint, moe_delta, packed_matmul, registry, sharding, transformer
 from models import numerics as numerics_lib
 from models.config import DTYPES, MATMUL_KERNELS, ModelConfig
 from models.kv_cache import KVCache
@@ -162,6 +162,23 @@ def _load_export(path: str, param_dtype,
           bool(manifest["config"]["instruct"]), manifest["params"]["sha256"])
 
 
+def _load_moe_delta(path: str, param_dtype, overrides: dict
+                    ) -> tuple[ModelConfig, Any, Optional[Tokenizer], str]:
+  """(config, params, tokenizer, delta sha256) of a Mixture-of-Experts model stored as a
+  delta on its dense parent (`models.moe_delta`): the parent is loaded (installed weights,
+  float32), checked against the checksum the delta pins, split and adapted."""
+  _, manifest = artifacts.read_manifest(path, moe_delta.KIND)
+  parent = load_model(manifest["target"]["name"], scan_layers=True, fused_projections=False)
+  manifest, delta = artifacts.load_artifact(path, moe_delta.KIND, target_sha256=parent.sha256,
+                                            target_config=parent.lm.config)
+  config, params = moe_delta.assemble(parent.params, parent.lm.config, delta, manifest["config"])
+  config = config.replace(param_dtype=param_dtype, **overrides)
+  params = jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
+  if not config.scan_layers:
+    params = transformer.unstack_layers(params, config.num_layers)
+  return config, params, parent.tokenizer, manifest["params"]["sha256"]
+
+
 def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype=None, param_dtype=None,
                matmul_precision: Optional[str] = None, split_k: Optional[int] = None,
                scan_layers: bool = False, fused_projections: bool = True,
@@ -204,13 +221,16 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype=None, param_dty
     dtype, param_dtype, proj_dtype, matmul_precision = (
         r["dtype"], r["param_dtype"], r["proj_dtype"], r["matmul_precision"])
   path, sha, instruct = registry.resolve(name_or_path)
+  delta = registry.kind_of(name_or_path) == moe_delta.KIND
   dtype, param_dtype = as_dtype(dtype or "float32"), as_dtype(param_dtype or "float32")
   proj_dtype = None if proj_dtype is None else as_dtype(proj_dtype)
   if split_k is None:
     split_k = 1
   overrides = dict(dtype=dtype, matmul_precision=matmul_precision or "default",
                    split_k=split_k, scan_layers=scan_layers)
-  if os.path.isdir(path) and artifacts.holds_artifact(path):
+  if delta:
+    config, params, tok, weights_sha = _load_moe_delta(path, param_dtype, overrides)
+  elif os.path.isdir(path) and artifacts.holds_artifact(path):
     config, params, tok_meta, instruct, weights_sha = _load_export(path, param_dtype, overrides)
     tok = Tokenizer(tok_meta) if tok_meta is not None else None
   elif os.path.isdir(path):

@@ -46,6 +46,7 @@ import numpy as np
 Array = jax.Array
 
 ROUTING_KINDS = ("top_k", "rank_k", "expert", "all", "contrast")
+TOP_K_WEIGHTS = ("sum_one", "mean_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +88,15 @@ def expert_ranks(probs: Array) -> Array:
   return jnp.argsort(order, axis=-1, stable=True)
 
 
-def routing_weights(router_logits: Array, routing: Routing) -> Array:
+def routing_weights(router_logits: Array, routing: Routing, top_k_weights: str = "sum_one"
+                    ) -> Array:
   """Combination weights [..., E] float32 of the experts from the router logits [..., E]
-  (`contrast`: [B, ..., E], B even)."""
+  (`contrast`: [B, ..., E], B even). `top_k_weights="mean_one"` multiplies the renormalised
+  top-k weights by k (`ModelConfig.moe_top_k_weights`)."""
   if routing.kind == "contrast":
     half = router_logits.shape[0] // 2
     return jnp.concatenate([
-        routing_weights(router_logits[:half], Routing("top_k", routing.k)),
+        routing_weights(router_logits[:half], Routing("top_k", routing.k), top_k_weights),
         routing_weights(router_logits[half:], Routing("rank_k", routing.weak_rank))])
   logits = router_logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -107,7 +110,8 @@ def routing_weights(router_logits: Array, routing: Routing) -> Array:
     return (ranks == routing.k).astype(jnp.float32)
   # renormalised top-k probabilities, as a softmax over the kept logits (Mixtral's form):
   # a single kept expert then gets weight exactly 1, as in rank-0 routing
-  return jax.nn.softmax(jnp.where(ranks < routing.k, logits, -jnp.inf), axis=-1)
+  w = jax.nn.softmax(jnp.where(ranks < routing.k, logits, -jnp.inf), axis=-1)
+  return w * routing.k if top_k_weights == "mean_one" else w
 
 
 def load_balancing_loss(router_logits: Array, top_k: int, mask: Array | None = None) -> Array:
@@ -160,7 +164,7 @@ class MoEMLP(nn.Module):
     logits = jnp.einsum("...d,de->...e", x.astype(jnp.float32), router.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
     self.sow("intermediates", "router_logits", logits)
-    w = routing_weights(logits, cfg.moe_routing).astype(cfg.dtype)  # [..., E]
+    w = routing_weights(logits, cfg.moe_routing, cfg.moe_top_k_weights).astype(cfg.dtype)
     p = cfg.precision
     if gate_up is not None:
       g, u = jnp.split(jnp.einsum("...d,edf->...ef", x, gate_up.astype(cfg.dtype),
@@ -169,27 +173,59 @@ class MoEMLP(nn.Module):
       g = jnp.einsum("...d,edf->...ef", x, gate.astype(cfg.dtype), precision=p)
       u = jnp.einsum("...d,edf->...ef", x, up.astype(cfg.dtype), precision=p)
     h = jax.nn.silu(g) * u * w[..., None]  # [..., E, F]: unselected experts contribute 0
-    return jnp.einsum("...ef,efd->...d", h, down.astype(cfg.dtype), precision=p)
+    y = jnp.einsum("...ef,efd->...d", h, down.astype(cfg.dtype), precision=p)
+    if cfg.moe_shared_intermediate_size:
+      y = y + SharedExpert(cfg, name="shared_mlp")(x)
+    return y
+
+
+class SharedExpert(nn.Module):
+  """The always-on expert (`moe_shared_intermediate_size` SwiGLU units, weight 1); its
+  separate gate/up/down kernels are named like the dense MLP's, so LayerCast stores them in
+  bf16 and the mesh splits their hidden units over `model`."""
+  config: "ModelConfig"  # noqa: F821
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    D, F, store, p = x.shape[-1], cfg.moe_shared_intermediate_size, cfg.projection_dtype, cfg.precision
+    gate, up = (_Kernel((D, F), store, name=n)() for n in ("gate_proj", "up_proj"))
+    down = _Kernel((F, D), store, name="down_proj")()
+    g = jnp.dot(x, gate.astype(cfg.dtype), precision=p)
+    u = jnp.dot(x, up.astype(cfg.dtype), precision=p)
+    return jnp.dot(jax.nn.silu(g) * u, down.astype(cfg.dtype), precision=p)
 
 
 def experts_from_dense(gate: Array, up: Array, down: Array, assignment) -> dict:
   """Splits a dense SwiGLU MLP's hidden units into experts: unit f goes to expert
-  assignment[f], every expert getting the same number F/E of units, in increasing order.
-  gate, up: [..., D, F]; down: [..., F, D]; assignment: [F] ints in [0, E) shared by the
+  assignment[f] >= 0, or to the shared expert where assignment[f] = -1; every routed expert
+  gets the same number of units, in increasing order.
+  gate, up: [..., D, F]; down: [..., F, D]; assignment: [F] ints in [-1, E) shared by the
   leading axes (e.g. stacked layers), or [L, F], one per layer of [L, D, F] weights.
-  Returns {"gate_proj", "up_proj", "down_proj"} kernels [..., E, D, F/E] and [..., E, F/E, D].
-  With `Routing("all")` the MoE block then computes the dense MLP: the hidden units are
-  independent, and summing all experts sums every unit once."""
+  Returns {"gate_proj", "up_proj", "down_proj"} kernels [..., E, D, F_e] and [..., E, F_e, D],
+  plus "shared": the same three kernels of the shared units ([..., D, S], [..., S, D]) when
+  there are any. With `Routing("all")` the MoE block (shared expert included) then computes
+  the dense MLP: the hidden units are independent, and the sum over experts sums every unit
+  once."""
   a = np.asarray(assignment)
   if a.ndim == 2:
     parts = [experts_from_dense(gate[i], up[i], down[i], a[i]) for i in range(a.shape[0])]
-    return {k: jnp.stack([p[k] for p in parts]) for k in parts[0]}
-  F, E = gate.shape[-1], int(a.max()) + 1
-  counts = np.bincount(a, minlength=E)
-  if a.shape != (F,) or F % E or not np.all(counts == F // E):
-    raise ValueError(f"the assignment must give each of the {E} experts F/E = {F}/{E} of "
-                     f"the {F} hidden units; it gives {counts.tolist()}")
-  order = np.argsort(a, kind="stable").reshape(E, F // E)  # units of expert e, increasing
-  return {"gate_proj": jnp.moveaxis(gate[..., order], -2, -3),
-          "up_proj": jnp.moveaxis(up[..., order], -2, -3),
-          "down_proj": down[..., order, :]}
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+  F = gate.shape[-1]
+  routed = a[a >= 0]
+  E = int(routed.max()) + 1 if routed.size else 0
+  counts = np.bincount(routed, minlength=E)
+  if a.shape != (F,) or a.min() < -1 or not E or np.any(counts != counts[0]):
+    raise ValueError(f"the assignment must give each routed expert the same number of the {F} "
+                     f"hidden units (-1: shared); it gives {counts.tolist()} and "
+                     f"{int(np.sum(a == -1))} shared")
+  order = np.argsort(np.where(a < 0, E, a), kind="stable")  # routed units by expert, then shared
+  mine = order[:routed.size].reshape(E, -1)  # units of expert e, increasing
+  out = {"gate_proj": jnp.moveaxis(gate[..., mine], -2, -3),
+         "up_proj": jnp.moveaxis(up[..., mine], -2, -3),
+         "down_proj": down[..., mine, :]}
+  shared = order[routed.size:]
+  if shared.size:
+    out["shared"] = {"gate_proj": gate[..., shared], "up_proj": up[..., shared],
+                     "down_proj": down[..., shared, :]}
+  return out

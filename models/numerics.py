@@ -38,7 +38,7 @@ _RECIPES = {
 }
 
 # the attention and MLP projections of either layout (separate or fused), kernel or bias
-_PROJECTION = re.compile(r"(^|/)(attn|mlp)/(q|k|v|o|qkv|gate|up|down|gate_up)_proj/(kernel|bias)$")
+_PROJECTION = re.compile(r"(^|/)(attn|mlp|shared_mlp)/(q|k|v|o|qkv|gate|up|down|gate_up)_proj/(kernel|bias)$")
 
 
 def recipe(name: str) -> dict:

@@ -33,8 +33,10 @@ class Part:
   filename: str  # path of the piece inside that package
 
 
-KINDS = ("lm", "eagle_head", "self_draft", "gad_drafter", "vq_tokenizer", "image_classifier")
-TARGETED_KINDS = ("eagle_head", "self_draft", "gad_drafter")  # trained for one target model
+KINDS = ("lm", "eagle_head", "self_draft", "gad_drafter", "vq_tokenizer", "image_classifier",
+         "moe_delta")
+# trained for one target model (an MoE delta: on the dense model it was cut from)
+TARGETED_KINDS = ("eagle_head", "self_draft", "gad_drafter", "moe_delta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +136,16 @@ ARTIFACTS = {a.name: a for a in (
              command="python -m train.image_ar --config=configs/image_ar_fmnist.py"),
     Artifact("vqvae-fmnist", "vq_tokenizer", checkpoint="checkpoints/vqvae-fmnist",
              command="python -m train.vqvae --config=configs/vqvae_fmnist.py"),
+    Artifact("captioner-fmnist", "lm", checkpoint="checkpoints/captioner-fmnist",
+             command="python -m train.captioner --config=configs/captioner_fmnist.py"),
     Artifact("classifier-fmnist", "image_classifier", checkpoint="checkpoints/classifier-fmnist",
              command="python -m train.image_classifier --config=configs/classifier_fmnist.py"),
     Artifact("eagle-smollm2-135m", "eagle_head", checkpoint="checkpoints/eagle-smollm2-135m",
              command="python -m train.draft_head --config=configs/eagle_smollm2.py",
              target=_SMOLLM2),
+    # SmolLM2 cut into a Mixture of Experts: only the delta is shipped (models.moe_delta)
+    Artifact("smollm2-135m-moe", "moe_delta", checkpoint="checkpoints/smollm2-135m-moe",
+             command="python -m train.moe_distill", target=_SMOLLM2, instruct=True),
     Artifact("eagle-image-fmnist", "eagle_head", checkpoint="checkpoints/eagle-image-fmnist",
              command="python -m train.image_draft_head --config=configs/eagle_image_fmnist.py",
              target="image-ar-fmnist"),

@@ -26,8 +26,8 @@ PARAM_RULES: Sequence[tuple[str, tuple]] = (
     (r"attn/(q_proj|k_proj|v_proj|qkv_proj)/kernel$", (None, MODEL)),  # [D, H*hd]
     (r"attn/(q_proj|k_proj|v_proj|qkv_proj)/bias$", (MODEL,)),
     (r"attn/o_proj/kernel$", (MODEL, None)),  # [H*hd, D]
-    (r"mlp/(gate_proj|up_proj|gate_up_proj)/kernel$", (None, MODEL)),  # [D, F]
-    (r"mlp/down_proj/kernel$", (MODEL, None)),  # [F, D]
+    (r"(mlp|shared_mlp)/(gate_proj|up_proj|gate_up_proj)/kernel$", (None, MODEL)),  # [D, F]
+    (r"(mlp|shared_mlp)/down_proj/kernel$", (MODEL, None)),  # [F, D]
     (r"norm/scale$", (None,)),
 )
 
@@ -57,7 +57,7 @@ def _fit(spec: tuple, shape: tuple, mesh: Mesh) -> P:
 # projections are split by output columns too; their input is gathered instead.
 COLUMN_ONLY_RULES: Sequence[tuple[str, tuple]] = (
     (r"attn/o_proj/kernel$", (None, MODEL)),
-    (r"mlp/down_proj/kernel$", (None, MODEL)),
+    (r"(mlp|shared_mlp)/down_proj/kernel$", (None, MODEL)),
 )
 
 

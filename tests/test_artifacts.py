@@ -60,7 +60,8 @@ def test_registry_table_holds_every_artifact_once():
       "qwen2.5-coder-1.5b-instruct": "lm", "image-ar-fmnist": "lm",
       "eagle-smollm2-135m": "eagle_head", "eagle-image-fmnist": "eagle_head",
       "vqvae-fmnist": "vq_tokenizer", "classifier-fmnist": "image_classifier",
-      "distillspec-smollm2-L4": "self_draft", "gad-smollm2": "gad_drafter"}
+      "distillspec-smollm2-L4": "self_draft", "gad-smollm2": "gad_drafter",
+      "smollm2-135m-moe": "moe_delta", "captioner-fmnist": "lm"}
   assert registry.MODELS == {n: a for n, a in table.items() if a.packaged}  # the packaged part
   assert registry.DEFAULT_MODEL in registry.MODELS
   for a in table.values():
@@ -92,7 +93,8 @@ def test_resolve_every_registered_name(tmp_path, monkeypatch):
       assert os.path.isfile(path) and sha == entry.sha256 and instruct
     elif entry.checkpoint:  # shipped: the folder in the repository, of its kind
       path, sha, instruct = registry.resolve(name)
-      assert path == registry.repo_path(entry.checkpoint) and sha is None and not instruct
+      assert path == registry.repo_path(entry.checkpoint) and sha is None
+      assert instruct == entry.instruct
       assert artifacts.read_manifest(name, entry.kind)[0] == path
     else:  # trained on demand: the command that produces it until it exists
       with pytest.raises(FileNotFoundError, match=re.escape(entry.command)):

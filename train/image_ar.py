@@ -31,6 +31,11 @@ def validate(config: Any) -> None:
   for name in ("batch_size", "num_steps", "num_classes"):
     if int(config[name]) < 1:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
+  check_conditioning(config)
+
+
+def check_conditioning(config: Any) -> None:
+  """The condition-dropout rate is in [0, 1) and the VQ tokenizer `config.tokenizer` exists."""
   if not 0.0 <= float(config.cond_dropout) < 1.0:
     raise ValueError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
   try:

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from models import low_rank
+
 Array = jax.Array
 
 # Paths end in ".../<module>/kernel"; targets name the module (regex on the module path).
@@ -63,20 +65,7 @@ def init(params: Any, key: Array, rank: int = 8, targets: Sequence[str] = DEFAUL
 def merge(params: Any, adapters: Any, alpha: float, rank: int) -> Any:
   """Base parameters with `alpha / rank * A @ B` added to each adapted kernel (merged
   kernels are float32; `Dense` casts to the compute dtype)."""
-  scale = alpha / rank
-
-  def walk(p, a):
-    if isinstance(a, dict) and "lora_a" in a:
-      w = p["kernel"]
-      delta = jnp.matmul(a["lora_a"].astype(jnp.float32), a["lora_b"].astype(jnp.float32))
-      # kept in float32: rounding to a bf16 base would swallow small adapter updates
-      return {**p, "kernel": w.astype(jnp.float32) + scale * delta}
-    out = dict(p)
-    for k, sub in a.items():
-      out[k] = walk(p[k], sub)
-    return out
-
-  return walk(params, adapters)
+  return low_rank.merge(params, adapters, alpha / rank)
 
 
 def num_params(tree: Any) -> int:

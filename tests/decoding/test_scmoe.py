@@ -18,7 +18,7 @@ from decoding.greedy import Greedy
 from decoding.runner import generate
 from decoding.scmoe import SCMoE, contrast_lm, contrast_scores
 from models.config import tiny_config
-from models.lm import TransformerLM
+from models.lm import TransformerLM, load_model
 from models.moe import Routing
 from models.transformer import init_params
 from tests.helpers import chi2_pvalue, target
@@ -133,3 +133,18 @@ def test_bad_settings_and_dense_models_are_refused_before_any_compile():
   with pytest.raises(GenerationError, match="no experts"):
     generate(target(dense, init_params(dense.config, jax.random.PRNGKey(0))), [[1, 2]],
              SCMoE())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm_gguf")  # the shipped delta is assembled from SmolLM2's weights
+def test_the_shipped_moe_loads_by_name_and_scmoe_at_beta_zero_is_its_top2_greedy():
+  m = load_model("smollm2-135m-moe")
+  cfg = m.lm.config
+  assert (cfg.moe_experts, cfg.moe_shared_intermediate_size, cfg.moe_routing) == (
+      8, 768, Routing("top_k", 2))
+  prompts = [m.tokenizer.encode_chat([{"role": "user", "content": q}])
+             for q in ("What is 12 plus 30?", "Name a colour.", "Write one word.")]
+  t = target(m.lm, m.params, eos_ids=(2,))
+  greedy = [g.output_ids for g in generate(t, prompts, Greedy(max_new_tokens=12))]
+  zero = [g.output_ids for g in generate(t, prompts, SCMoE(max_new_tokens=12, scmoe_beta=0.0))]
+  assert greedy == zero

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from models import datasets
-from models.datasets import fashion_mnist, humaneval, text_corpus
+from models.datasets import fashion_captions as fc, fashion_mnist, humaneval, text_corpus
 from models.datasets import corpus_texts
 from train.text_data import load_text_sequences, tokenize_to_sequences
 
@@ -308,3 +308,19 @@ def test_load_text_sequences_with_real_tokenizer(corpus, data_dir, smollm_tokeni
   assert (rows == tok.eos_id).sum() == decoded.count("<|im_end|>") >= 10
   head = load_text_sequences("validation", tok, 512, max_sequences=2, data_dir=data_dir)
   np.testing.assert_array_equal(head, rows[:2])
+
+
+@pytest.mark.data
+def test_captioned_scenes_are_deterministic_and_use_their_own_split():
+  a, images, refs = fc.scenes("test", 30, seed=3)
+  b, images_b, refs_b = fc.scenes("test", 30, seed=3)
+  assert a == b and refs == refs_b and np.array_equal(images, images_b)
+  assert images.shape == (30, fc.CANVAS, fc.CANVAS, 1) and images.dtype == np.uint8
+  items, labels = fc.load_arrays("test")
+  for s, img in zip(a, images):
+    assert s.label == labels[s.item]
+    np.testing.assert_array_equal(img, fc.render(items[s.item], s))
+    assert len(refs[0]) == fc.REFERENCES
+  assert len({s.item for s in a}) == 30  # items without replacement
+  with pytest.raises(ValueError, match="scenes from a split"):
+    fc.scenes("test", 10001)

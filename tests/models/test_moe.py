@@ -194,11 +194,12 @@ def test_router_logits_are_sown_for_training():
 
 
 def test_layercast_stores_experts_in_bf16_and_the_router_in_fp32():
-  cfg = _moe_cfg(**numerics.recipe("layercast"))
+  cfg = _moe_cfg(moe_shared_intermediate_size=8, **numerics.recipe("layercast"))
   params = transformer.init_params(cfg, jax.random.PRNGKey(6))
   mlp = params["layers"]["mlp"]
-  assert all(mlp[k]["kernel"].dtype == jnp.bfloat16 for k in ("gate_proj", "up_proj",
-                                                                "down_proj"))
+  assert all(m[k]["kernel"].dtype == jnp.bfloat16 for k in ("gate_proj", "up_proj",
+                                                             "down_proj")
+             for m in (mlp, mlp["shared_mlp"]))
   assert mlp["router"]["kernel"].dtype == jnp.float32
 
 
@@ -212,7 +213,8 @@ MESH_SCRIPT = textwrap.dedent("""
     from models.config import tiny_config
     from models.lm import TransformerLM
     cfg = tiny_config(vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2,
-                      head_dim=8, moe_experts=4, moe_intermediate_size=8)
+                      head_dim=8, moe_experts=4, moe_intermediate_size=8,
+                      moe_shared_intermediate_size=16, moe_top_k_weights="mean_one")
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     prompts = [list(map(int, rng.integers(2, 64, n))) for n in rng.integers(2, 12, 8)]
@@ -221,6 +223,8 @@ MESH_SCRIPT = textwrap.dedent("""
       mesh = sharding.make_mesh(data, model)
       p = sharding.shard_params(params, mesh)
       specs[f"{data}x{model}"] = str(p["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec)
+      specs[f"{data}x{model} shared"] = str(
+          p["layers"]["mlp"]["shared_mlp"]["down_proj"]["kernel"].sharding.spec)
       g = generate(Target(TransformerLM(cfg, mesh=mesh), p, (1,), 0), prompts,
                    Greedy(max_new_tokens=6), batch_size=8,
                    shard=lambda a: sharding.shard_batch(a, mesh))
@@ -231,7 +235,8 @@ MESH_SCRIPT = textwrap.dedent("""
 
 def test_sharded_moe_greedy_equals_single_device():
   """Each expert's hidden units split over the model axis (every device holds a slice of
-  every expert), the router replicated: the single device's greedy tokens on 2 x 4 and 1 x 8."""
+  every expert, and of the shared expert), the router replicated: the single device's greedy
+  tokens on 2 x 4 and 1 x 8."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=REPO, env=env,
@@ -240,6 +245,7 @@ def test_sharded_moe_greedy_equals_single_device():
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["out"]["2x4"] == res["out"]["1x1"] == res["out"]["1x8"]
   assert res["specs"]["2x4"] == str(jax.sharding.PartitionSpec(None, None, None, "model"))
+  assert res["specs"]["2x4 shared"] == str(jax.sharding.PartitionSpec(None, "model", None))
 
 
 def test_contrast_routing_runs_the_strong_and_weak_routings_on_the_two_halves_of_the_batch():
