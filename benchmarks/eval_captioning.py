@@ -37,11 +37,11 @@ def render(result: dict) -> str:
         "that name the class and 0-2 of its 4 other attributes. Recall@1: the caption's scene "
         f"among all {result['scenes']} by the attributes it names (ties split).", "",
         "| guidance scale | CIDEr-D | recall@1 | attributes named | named attributes true | "
-        "words |", "|---|---|---|---|---|---|"]
+        "class named and true | words |", "|---|---|---|---|---|---|---|"]
   for row in result["rows"]:
     md.append(f"| {row['scale']:g} | {row['cider_d']:.3f} | {row['recall_at_1']:.3f} | "
               f"{row['attributes_named']:.2f} | {row['named_true']:.3f} | "
-              f"{row['words']:.1f} |")
+              f"{row['class_true']:.3f} | {row['words']:.1f} |")
   md += ["", f"Examples at each scale: `{result['picture']}`.", "",
          f"`{result['command']}` ({result['seconds'] / 60:.1f} min on {result['machine']})."]
   return "\n".join(md)
@@ -96,6 +96,8 @@ def main(argv=None) -> dict:
     rows.append(dict(scale=scale, cider_d=cider, recall_at_1=recall,
                      attributes_named=float(np.mean([len(n) for n in named])),
                      named_true=float(np.sum(true) / max(1, sum(len(n) for n in named))),
+                     class_true=float(np.mean([n.get("class") == t["class"]
+                                               for n, t in zip(named, truth)])),
                      words=float(np.mean([len(c.split()) for c in caps])),
                      examples=caps[:6]))
     print(f"scale {scale:g}: CIDEr-D {cider:.3f}, recall@1 {recall:.3f}, "
