@@ -88,14 +88,15 @@ def run_model(name: str, examples: list[qa.Example], shots: list[int], args, mes
                for e in examples]
     fields = lambda e: {"question": e.question, "answer": e.answer}
     greedy_rows = [Row(i, p, fields(e)) for i, (p, e) in enumerate(zip(prompts, examples))]
+    share = k > 0  # the k examples open every prompt: prefilled once per batch
     records = eval_runner.evaluate(target, greedy_rows, greedy_settings, path(f"{k}shot_greedy"),
                                    batch_size=args.batch_size, mesh=mesh, resources=resources,
-                                   desc=f"{name} greedy k={k}")
+                                   desc=f"{name} greedy k={k}", share_prefix=share)
     greedy = [greedy_answer(r["outputs"][0]["text"]) for r in records]
 
     def extract_batch(ids: list[int], inputs: list[dict]) -> list[dict]:
       gens = generate(target, inputs, ee_settings, batch_size=args.batch_size,
-                      resources=resources)
+                      resources=resources, share_prefix=share)
       return [{"outputs": [g.to_json(text=g.extras["text"])]} for g in gens]
 
     ee_rows = [Row(i, r, fields(e)) for i, (r, e) in enumerate(zip(requests, examples))]
@@ -103,7 +104,8 @@ def run_model(name: str, examples: list[qa.Example], shots: list[int], args, mes
         ee_rows, extract_batch, path(f"{k}shot_exact_extract"), batch_size=args.batch_size,
         data_parallel=mesh[0], desc=f"{name} exact-extract k={k}",
         signature={"strategy": "exact_extract", "settings": ee_settings.to_flat(), "shots": k,
-                   "model": name, "passages": args.passages, "seed": args.seed})
+                   "model": name, "passages": args.passages, "seed": args.seed,
+                   **({"share_prefix": True} if share else {})})
     extracted = [Generation.from_json(r["outputs"][0]).extras["text"] for r in records]
     out[k] = {"greedy": scores(greedy, examples), "exact_extract": scores(extracted, examples),
               "greedy_in_passage": float(np.mean([bool(g) and g in e.passage

@@ -377,12 +377,13 @@ def _record(row: Row, result: dict) -> dict:
 def evaluate(model, rows: Sequence[Row], settings, output: str, *, seed: int = 0,
              batch_size: int = 8, mesh: Sequence[int] = (1, 1), max_cache_len: int = 0,
              resources: Optional[Resources] = None, progress: bool = True,
-             desc: Optional[str] = None) -> list[dict]:
+             desc: Optional[str] = None, share_prefix: bool = False) -> list[dict]:
   """Runs a text strategy (`settings`) over rows of token-id prompts (`Row.input`) and
   returns one record per row in id order: {"id", the row's fields, "outputs": its
   `Generation`s as JSON, `index` = the row id, plus "text" when the model has a
   tokenizer}. model: a loaded model or a `Target`; mesh: (data, model) devices of each
-  process; `batch_size` rows per batch (a multiple of data). See the module docstring."""
+  process; `batch_size` rows per batch (a multiple of data); share_prefix: prefill a
+  batch's common prompt prefix once (`decoding.runner.generate`). See the module docstring."""
   target = model if isinstance(model, Target) else Target.of(model)
   strategy = registry.strategy_of(settings)
   if strategy.modality != "text":
@@ -410,6 +411,8 @@ def evaluate(model, rows: Sequence[Row], settings, output: str, *, seed: int = 0
   signature = {"strategy": strategy.name, "settings": settings.to_flat(), "seed": int(seed),
                "model": target.name, "model_sha256": target.sha256,
                "numerics": numerics_of(target.lm)}
+  if share_prefix:  # other floats in the last bits: a file is written one way only
+    signature["share_prefix"] = True
   _check_signature(output, signature)
   placed, shard = place(target, data, model_parallel)
   resources = Resources() if resources is None else resources
@@ -417,7 +420,8 @@ def evaluate(model, rows: Sequence[Row], settings, output: str, *, seed: int = 0
 
   def run_batch(ids: list[int], prompts: list[Any]) -> list[dict]:
     gens = generate(placed, prompts, settings, seed=seed, batch_size=batch_size,
-                    max_cache_len=max_cache_len, row_ids=ids, shard=shard, resources=resources)
+                    max_cache_len=max_cache_len, row_ids=ids, shard=shard, resources=resources,
+                    share_prefix=share_prefix)
     outputs: list[list[dict]] = [[] for _ in ids]
     for g in gens:
       k, g.index = g.index, ids[g.index]

@@ -52,7 +52,7 @@ import numpy as np
 
 from decoding.errors import GenerationError
 from decoding.lengths import bucket, plan_lengths
-from decoding.prefill import new_cache, prefill
+from decoding.prefill import new_cache, prefill, shared_prefix_len
 from decoding.results import Generation
 from decoding.settings import Settings, check_bool, check_int, is_int, settings
 from decoding.strategy import Strategy, Target
@@ -185,11 +185,13 @@ def check_inputs(inputs: Sequence[Any]) -> list:
 # ------------------------------------------------------------------------- the passes
 
 
-@functools.partial(jax.jit, static_argnames=("lm", "cache_len"))
-def prefill_prompts(lm, params, prompts: Array, prompt_len: Array, *, cache_len: int):
-  """Prompts [Q, P] (right-padded) -> (fp32 log-probs of the next token [Q, V], cache)."""
+@functools.partial(jax.jit, static_argnames=("lm", "cache_len", "shared"))
+def prefill_prompts(lm, params, prompts: Array, prompt_len: Array, *, cache_len: int,
+                    shared: int = 0):
+  """Prompts [Q, P] (right-padded) -> (fp32 log-probs of the next token [Q, V], cache);
+  `shared` first tokens common to every row are prefilled once (`decoding.prefill`)."""
   cache = new_cache(lm, prompts.shape[0], cache_len)
-  logits, cache = prefill(lm, params, prompts, prompt_len, cache)
+  logits, cache = prefill(lm, params, prompts, prompt_len, cache, shared=shared)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
 
 
@@ -265,10 +267,11 @@ def windows(q: Query, s: ExactExtract, max_positions: int) -> list[Query]:
 
 
 def search(target: Target, queries: Sequence[Query], s: ExactExtract,
-           batch_size: int = 8) -> list[list[Span]]:
+           batch_size: int = 8, share_prefix: bool = False) -> list[list[Span]]:
   """Every example's spans ranked best first (at most `s.top_spans`); `queries` may hold
   several windows per example (`Query.example`, offsets into the example's passage).
-  Returns one list per distinct example index, in order of first appearance."""
+  Returns one list per distinct example index, in order of first appearance.
+  share_prefix: prefill the prompt prefix common to a group once (in-context examples)."""
   lm, params = target.lm, target.params
   if not target.eos_ids:
     raise GenerationError("exact_extract scores stopping after a span: the model needs an EOS id")
@@ -281,7 +284,7 @@ def search(target: Target, queries: Sequence[Query], s: ExactExtract,
   found: dict[int, dict[tuple[int, int], Span]] = {e: {} for e in order}
   for g in range(0, len(queries), batch_size):
     group = list(queries[g:g + batch_size])
-    for k, spans in enumerate(_search_group(lm, params, group, s, stop_id)):
+    for k, spans in enumerate(_search_group(lm, params, group, s, stop_id, share_prefix)):
       best = found[group[k].example]
       for sp in spans:
         sp.window = g + k
@@ -292,7 +295,8 @@ def search(target: Target, queries: Sequence[Query], s: ExactExtract,
           for e in order]
 
 
-def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id) -> list[list[Span]]:
+def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
+                  share_prefix: bool = False) -> list[list[Span]]:
   """One prefill of the group's prompts, then the chunked passes over all their starts."""
   Q = bucket(len(group), minimum=1)
   lens = [len(q.passage) for q in group]
@@ -305,8 +309,9 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id) -> l
   for k, q in enumerate(group):
     prompts[k, :len(q.prompt_ids)] = q.prompt_ids
     plen[k] = len(q.prompt_ids)
+  shared = shared_prefix_len([q.prompt_ids for q in group]) if share_prefix else 0
   first_logp, cache = prefill_prompts(lm, params, jnp.asarray(prompts), jnp.asarray(plen),
-                                      cache_len=cache_len)
+                                      cache_len=cache_len, shared=shared)
   # one row per (query, start): the tokens from the start, and how many of them may be spans
   # one row per (query, start): the tokens from the start, and how many of them may be spans.
   # Rows go longest first, and each chunk's pass is only as long as its longest row needs
@@ -369,7 +374,8 @@ def to_queries(target: Target, inputs: Sequence[Any], s: ExactExtract
 
 
 def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
-                  generate: Optional[Callable] = None, batch_size: int = 8) -> list[Generation]:
+                  generate: Optional[Callable] = None, batch_size: int = 8,
+                  share_prefix: bool = False) -> list[Generation]:
   """The best span of each input (a request dict or a `Query`) as a `Generation`:
   output_ids = the span's tokens then the stop token, token_logprobs their log-probs (so
   `nll` is the span's NLL), extras text (the span decoded, stripped), span [start, end)
@@ -379,7 +385,7 @@ def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
   if not target.eos_ids:
     raise GenerationError("exact_extract scores stopping after a span: the model needs an EOS id")
   queries, passages = to_queries(target, inputs, s)
-  by_example = search(target, queries, s, batch_size)
+  by_example = search(target, queries, s, batch_size, share_prefix)
   tok = target.tokenizer
   stop = target.eos_ids[0]
   out = []
@@ -402,9 +408,11 @@ def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
 
 
 def _pipeline(s: ExactExtract, target: Target, inputs, generate: Callable) -> list[Generation]:
-  return exact_extract(s, target, inputs, generate)
+  options = getattr(generate, "options", {})  # the request's (`decoding.runner.Stage`)
+  return exact_extract(s, target, inputs, generate, options.get("batch_size", 8),
+                       options.get("share_prefix", False))
 
 
 STRATEGY = Strategy("exact_extract", ExactExtract, "the passage span of lowest NLL as an answer "
                     "(exact search over all spans, one pass per start)", pipeline=_pipeline,
-                    check_inputs=check_inputs)
+                    check_inputs=check_inputs, shares_prefix=True)

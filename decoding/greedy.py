@@ -22,4 +22,5 @@ def prepare(s: Greedy, target, resources):
 
 
 STRATEGY = Strategy("greedy", Greedy, "argmax of the processed distribution; each output "
-                    "carries its G-NLL", prepare=prepare, greedy_equivalent=lambda s: True)
+                    "carries its G-NLL", prepare=prepare, greedy_equivalent=lambda s: True,
+                    shares_prefix=True)

@@ -17,6 +17,7 @@ import numpy as np
 from decoding import registry
 from decoding.errors import GenerationError
 from decoding.lengths import bucket, plan_lengths  # noqa: F401 (part of this module's API)
+from decoding.prefill import shared_prefix_len
 from decoding.results import Generation, to_generations
 from decoding.settings import check_int, is_int
 from decoding.strategy import Batch, Resources, Target
@@ -59,11 +60,24 @@ def sample_keys(keys, sample_idx):
   return jnp.where((sample_idx == 0)[:, None], keys, folded)
 
 
+class Stage:
+  """What a pipeline strategy runs its stages with: `stage(prompts, settings, **overrides)`
+  is `generate` with this request's options (seed, row ids, batching, resources), which a
+  pipeline that batches its own passes reads from `options`."""
+
+  def __init__(self, target: Target, options: dict):
+    self.target, self.options = target, options
+
+  def __call__(self, prompts, settings, **overrides) -> list[Generation]:
+    return generate(self.target, prompts, settings, **{**self.options, **overrides})
+
+
 def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0,
              batch_size: int = 8, max_cache_len: int = 0,
              row_ids: Optional[Sequence[int]] = None,
              shard: Optional[Callable[[Any], Any]] = None,
-             resources: Optional[Resources] = None) -> list[Generation]:
+             resources: Optional[Resources] = None,
+             share_prefix: bool = False) -> list[Generation]:
   """Runs the strategy of `settings` on token-id prompts. Validation happens first.
 
   model: a `decoding.strategy.Target` or a loaded model (`models.lm.LoadedModel`).
@@ -75,6 +89,10 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
   cache length (0: sized from the longest prompt + max_new_tokens). shard: optional
   function placing the batch arrays on a device mesh. resources: loaded artifacts kept
   across calls (draft models, heads, n-gram tables; a fresh one per call by default).
+  share_prefix: prefill the prompt tokens a batch's prompts all start with once and copy
+  that cache to every row (`decoding.prefill.shared_prefix_len`): a k-shot evaluation's
+  worked examples cost one row's prefill per batch instead of one per prompt. The same
+  function is computed, not bit for bit the same floats, so it is off by default.
   """
   target = model if isinstance(model, Target) else Target.of(model)
   strategy = registry.strategy_of(settings)
@@ -94,13 +112,15 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
     raise GenerationError(f"{len(row_ids)} row ids for {len(prompts)} prompts")
   if strategy.needs_tokenizer and target.tokenizer is None:
     raise GenerationError(f"strategy {strategy.name!r} works on text: the model needs a tokenizer")
+  if share_prefix and not strategy.shares_prefix:
+    able = [n for n, s in registry.STRATEGIES.items() if s.shares_prefix]
+    raise GenerationError(f"strategy {strategy.name!r} cannot share a prompt prefix "
+                          f"(share_prefix=True); these can: {', '.join(able)}")
   resources = Resources() if resources is None else resources
   options = dict(seed=seed, batch_size=batch_size, max_cache_len=max_cache_len,
-                 row_ids=row_ids, shard=shard, resources=resources)
+                 row_ids=row_ids, shard=shard, resources=resources, share_prefix=share_prefix)
   if strategy.pipeline is not None:
-    def stage(stage_prompts, stage_settings, **overrides):
-      return generate(target, stage_prompts, stage_settings, **{**options, **overrides})
-    return strategy.pipeline(settings, target, prompts, stage)
+    return strategy.pipeline(settings, target, prompts, Stage(target, options))
   longest = max(len(p) for p in prompts)
   P, cache_len = plan_lengths(settings.max_new_tokens, longest, target.lm.max_positions,
                               max_cache_len)
@@ -125,7 +145,8 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
     arrays = (jnp.asarray(padded), jnp.asarray(lens), keys)
     if shard is not None:
       arrays = shard(arrays)
-    res = jax.device_get(run(Batch(*arrays, cache_len=cache_len)))
+    shared = shared_prefix_len([prompts[i] for i in chunk]) if share_prefix else 0
+    res = jax.device_get(run(Batch(*arrays, cache_len=cache_len, shared_len=shared)))
     if R > 1:  # [B * R, ...] -> [B, R, ...]
       res = jax.tree.map(lambda x: x.reshape((B, R) + x.shape[1:]), res)
     out += to_generations(res, [prompts[i] for i in chunk], chunk, target.lm.vocab_size,

@@ -60,11 +60,14 @@ class Target:
 @dataclasses.dataclass(frozen=True)
 class Batch:
   """One bucketed batch: prompts [B, P] right-padded, prompt_len [B] (>= 1), row_keys
-  [B * R, 2] (R rows per prompt, see `Strategy.rows_per_prompt`) and the KV-cache length."""
+  [B * R, 2] (R rows per prompt, see `Strategy.rows_per_prompt`), the KV-cache length and
+  the prompt tokens every row starts with, to prefill once (0: none; only strategies with
+  `Strategy.shares_prefix` get a nonzero one, see `decoding.prefill.shared_prefix_len`)."""
   prompts: Array
   prompt_len: Array
   row_keys: Array
   cache_len: int
+  shared_len: int = 0
 
 
 class Resources:
@@ -123,6 +126,10 @@ class Strategy:
   # question): check_inputs(inputs) -> inputs raises GenerationError for bad ones and
   # replaces `generate`'s prompt validation; the pipeline receives them as given.
   check_inputs: Optional[Callable[[Sequence[Any]], list]] = None
+  # Whether it can prefill a prompt prefix common to a batch once (`generate(...,
+  # share_prefix=True)`): array strategies through `Batch.shared_len`, pipelines through
+  # the `share_prefix` option of their stage.
+  shares_prefix: bool = False
 
   def __post_init__(self):
     if (self.prepare is None) == (self.pipeline is None):

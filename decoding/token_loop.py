@@ -82,15 +82,18 @@ class DecodeState:
 
 
 def init_state(lm, params, prompts: Array, prompt_len: Array, max_new_tokens: int,
-               cache_len: int, row_keys: Array, pad_id: int) -> DecodeState:
+               cache_len: int, row_keys: Array, pad_id: int, shared_len: int = 0
+               ) -> DecodeState:
   """Prefills the B prompts once; with R = len(row_keys) // B > 1 rows per prompt (several
   samples of each prompt, rows b*R .. b*R+R-1 for prompt b), the prompt's cache and
-  logits are then copied to its rows (`KVCache.take_rows`), not recomputed."""
+  logits are then copied to its rows (`KVCache.take_rows`), not recomputed. shared_len:
+  the prompts' common first tokens, prefilled once (`decoding.prefill.prefill`)."""
   B, P = prompts.shape
   R = row_keys.shape[0] // B
   if R * B != row_keys.shape[0]:
     raise ValueError(f"{row_keys.shape[0]} row keys for {B} prompts: need a multiple of {B}")
-  logits, cache = prefill(lm, params, prompts, prompt_len, new_cache(lm, B, cache_len))
+  logits, cache = prefill(lm, params, prompts, prompt_len, new_cache(lm, B, cache_len),
+                          shared=shared_len)
   if R > 1:
     rows = jnp.repeat(jnp.arange(B), R)
     prompts, prompt_len, logits, cache = (prompts[rows], prompt_len[rows], logits[rows],
@@ -172,17 +175,18 @@ def finalize(state: DecodeState, pad_id: int) -> DecodeResult:
 
 
 @functools.partial(jax.jit, static_argnames=("lm", "processor", "select", "pad_id",
-                                             "max_new_tokens", "cache_len"))
+                                             "max_new_tokens", "cache_len", "shared_len"))
 def decode(lm, params, prompts: Array, prompt_len: Array, row_keys: Array, eos_ids: Array, *,
            processor: LogitsProcessor, select: Selector, pad_id: int, max_new_tokens: int,
-           cache_len: int) -> DecodeResult:
+           cache_len: int, shared_len: int = 0) -> DecodeResult:
   """Prefill + token loop, jitted. Shapes (B, P, N, cache_len) are static: bucket them.
 
   prompts: [B, P] int32 right-padded; prompt_len: [B] int32 (>= 1); eos_ids: [E] int32;
   row_keys: [B * R, 2] uint32, one per output row: R > 1 decodes R rows (samples) per
   prompt from one prefill, prompt b owning rows b*R .. b*R+R-1. Results have B * R rows.
   """
-  state = init_state(lm, params, prompts, prompt_len, max_new_tokens, cache_len, row_keys, pad_id)
+  state = init_state(lm, params, prompts, prompt_len, max_new_tokens, cache_len, row_keys, pad_id,
+                     shared_len)
   state = decode_loop(lm, params, state, processor, select, eos_ids, pad_id, max_new_tokens)
   return finalize(state, pad_id)
 
@@ -193,5 +197,6 @@ def make_run(target, processor: LogitsProcessor, select: Selector, max_new_token
   def run(batch) -> DecodeResult:
     return decode(target.lm, target.params, batch.prompts, batch.prompt_len, batch.row_keys,
                   target.eos_array, processor=processor, select=select, pad_id=target.pad_id,
-                  max_new_tokens=max_new_tokens, cache_len=batch.cache_len)
+                  max_new_tokens=max_new_tokens, cache_len=batch.cache_len,
+                  shared_len=batch.shared_len)
   return run
