@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.limit = 0  # the first `limit` rows (0: the whole file; arithmetic: 64 problems)
   c.output = ""  # the JSONL results (required); a rerun resumes it
   c.progress = True  # a progress bar on stderr
+  # prefill the prompt tokens a batch's rows all start with (few-shot examples) once per
+  # batch: greedy, sample and exact_extract; the same function, not bit-identical floats
+  c.share_prefix = False
   # Several processes (jax.distributed): coordinator "" = one process; "auto" = detected
   # (TPU pod slices, SLURM); "host:port" = process `process_id` of `num_processes`, process 0
   # serving at that address. Each process runs its share of the rows on its own devices.

@@ -32,18 +32,20 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from decoding import cli, eval_runner
+from decoding import registry as strategies
 from decoding.answers import last_number
 from decoding.errors import GenerationError
 from decoding.eval_runner import Row
 from decoding.prompts import check_request_line, encode_text
-from decoding.settings import check_int
+from decoding.settings import check_bool, check_int
 from decoding.strategy import Resources
 from models import registry
 from models.datasets import arithmetic
 from models.lm import load_model
 
 # The config fields of this command on top of configs/generate.py's.
-EVAL_FIELDS = ("dataset", "dataset_seed", "limit", "output", "progress", "distributed")
+EVAL_FIELDS = ("dataset", "dataset_seed", "limit", "output", "progress", "distributed",
+               "share_prefix")
 ARITHMETIC_PROBLEMS = 64  # with limit = 0
 
 
@@ -54,6 +56,12 @@ def check_request(cfg):
   for field in EVAL_FIELDS:
     flat.pop(field, None)
   settings = cli.settings_from_config(flat, "text")
+  check_bool("share_prefix", cfg.share_prefix)
+  strategy = strategies.strategy_of(settings)
+  if cfg.share_prefix and not strategy.shares_prefix:
+    able = [n for n, s in strategies.STRATEGIES.items() if s.shares_prefix]
+    raise GenerationError(f"strategy {strategy.name!r} cannot share a prompt prefix "
+                          f"(share_prefix=True); these can: {', '.join(able)}")
   if cfg.model not in registry.MODELS and not os.path.exists(cfg.model):
     raise GenerationError(
         f"unknown model {cfg.model!r}: not a registered name ({sorted(registry.MODELS)}) "
@@ -156,7 +164,7 @@ def run(cfg, err=None) -> list[dict]:
   records = eval_runner.evaluate(model, rows, settings, cfg.output, seed=cfg.seed,
                                  batch_size=cfg.batch_size, mesh=mesh,
                                  max_cache_len=cfg.max_cache_len, resources=Resources(),
-                                 progress=cfg.progress)
+                                 progress=cfg.progress, share_prefix=cfg.share_prefix)
   if jax.process_index() == 0:
     print(f"evaluated: {json.dumps(summary(records, time.perf_counter() - t0, cfg.dataset))}",
           file=err or sys.stderr)

@@ -5,6 +5,10 @@ wording, small enough that a 135M-parameter instruct model solves some of them, 
 that answer-selection strategies have room to help. `problems(n, seed)` is
 deterministic: the same (n, seed) always gives the same list, and the first k problems
 of a longer list are the k problems of a shorter one.
+
+Each problem carries its reference solution: one `Step` per operation, with the equation
+it states (operands, operator, result) and a sentence, then "The answer is N." (what a
+supervised warm-up trains on and what process supervision aligns a solution with).
 """
 from __future__ import annotations
 
@@ -20,48 +24,79 @@ SUFFIX = " Think step by step, then give the final answer as a number."
 
 
 @dataclasses.dataclass(frozen=True)
+class Step:
+  """One reference step: `left op right = result` (op one of + - x), and its sentence."""
+  left: int
+  op: str
+  right: int
+  result: int
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Problem:
   question: str
   answer: int
   steps: int
+  solution: tuple[Step, ...] = ()
 
   @property
   def prompt(self) -> str:
     return self.question + SUFFIX
 
+  @property
+  def solution_text(self) -> str:
+    """The reference solution: its steps' sentences, then the answer."""
+    return " ".join([s.text for s in self.solution] + [f"The answer is {self.answer}."])
+
+
+def _step(left: int, op: str, right: int, what: str) -> Step:
+  result = {"+": left + right, "-": left - right, "x": left * right}[op]
+  return Step(left, op, right, result, f"{what}: {left} {op} {right} = {result}.")
+
 
 def _one(rng: random.Random) -> Problem:
+  # The draws below are the generator's: their order fixes every problem of a seed.
   name, friend, obj = rng.choice(NAMES), rng.choice(FRIENDS), rng.choice(OBJECTS)
   box = rng.choice(CONTAINERS)
   kind = rng.randrange(6)
   if kind == 0:
     a, b = rng.randint(2, 20), rng.randint(2, 20)
     return Problem(f"{name} has {a} {obj}. Then {name} gets {b} more {obj}. "
-                   f"How many {obj} does {name} have now?", a + b, 1)
+                   f"How many {obj} does {name} have now?", a + b, 1,
+                   (_step(a, "+", b, f"{name} has {a} {obj} and gets {b} more"),))
   if kind == 1:
     a = rng.randint(8, 30)
     b = rng.randint(2, a - 2)
     return Problem(f"{name} has {a} {obj} and gives {b} of them to {friend}. "
-                   f"How many {obj} does {name} have left?", a - b, 1)
+                   f"How many {obj} does {name} have left?", a - b, 1,
+                   (_step(a, "-", b, f"{name} has {a} {obj} and gives away {b}"),))
   if kind == 2:
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     return Problem(f"There are {a} {box} with {b} {obj} in each. "
-                   f"How many {obj} are there in total?", a * b, 1)
+                   f"How many {obj} are there in total?", a * b, 1,
+                   (_step(a, "x", b, f"{a} {box} of {b} {obj} each"),))
   if kind == 3:
     a, b = rng.randint(3, 20), rng.randint(2, 15)
     c = rng.randint(1, a + b - 1)
     return Problem(f"{name} has {a} {obj}. {name} buys {b} more and then gives {c} to {friend}. "
-                   f"How many {obj} does {name} have now?", a + b - c, 2)
+                   f"How many {obj} does {name} have now?", a + b - c, 2,
+                   (_step(a, "+", b, f"After buying {b} more, {name} has"),
+                    _step(a + b, "-", c, f"After giving away {c}, {name} has")))
   if kind == 4:
     a, b = rng.randint(2, 6), rng.randint(2, 8)
     c = rng.randint(1, a * b - 1)
     return Problem(f"{name} buys {a} {box} of {obj}. Each one holds {b} {obj}. "
-                   f"{name} gives away {c} {obj}. How many {obj} are left?", a * b - c, 2)
+                   f"{name} gives away {c} {obj}. How many {obj} are left?", a * b - c, 2,
+                   (_step(a, "x", b, f"{a} {box} of {b} {obj} make"),
+                    _step(a * b, "-", c, f"After giving away {c}, there are")))
   a = rng.randint(6, 25)
   b = rng.randint(1, a - 1)
   c = rng.randint(1, 12)
   return Problem(f"{name} had {a} {obj}, lost {b} of them, and then found {c} more. "
-                 f"How many {obj} does {name} have now?", a - b + c, 2)
+                 f"How many {obj} does {name} have now?", a - b + c, 2,
+                 (_step(a, "-", b, f"After losing {b}, {name} has"),
+                  _step(a - b, "+", c, f"After finding {c} more, {name} has")))
 
 
 def problems(n: int, seed: int = 0) -> list[Problem]:

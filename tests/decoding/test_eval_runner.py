@@ -490,6 +490,7 @@ def test_cli_rejects_bad_dataset_lines(tmp_path, line, match):
     ({"dataset": "nope"}, "unknown dataset 'nope'"),
     ({"top_p": 0.9}, "top_p does not apply to strategy 'greedy'"),
     ({"limit": -1}, "limit must be an integer >= 0"),
+    ({"strategy": "beam", "num_beams": 2, "share_prefix": True}, "cannot share a prompt prefix"),
 ])
 def test_cli_rejects_bad_config_before_loading(monkeypatch, overrides, match):
   monkeypatch.setattr(evaluate_cli, "load", _no_generate)

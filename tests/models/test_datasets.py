@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from models import datasets
-from models.datasets import fashion_captions as fc, fashion_mnist, humaneval, text_corpus
+from models.datasets import arithmetic, fashion_captions as fc, fashion_mnist, humaneval, text_corpus
 from models.datasets import corpus_texts
 from train.text_data import load_text_sequences, tokenize_to_sequences
 
@@ -324,3 +324,17 @@ def test_captioned_scenes_are_deterministic_and_use_their_own_split():
   assert len({s.item for s in a}) == 30  # items without replacement
   with pytest.raises(ValueError, match="scenes from a split"):
     fc.scenes("test", 10001)
+
+
+def test_arithmetic_reference_solutions_compute_the_answer():
+  for p in arithmetic.problems(300, seed=3):
+    assert len(p.solution) == p.steps
+    for s in p.solution:
+      assert s.result == {"+": s.left + s.right, "-": s.left - s.right, "x": s.left * s.right}[s.op]
+      assert s.text.endswith(f"{s.left} {s.op} {s.right} = {s.result}.")
+    for a, b in zip(p.solution, p.solution[1:]):
+      assert b.left == a.result  # each step goes on from the last one's result
+    assert p.solution[-1].result == p.answer
+    assert p.solution_text.endswith(f"The answer is {p.answer}.")
+    for n in (s.left for s in p.solution[:1]):
+      assert str(n) in p.question
