@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+from typing import Sequence
 
 NAMES = ["Tom", "Sara", "Lily", "Ben", "Maya", "Omar", "Anna", "Leo", "Nina", "Sam", "Ivy", "Max"]
 FRIENDS = ["a friend", "a neighbor", "a cousin", "a classmate", "a teammate", "a sibling"]
@@ -112,3 +114,68 @@ def is_correct(answer, problem: Problem) -> bool:
     return float(answer) == problem.answer
   except ValueError:
     return False
+
+
+# ------------------------------------------------------------------- steps of a solution
+
+NUMBER = r"\d+(?:\.\d+)?"
+OPERATOR = r"[-+xX*×·/÷]"
+# "a op b (op c ...) = r": a chain of operations and the result it states
+EQUATION = re.compile(rf"((?:{NUMBER}\s*{OPERATOR}\s*)+{NUMBER})\s*=\s*({NUMBER})")
+_PYTHON_OP = {"x": "*", "X": "*", "×": "*", "·": "*", "÷": "/"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Equation:
+  """An equation a solution step states: its operands, the value of its left side (usual
+  precedence) and the result the step claims."""
+  operands: tuple[float, ...]
+  value: float
+  stated: float
+
+  @property
+  def true(self) -> bool:
+    return abs(self.value - self.stated) < 1e-9
+
+
+def equations(text: str) -> list[Equation]:
+  """Every `a op b ... = r` in the text (numbers, + - x * / and their look-alikes)."""
+  out = []
+  for m in EQUATION.finditer(text):
+    expr = re.sub(OPERATOR, lambda o: f" {_PYTHON_OP.get(o.group(), o.group())} ", m.group(1))
+    try:  # only digits, points, operators and spaces reach eval
+      value = float(eval(expr, {"__builtins__": {}}, {}))  # noqa: S307
+    except ZeroDivisionError:
+      value = float("nan")
+    out.append(Equation(tuple(float(x) for x in re.findall(NUMBER, m.group(1))), value,
+                        float(m.group(2))))
+  return out
+
+
+def numbers(text: str) -> list[float]:
+  return [float(x) for x in re.findall(NUMBER, text.replace(",", ""))]
+
+
+def true_values(problem: Problem) -> set[float]:
+  """The quantities a correct solution may state: the question's, every reference step's
+  result and the answer."""
+  return set(numbers(problem.question)) | {float(s.result) for s in problem.solution} | {
+      float(problem.answer)}
+
+
+def gold_step_labels(problem: Problem, steps: Sequence[str]) -> list[bool]:
+  """The generator's verdict on each step of a solution, from what it knows (the values of
+  the question and of every intermediate result): a step is correct when each equation it
+  states is arithmetically true, uses only true quantities and gives a true one, and every
+  other number it states is a true quantity. A step that states nothing checkable (no
+  number) is correct. Steps are judged each on its own, not after an earlier error."""
+  values = true_values(problem)
+  out = []
+  for step in steps:
+    eqs = equations(step)
+    ok = all(e.true and e.stated in values and all(x in values for x in e.operands)
+             for e in eqs)
+    in_eqs = {x for e in eqs for x in e.operands + (e.stated,)}
+    ok = ok and all(x in values for x in numbers(step) if x not in in_eqs)
+    out.append(ok)
+  return out
