@@ -16,6 +16,11 @@ step(s) it corresponds to and labels it CORRECT or INCORRECT, all in one pass:
   prompt asks for the JSON list of the reference code, `[{"student_step": k, "label":
   "CORRECT" | "INCORRECT"}]` (1-based), and steps it leaves out come back as None.
 
+`rollout_labels` is the annotation SPARE is compared with: Monte-Carlo rollouts ("Math-Shepherd",
+Wang et al. 2024, hard estimation): step j is good when at least one of k sampled
+continuations of the solution's first j steps reaches the right answer; it costs k
+continuations per step, which it counts.
+
 `step_targets` turns labels into process reward model targets as the reference code does:
 CORRECT 1, INCORRECT 0, a step the grader skipped 0, and the last step's label replaced by
 the final answer's correctness.
@@ -25,8 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from decoding.runner import generate
+from decoding.sampling import Sample
 from models.datasets.arithmetic import equations, numbers
 
 STEP_MARK = re.compile(r"\n*\[\d+\]\s*")
@@ -119,3 +126,31 @@ def step_targets(labels: Sequence[Optional[bool]], outcome: bool) -> list[int]:
   if out:
     out[-1] = int(bool(outcome))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutLabels:
+  labels: list[bool]  # per step: some continuation from it reached the right answer
+  generated_tokens: int  # tokens sampled for them
+  context_tokens: int  # tokens of the contexts they continued (prefilled once per step)
+
+
+def rollout_labels(target, prompt_ids: Sequence[int], steps: Sequence[str],
+                   is_right: Callable[[str], bool], *, k: int = 4, max_new_tokens: int = 96,
+                   temperature: float = 1.0, seed: int = 0, batch_size: int = 16
+                   ) -> RolloutLabels:
+  """Labels every step of a numbered solution by k sampled continuations each (see the
+  module docstring). The context of step j is the prompt, then `[1] .. [j]` and a line
+  break; `is_right` gets those steps' text followed by the continuation (e.g. to check that
+  its last number is the answer, so a solution that already stated it and then stops
+  counts)."""
+  tok = target.tokenizer
+  texts = [number_steps(steps[:j + 1]) + "\n" for j in range(len(steps))]
+  contexts = [list(prompt_ids) + tok.encode(t, add_special_tokens=False) for t in texts]
+  settings = Sample(temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                    num_return_sequences=k)
+  gens = generate(target, contexts, settings, seed=seed, batch_size=batch_size)
+  labels = [any(is_right(texts[j] + tok.decode(g.output_ids, skip_special_tokens=True))
+                for g in gens[j * k:(j + 1) * k]) for j in range(len(steps))]
+  return RolloutLabels(labels, sum(len(g.output_ids) for g in gens),
+                       sum(len(c) for c in contexts))

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import random
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from decoding import process_supervision as ps
+from decoding.answers import last_number
+from decoding.strategy import Target
 from models.datasets import arithmetic
+from tests.fakes import BigramLM, ByteTokenizer
 
 
 def test_split_steps_follows_the_numbered_marks():
@@ -102,3 +107,29 @@ def test_grader_prompt_holds_question_reference_and_numbered_steps():
 def test_gold_labels_of_steps_without_equations(steps, gold):
   p = arithmetic.problems(4, seed=0)[3]
   assert arithmetic.gold_step_labels(p, steps) == gold
+
+
+def test_rollout_labels_continue_each_step_prefix_k_times_and_count_tokens():
+  """A bigram model that always answers "7" and stops: step j is good unless the steps up to
+  j already contain a wrong one (what `is_right` checks here), and every continuation costs
+  two tokens ("7" and the stop)."""
+  V, seven, stop = 256, ord("7"), ord("\n")
+  table = np.full((V, V), -8.0, np.float32)
+  table[:, seven] = 8.0
+  table[seven, :] = -8.0
+  table[seven, stop] = 8.0
+  target = Target(BigramLM(V), jnp.asarray(table), eos_ids=(stop,), pad_id=0,
+                  tokenizer=ByteTokenizer())
+  steps = ["2 + 3 = 5.", "5 x 2 = 11.", "11 - 4 = 7."]
+  seen = []
+
+  def is_right(text):
+    seen.append(text)
+    return "= 11" not in text and last_number(text) == "7"
+
+  got = ps.rollout_labels(target, list(b"Q: "), steps, is_right, k=3, max_new_tokens=4)
+  assert got.labels == [True, False, False]
+  assert got.generated_tokens == 3 * 3 * 2
+  assert got.context_tokens == sum(3 + len(ps.number_steps(steps[:j + 1]) + "\n")
+                                   for j in range(3))
+  assert seen[0] == "[1] 2 + 3 = 5.\n7\n"
