@@ -60,12 +60,7 @@ def train_prm(config: ModelConfig, params: Any, rows: dict[str, np.ndarray], fmt
     trainable, frozen, assemble = params, None, trainer_lib.identity_assemble
   opt = optim.make_optimizer({"name": "adamw", "learning_rate": learning_rate,
                               "grad_clip": 1.0}, steps)
-  trainer = trainer_lib.Trainer(prm_loss(config, fmt), opt, assemble=assemble)
-  state = trainer.init_state(trainable, jax.random.key(seed))
-  n = len(rows["tokens"])
-  for s in range(steps):
-    idx = np.random.default_rng([seed, 4099, s]).choice(n, min(batch_size, n), replace=False)
-    state, m = trainer.train_step(state, frozen, {k: v[idx] for k, v in rows.items()})
-    if log is not None:
-      log(s + 1, jax.device_get(m))
-  return assemble(state.params, frozen)
+  trained = trainer_lib.fit_rows(prm_loss(config, fmt), opt, trainable, frozen, rows,
+                                 steps=steps, batch_size=batch_size, seed=seed,
+                                 assemble=assemble, salt=4099, log=log)
+  return assemble(trained, frozen)

@@ -228,15 +228,11 @@ def warmup(config: Any, trainable, frozen, assemble, model_config, rows: dict, w
   steps, B = int(r.warmup_steps), int(r.warmup_batch_size)
   opt = optim.make_optimizer({"name": "adamw", "learning_rate": float(r.warmup_learning_rate),
                               "grad_clip": 1.0}, steps)
-  trainer = trainer_lib.Trainer(losses.next_token_loss(model_config), opt, assemble=assemble)
-  state = trainer.init_state(trainable, jax.random.key(config.seed))
-  n = len(rows["tokens"])
-  for s in range(steps):
-    idx = np.random.default_rng([config.seed, 2003, s]).choice(n, min(B, n), replace=False)
-    state, m = trainer.train_step(state, frozen, {k: v[idx] for k, v in rows.items()})
-    writer.write({"split": "warmup", "step": 0, "warmup_step": s + 1,
-                  "nll": float(m["nll"]), "accuracy": float(m["accuracy"])})
-  return state.params
+  log = lambda s, m: writer.write({"split": "warmup", "step": 0, "warmup_step": s,
+                                   "nll": float(m["nll"]), "accuracy": float(m["accuracy"])})
+  return trainer_lib.fit_rows(losses.next_token_loss(model_config), opt, trainable, frozen, rows,
+                              steps=steps, batch_size=B, seed=config.seed, assemble=assemble,
+                              salt=2003, log=log)
 
 
 def validate(config: Any) -> None:

@@ -341,3 +341,22 @@ class Trainer:
         save(num_steps)
       ckpt.close()
     return state
+
+
+def fit_rows(loss_fn: Callable, optimizer: optax.GradientTransformation, trainable: Any,
+             frozen: Any, rows: dict, *, steps: int, batch_size: int, seed: int = 0,
+             assemble: Callable = identity_assemble, salt: int = 0,
+             log: Optional[Callable[[int, dict], None]] = None) -> Any:
+  """A short fit on in-memory rows (arrays with a leading row axis): `steps` updates, each
+  on `batch_size` rows drawn without replacement by (seed, salt, step); returns the
+  trainable parameters. `log(step, metrics)` after every update. For warm-ups and small
+  heads, where a data pipeline, checkpoints and evaluation would be overhead."""
+  trainer = Trainer(loss_fn, optimizer, assemble=assemble)
+  state = trainer.init_state(trainable, jax.random.key(seed))
+  n = len(next(iter(rows.values())))
+  for s in range(steps):
+    idx = np.random.default_rng([seed, salt, s]).choice(n, min(batch_size, n), replace=False)
+    state, m = trainer.train_step(state, frozen, {k: v[idx] for k, v in rows.items()})
+    if log is not None:
+      log(s + 1, jax.device_get(m))
+  return state.params
