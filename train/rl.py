@@ -258,8 +258,9 @@ def validate(config: Any) -> None:
     raise ValueError("a warm-up needs rl.warmup_batch_size >= 1 and rl.warmup_learning_rate > 0")
   if not float(r.temperature) > 0:
     raise ValueError(f"rl.temperature must be > 0, got {r.temperature}")
-  if int(r.num_train_problems) < int(r.prompts_per_iteration):
-    raise ValueError("rl.num_train_problems must be >= rl.prompts_per_iteration")
+  if int(r.num_train_problems) % int(r.prompts_per_iteration):
+    raise ValueError("rl.num_train_problems must be a multiple of rl.prompts_per_iteration "
+                     "(so the problems of one rollout are distinct)")
   for name in ("eval_every", "checkpoint_every", "warmup_steps"):
     if int(r[name]) < 0:
       raise ValueError(f"rl.{name} must be >= 0, got {r[name]}")
@@ -374,7 +375,7 @@ def run(config: Any, workdir: str, progress: bool = True, stop_after: Optional[i
     t0 = time.perf_counter()
     params = current()
     cursor = int(state["cursor"])
-    kept, kept_adv, generated, rounds, nonzero = [], [], 0, 0, 0
+    kept, kept_adv, generated, rounds = [], [], 0, 0
     all_rewards, all_lengths, truncated = [], [], []
     stats = state["stats"]
     while sum(len(k.prompt_ids) for k in kept) < P and rounds < int(r.max_sampling_rounds):
@@ -395,7 +396,6 @@ def run(config: Any, workdir: str, progress: bool = True, stop_after: Optional[i
       keep = np.arange(len(ids))
       if obj.dynamic_sampling:  # DAPO: a group of equal rewards teaches nothing; draw more
         keep = np.flatnonzero(groups.shaped.std(-1) > 0)
-      nonzero += int((np.abs(adv[keep]) > 1e-6).sum())
       if len(keep):
         kept.append(groups.take(keep))
         kept_adv.append(adv[keep].reshape(-1))
@@ -411,6 +411,8 @@ def run(config: Any, workdir: str, progress: bool = True, stop_after: Optional[i
       advs = np.concatenate(kept_adv)
       m = min(len(batch.tokens), rows)  # DAPO keeps the first P groups found
       tokens[:m], mask[:m], advantages[:m] = batch.tokens[:m], batch.mask[:m], advs[:m]
+    # responses that carry a gradient: in the batch, with a non-zero advantage
+    nonzero = int(((np.abs(advantages) > 1e-6) & (mask.sum(-1) > 0)).sum())
     old = batched_logprobs(logprobs, params, tokens, lp_rows)
     ref = (batched_logprobs(logprobs, reference, tokens, lp_rows) if obj.kl_coef else old)
     t1 = time.perf_counter()

@@ -32,7 +32,7 @@ def tiny_config(objective: str, **rl_fields) -> ml_collections.ConfigDict:
   c.rl.group_size = 4
   c.rl.max_new_tokens = 8
   c.rl.minibatch_size = 4
-  c.rl.num_train_problems = 6
+  c.rl.num_train_problems = 6  # a multiple of prompts_per_iteration
   c.rl.num_eval_problems = 4
   c.rl.eval_every = 3
   c.rl.checkpoint_every = 1
@@ -176,6 +176,7 @@ def test_overlong_shaping_is_zero_then_linear_then_the_penalty():
     ("group_size", 1, "group_size"),
     ("minibatch_size", 3, "must divide"),
     ("temperature", 0.0, "temperature"),
+    ("num_train_problems", 7, "multiple of rl.prompts_per_iteration"),
 ])
 def test_bad_configs_fail_before_loading(field, value, match):
   c = tiny_config("dcpo")
