@@ -64,6 +64,7 @@ from train.checkpointing import Checkpointer
 from train.script import run_script, start_run
 
 EVAL_SEED_OFFSET = 7  # held-out problems come from seed + this; the pool excludes them
+LENGTH_STEP = 32
 
 
 # ------------------------------------------------------------------------------ problems
@@ -413,6 +414,11 @@ def run(config: Any, workdir: str, progress: bool = True, stop_after: Optional[i
       tokens[:m], mask[:m], advantages[:m] = batch.tokens[:m], batch.mask[:m], advs[:m]
     # responses that carry a gradient: in the batch, with a non-zero advantage
     nonzero = int(((np.abs(advantages) > 1e-6) & (mask.sum(-1) > 0)).sum())
+    # the passes need only the longest sequence, rounded up to a multiple of LENGTH_STEP
+    # (a few compiled lengths): short answers make most of the padded width dead weight
+    used = int(np.flatnonzero(mask.any(0)).max()) + 1 if mask.any() else 1
+    width = min(T, -(-used // LENGTH_STEP) * LENGTH_STEP)
+    tokens, mask = tokens[:, :width], mask[:, :width]
     old = batched_logprobs(logprobs, params, tokens, lp_rows)
     ref = (batched_logprobs(logprobs, reference, tokens, lp_rows) if obj.kl_coef else old)
     t1 = time.perf_counter()
