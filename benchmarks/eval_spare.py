@@ -210,7 +210,8 @@ def main(argv=None) -> dict:
     ap.error("--n must be >= 4, --solutions and --annotate >= 1")
   os.makedirs(args.work_dir, exist_ok=True)
   t0 = time.time()
-  model = load_model(MODEL)
+  # LoRA adapts the separate q/k/v/o and gate/up/down projections (the training layout)
+  model = load_model(MODEL, scan_layers=True, fused_projections=False)
   tok = model.tokenizer
   base = Target.of(model)
   train, held = problem_sets(args.train_problems, args.eval_problems, args.seed)
