@@ -45,8 +45,11 @@ def init(params: Any, key: Array, rank: int = 8, targets: Sequence[str] = DEFAUL
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   chosen = [(p, x) for p, x in flat if _targeted(_path_str(p), targets)]
-  if not chosen:
-    raise ValueError(f"no parameter matches the LoRA targets {tuple(targets)}")
+  missing = [t for t in targets if not any(_targeted(_path_str(p), (t,)) for p, _ in chosen)]
+  if missing:  # adapting fewer projections than asked would pass unnoticed
+    raise ValueError(f"no parameter matches the LoRA target(s) {tuple(missing)} (a model "
+                     "loaded with fused projections has qkv_proj / gate_up_proj instead: "
+                     "load it with fused_projections=False, as training does)")
   keys = jax.random.split(key, len(chosen))
   out: dict = {}
   for (path, w), k in zip(chosen, keys):

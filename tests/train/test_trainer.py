@@ -230,3 +230,13 @@ def test_config_errors_before_loading(field, value, msg):
   node[name] = value
   with pytest.raises(ValueError, match=msg):
     experiment.validate(c)
+
+
+def test_lora_refuses_targets_that_match_nothing():
+  fused = tiny_config(fused_projections=True)
+  params = transformer.init_params(fused, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"attn/q_proj.*fused_projections=False"):
+    lora.init(params, jax.random.key(1), rank=2)  # q/k/v are one qkv kernel here
+  plain = transformer.init_params(tiny_config(), jax.random.key(0))
+  with pytest.raises(ValueError, match="no_such_proj"):
+    lora.init(plain, jax.random.key(1), rank=2, targets=("attn/q_proj", "mlp/no_such_proj"))
