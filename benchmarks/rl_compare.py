@@ -41,8 +41,8 @@ def read_run(workdir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       recs = [json.loads(line) for line in f if line.strip()]
-  return {"train": [r for r in recs if r["split"] == "train"],
-          "eval": [r for r in recs if r["split"] == "eval"]}
+  return {split: [r for r in recs if r["split"] == split]
+          for split in ("train", "eval", "eval_base")}
 
 
 def summarise(runs: dict[int, dict], iterations: int) -> dict:
@@ -59,6 +59,8 @@ def summarise(runs: dict[int, dict], iterations: int) -> dict:
   mean_of = lambda key, rows: float(np.mean([x[key] for x in rows]))
   return {
       "seeds_done": sorted(done),
+      "accuracy_base": over_seeds(lambda r: r["eval_base"][0]["accuracy"] if r["eval_base"]
+                                  else r["eval"][0]["accuracy"]),
       "accuracy_start": over_seeds(lambda r: r["eval"][0]["accuracy"]),
       "accuracy_end": over_seeds(lambda r: r["eval"][-1]["accuracy"]),
       "reward_first_quarter": over_seeds(lambda r: mean_of("reward", r["train"][:q])),
@@ -77,16 +79,18 @@ def render(result: dict) -> str:
         f"iterations of {result['prompts_per_iteration']} problems x {result['group_size']} "
         f"responses (up to {result['max_new_tokens']} tokens), pool of "
         f"{result['train_problems']} problems; held-out greedy accuracy on "
-        f"{result['eval_problems']} others. Mean ± std over the seeds done.", "",
-        "| objective | seeds | accuracy start | accuracy end | reward first ¼ | reward last ¼ | "
+        f"{result['eval_problems']} others. Mean ± std over the seeds done; accuracy before "
+        "the supervised warm-up, when RL starts (after it) and at the end.", "",
+        "| objective | seeds | accuracy base | accuracy start | accuracy end | reward first ¼ | reward last ¼ | "
         "utilisation | clip ratio | dual-clip ratio | responses / it | s / it |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"
   for name, s in result["objectives"].items():
     if not s["seeds_done"]:
-      md.append(f"| {name} | none finished | | | | | | | | | |")
+      md.append(f"| {name} | none finished | | | | | | | | | | |")
       continue
-    md.append(f"| {name} | {len(s['seeds_done'])} | {f(s['accuracy_start'])} | "
+    md.append(f"| {name} | {len(s['seeds_done'])} | {f(s['accuracy_base'])} | "
+              f"{f(s['accuracy_start'])} | "
               f"{f(s['accuracy_end'])} | {f(s['reward_first_quarter'])} | "
               f"{f(s['reward_last_quarter'])} | {f(s['utilisation'])} | {f(s['clip_ratio'])} | "
               f"{f(s['dual_clip_ratio'])} | {s['responses_per_iteration']['mean']:.1f} | "
