@@ -67,6 +67,7 @@ def final_state(workdir: str, step: int) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(out["state"])]
 
 
+@pytest.mark.slow  # SmolLM2 tokenizer + several compiles: ~30 s each
 @pytest.mark.parametrize("objective", ["grpo", "dapo", "dcpo"])
 def test_each_objective_trains_and_logs_its_mechanism_metrics(objective, tmp_path):
   result = rl.run(tiny_config(objective, iterations=2, eval_every=2), str(tmp_path),
@@ -86,6 +87,7 @@ def test_each_objective_trains_and_logs_its_mechanism_metrics(objective, tmp_pat
   assert set(result["eval_accuracy"]) == {0, 2}
 
 
+@pytest.mark.slow  # SmolLM2 tokenizer + several compiles: ~30 s each
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   c = tiny_config("dcpo")
@@ -99,6 +101,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     np.testing.assert_array_equal(a, b)  # parameters, optimizer, prompt statistics, cursor
 
 
+@pytest.mark.slow  # SmolLM2 tokenizer + several compiles: ~30 s each
 def test_a_resumed_run_refuses_a_changed_objective(tmp_path):
   rl.run(tiny_config("dcpo", iterations=1, eval_every=0), str(tmp_path), progress=False,
          reward_fn=digit_parity)
@@ -107,6 +110,7 @@ def test_a_resumed_run_refuses_a_changed_objective(tmp_path):
            reward_fn=digit_parity)
 
 
+@pytest.mark.slow  # SmolLM2 tokenizer + several compiles: ~30 s each
 def test_warm_up_teaches_the_reference_solutions_and_keeps_the_kl_reference(tmp_path):
   c = tiny_config("grpo", iterations=2, eval_every=2, warmup_steps=6, warmup_batch_size=4,
                   warmup_learning_rate=1e-2, minibatch_size=8)  # one update per iteration
