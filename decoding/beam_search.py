@@ -398,7 +398,7 @@ def prepare(s, target, resources):
 
 
 BEAM = Strategy("beam", Beam, "beam search (Hugging Face semantics), beam sampling with "
-                "do_sample=True", prepare=prepare, score_kind="beam_score")
+                "do_sample=True", prepare=prepare, score_kind="beam_score", speech=True)
 DIVERSE_BEAM = Strategy("diverse_beam", DiverseBeam, "diverse beam search with Hamming "
                         "diversity; groups advance together, as in Hugging Face",
                         prepare=prepare, score_kind="beam_score")

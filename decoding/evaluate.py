@@ -62,10 +62,10 @@ def check_request(cfg):
     able = [n for n, s in strategies.STRATEGIES.items() if s.shares_prefix]
     raise GenerationError(f"strategy {strategy.name!r} cannot share a prompt prefix "
                           f"(share_prefix=True); these can: {', '.join(able)}")
-  if cfg.model not in registry.MODELS and not os.path.exists(cfg.model):
+  if cfg.model not in registry.LANGUAGE_MODELS and not os.path.exists(cfg.model):
     raise GenerationError(
-        f"unknown model {cfg.model!r}: not a registered name ({sorted(registry.MODELS)}) "
-        "and no such file or directory")
+        f"unknown model {cfg.model!r}: not a registered language model "
+        f"({sorted(registry.LANGUAGE_MODELS)}) and no such file or directory")
   if not cfg.output:
     raise GenerationError("give the results file: --config.output=FILE.jsonl")
   if cfg.dataset != "arithmetic" and not os.path.isfile(cfg.dataset):

@@ -84,10 +84,10 @@ def check_request(cfg, prompts_given: bool):
   """Everything that can be checked before loading or compiling anything; returns the
   strategy's settings."""
   settings = cli.settings_from_config(cfg, "text")
-  if cfg.model not in registry.MODELS and not os.path.exists(cfg.model):
+  if cfg.model not in registry.LANGUAGE_MODELS and not os.path.exists(cfg.model):
     raise GenerationError(
-        f"unknown model {cfg.model!r}: not a registered name ({sorted(registry.MODELS)}) "
-        "and no such file or directory")
+        f"unknown model {cfg.model!r}: not a registered language model "
+        f"({sorted(registry.LANGUAGE_MODELS)}) and no such file or directory")
   if not prompts_given:
     raise GenerationError("give --prompt=TEXT or --input=FILE.jsonl --output=FILE.jsonl")
   check_matmul_kernel(cfg)

@@ -23,4 +23,4 @@ def prepare(s: Greedy, target, resources):
 
 STRATEGY = Strategy("greedy", Greedy, "argmax of the processed distribution; each output "
                     "carries its G-NLL", prepare=prepare, greedy_equivalent=lambda s: True,
-                    shares_prefix=True)
+                    shares_prefix=True, speech=True)

@@ -1,4 +1,4 @@
-"""Every decoding strategy by name, text and image alike: the one registry table.
+"""Every decoding strategy by name, text, image and speech alike: the one registry table.
 
 A strategy is one module (its settings type and how it runs, `decoding.strategy.Strategy`)
 plus one line below. `python -m decoding.generate`, `python -m decoding.generate_images`
@@ -41,14 +41,15 @@ _BY_SETTINGS = {s.settings: s for s in STRATEGIES.values()}
 
 
 def get(name: str, modality: str = "text") -> Strategy:
-  """The strategy called `name`, which must decode `modality` ("text" or "image")."""
+  """The strategy called `name`, which must decode `modality` (`decoding.strategy.MODALITIES`)."""
   if name not in STRATEGIES:
     raise unknown("strategy", name, names(modality))
   strategy = STRATEGIES[name]
-  if strategy.modality != modality:
+  if not strategy.decodes(modality):
     cli = {"text": "decoding.generate", "image": "decoding.generate_images",
-           "caption": "decoding.caption_images"}[strategy.modality]
-    noun = {"text": "text", "image": "images", "caption": "captions"}
+           "caption": "decoding.caption_images", "speech": "decoding.transcribe"
+           }[strategy.modality]
+    noun = {"text": "text", "image": "images", "caption": "captions", "speech": "transcripts"}
     raise GenerationError(f"strategy {name!r} generates {noun[strategy.modality]}, not "
                           f"{noun[modality]}: use python -m {cli} (strategies for "
                           f"{noun[modality]}: {', '.join(names(modality))})")
@@ -56,7 +57,7 @@ def get(name: str, modality: str = "text") -> Strategy:
 
 
 def names(modality: str) -> list[str]:
-  return [n for n, s in STRATEGIES.items() if s.modality == modality]
+  return [n for n, s in STRATEGIES.items() if s.decodes(modality)]
 
 
 def strategy_of(settings) -> Strategy:

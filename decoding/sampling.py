@@ -35,4 +35,5 @@ def prepare(s: Sample, target, resources):
 
 STRATEGY = Strategy("sample", Sample, "ancestral sampling after the Hugging Face warpers; "
                     "num_return_sequences samples per prompt", prepare=prepare,
-                    rows_per_prompt=lambda s: s.num_return_sequences, shares_prefix=True)
+                    rows_per_prompt=lambda s: s.num_return_sequences, shares_prefix=True,
+                    speech=True)

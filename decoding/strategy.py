@@ -95,7 +95,7 @@ class Resources:
 
 
 Run = Callable[[Batch], DecodeResult]
-MODALITIES = ("text", "image", "caption")
+MODALITIES = ("text", "image", "caption", "speech")
 
 
 def one_row(settings) -> int:
@@ -108,7 +108,7 @@ class Strategy:
   name: str
   settings: type  # its settings type; a settings object names its strategy
   summary: str  # one line: what it does
-  modality: str = "text"  # "text" | "image" | "caption" (image -> text)
+  modality: str = "text"  # "text" | "image" | "caption" (image -> text) | "speech"
   prepare: Optional[Callable[..., Run]] = None  # array strategies
   pipeline: Optional[Callable[..., list]] = None  # pipeline strategies
   # Rows decoded per prompt from one prefill (sampling with num_return_sequences > 1); the
@@ -130,6 +130,12 @@ class Strategy:
   # share_prefix=True)`): array strategies through `Batch.shared_len`, pipelines through
   # the `share_prefix` option of their stage.
   shares_prefix: bool = False
+  # Whether it also transcribes speech: a text strategy that reads the model only through
+  # the decoder boundary runs unchanged on Whisper's decoder (`decoding.transcribe`).
+  speech: bool = False
+
+  def decodes(self, modality: str) -> bool:
+    return self.modality == modality or (modality == "speech" and self.speech)
 
   def __post_init__(self):
     if (self.prepare is None) == (self.pipeline is None):

@@ -220,6 +220,9 @@ def load_model(name_or_path: str = registry.DEFAULT_MODEL, dtype=None, param_dty
     r = numerics_lib.recipe(numerics)
     dtype, param_dtype, proj_dtype, matmul_precision = (
         r["dtype"], r["param_dtype"], r["proj_dtype"], r["matmul_precision"])
+  if registry.kind_of(name_or_path) == "speech":
+    raise ValueError(f"{name_or_path!r} is a speech model: load it with "
+                     "models.speech.load_whisper")
   path, sha, instruct = registry.resolve(name_or_path)
   delta = registry.kind_of(name_or_path) == moe_delta.KIND
   dtype, param_dtype = as_dtype(dtype or "float32"), as_dtype(param_dtype or "float32")

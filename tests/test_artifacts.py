@@ -61,7 +61,8 @@ def test_registry_table_holds_every_artifact_once():
       "eagle-smollm2-135m": "eagle_head", "eagle-image-fmnist": "eagle_head",
       "vqvae-fmnist": "vq_tokenizer", "classifier-fmnist": "image_classifier",
       "distillspec-smollm2-L4": "self_draft", "gad-smollm2": "gad_drafter",
-      "smollm2-135m-moe": "moe_delta", "captioner-fmnist": "lm"}
+      "smollm2-135m-moe": "moe_delta", "captioner-fmnist": "lm",
+      "whisper-tiny.en": "speech", "whisper-base": "speech"}
   assert registry.MODELS == {n: a for n, a in table.items() if a.packaged}  # the packaged part
   assert registry.DEFAULT_MODEL in registry.MODELS
   for a in table.values():
@@ -87,10 +88,10 @@ def test_resolve_every_registered_name(tmp_path, monkeypatch):
   for name, entry in registry.ARTIFACTS.items():
     if entry.parts:  # split packages: joined and verified once
       # (tests/models/test_registry_parts.py)
-      assert registry.resolve(name) == ("/j", None, True)
+      assert registry.resolve(name) == ("/j", None, entry.instruct)
     elif entry.packaged:
       path, sha, instruct = registry.resolve(name)
-      assert os.path.isfile(path) and sha == entry.sha256 and instruct
+      assert os.path.isfile(path) and sha == entry.sha256 and instruct == entry.instruct
     elif entry.checkpoint:  # shipped: the folder in the repository, of its kind
       path, sha, instruct = registry.resolve(name)
       assert path == registry.repo_path(entry.checkpoint) and sha is None
@@ -102,7 +103,8 @@ def test_resolve_every_registered_name(tmp_path, monkeypatch):
       os.makedirs(entry.path)
       assert registry.resolve(name)[0] == str(tmp_path / "drafts" / name)
       assert registry.artifact_dir(name) == entry.path
-  assert joined == ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+  assert joined == ["whisper-base", "qwen2.5-coder-0.5b-instruct",
+                    "qwen2.5-coder-1.5b-instruct"]
 
 
 def test_resolve_paths(tmp_path, monkeypatch):
