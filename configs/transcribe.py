@@ -21,9 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "transcribe"  # multilingual models: or "translate" (to English)
   # Whisper's decoding rules: no special symbols, no blank or end of text as the first token
   c.suppress_tokens = True
-  # Streaming (CarelessWhisper's causal decoder): emit stable tokens as chunks arrive.
+  # Streaming (CarelessWhisper's causal decoder, strategy stream_greedy): emit stable tokens
+  # as chunks arrive; its fields below
   c.streaming = False
-  c.chunk_ms = 300
+  c.chunk_ms = unset(int)  # 300: audio per chunk, a multiple of 20 ms
+  c.first_chunks = unset(int)  # 2: chunks in the first encoder block
+  c.look_back = unset(int)  # 2: trailing tokens checked for stability on each chunk
+  c.chunk_tokens = unset(int)  # 28: tokens added per chunk at most
+  c.settle = unset(bool)  # False; True: end with the causal model's offline greedy output
 
   c.strategy = "greedy"
   # 224: Whisper's own budget for one 30 s window (half its 448 text positions)

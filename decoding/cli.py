@@ -29,8 +29,8 @@ TEXT_RUN_FIELDS = ("model", "numerics", "batch_invariant", "scan_layers",
                    "batch_size", "max_cache_len", "chat_template", "system_prompt", "mesh")
 IMAGE_RUN_FIELDS = ("model", "numerics", "classes", "per_class", "seed", "batch_size", "out_dir")
 CAPTION_RUN_FIELDS = ("model", "numerics", "images", "output", "batch_size")
-SPEECH_RUN_FIELDS = ("model", "language", "task", "suppress_tokens", "streaming", "chunk_ms",
-                     "seed", "batch_size")
+SPEECH_RUN_FIELDS = ("model", "language", "task", "suppress_tokens", "streaming", "seed",
+                     "batch_size")
 RUN_FIELDS = {"text": TEXT_RUN_FIELDS, "image": IMAGE_RUN_FIELDS, "caption": CAPTION_RUN_FIELDS,
               "speech": SPEECH_RUN_FIELDS}
 # What to say when a Hugging Face habit does not apply to the chosen strategy.

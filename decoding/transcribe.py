@@ -15,7 +15,6 @@ time of each token):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -29,50 +28,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from decoding import cli, registry
+from decoding import cli, registry, streaming
 from decoding.errors import GenerationError
 from decoding.greedy import Greedy
 from decoding.lengths import bucket
 from decoding.runner import generate
 from decoding.strategy import Target
+from decoding.transcripts import Transcript, check_audio
 from models import audio as audio_lib
 from models import registry as model_registry
 from models import speech, whisper
 from models.speech import SpeechModel
-
-@dataclasses.dataclass
-class Transcript:
-  index: int  # the audio's position in the input
-  text: str
-  tokens: list[int]  # generated ids, end of text excluded
-  score: float  # what the strategy's `score_kind` says
-  rank: int = 0  # 0: best (or first sample)
-  emit_seconds: Optional[list[float]] = None  # streaming: when each token was emitted
-
-  def to_json(self, **extra) -> dict:
-    out = dict(index=self.index, rank=self.rank, text=self.text, tokens=self.tokens,
-               score=self.score, **extra)
-    if self.emit_seconds is not None:
-      out["emit_seconds"] = self.emit_seconds
-    return out
-
-
-def check_audio(audios: Sequence[np.ndarray], names: Optional[Sequence[str]] = None) -> None:
-  """Every audio is a non-empty 1-D float array that fits one 30 s window."""
-  if len(audios) == 0:
-    raise GenerationError("no audio given")
-  for i, a in enumerate(audios):
-    name = names[i] if names is not None else f"audio {i}"
-    a = np.asarray(a)
-    if a.ndim != 1 or a.size == 0:
-      raise GenerationError(f"{name}: expected a non-empty 1-D array of samples, got shape "
-                            f"{a.shape}")
-    if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
-      raise GenerationError(f"{name}: samples must be finite floats")
-    if a.size > audio_lib.N_SAMPLES:
-      raise GenerationError(f"{name} lasts {a.size / audio_lib.SAMPLE_RATE:.1f} s; Whisper "
-                            f"reads at most {audio_lib.WINDOW_SECONDS} s at once: cut it first")
-
 
 @functools.partial(jax.jit, static_argnums=1)
 def _encode_and_bind(params, config, mel):
@@ -95,9 +61,10 @@ def transcribe(model: SpeechModel, audios: Sequence[np.ndarray], settings=None, 
   if not strategy.decodes("speech"):
     raise GenerationError(f"strategy {strategy.name!r} does not transcribe speech; these "
                           f"do: {', '.join(registry.names('speech'))}")
-  if strategy.modality == "speech":
-    raise GenerationError(f"{strategy.name!r} decodes a stream: use decoding.streaming")
   check_audio(audios, names)
+  if strategy.modality == "speech":  # a streaming strategy (CarelessWhisper)
+    return streaming.stream_transcribe(model, audios, settings, language=language, task=task,
+                                       suppress_tokens=suppress_tokens, batch_size=batch_size)
   row_ids = list(range(len(audios))) if row_ids is None else [int(r) for r in row_ids]
   if len(row_ids) != len(audios):
     raise GenerationError(f"{len(row_ids)} row ids for {len(audios)} audios")
@@ -124,6 +91,36 @@ def transcribe(model: SpeechModel, audios: Sequence[np.ndarray], settings=None, 
   return out
 
 
+def causal_transcribe(model: SpeechModel, audios: Sequence[np.ndarray], stream: streaming.StreamGreedy,
+                      decode=None, *, language: str = "en", task: str = "transcribe",
+                      suppress_tokens: bool = True, batch_size: int = 8) -> list:
+  """Offline decoding (any speech strategy, default greedy) of the causal model that
+  `stream` runs: the whole recording at once through the same causal front end and
+  block-causal encoder. With `stream.settle`, streaming ends with these greedy tokens."""
+  decode = Greedy(max_new_tokens=stream.max_new_tokens) if decode is None else decode
+  start = model.tokenizer.start_sequence(language, task)
+  decoder = model.decoder(len(start), suppress=suppress_tokens)
+  out = []
+  for first in range(0, len(audios), batch_size):
+    idx = list(range(first, min(first + batch_size, len(audios))))
+    B = bucket(len(idx), minimum=1)
+    rows = idx + [idx[0]] * (B - len(idx))
+    plans = [streaming.plan(stream, len(audios[i])) for i in rows]
+    steps = max(plans, key=len)
+    mel = np.stack([audio_lib.streaming_log_mel(audios[i], steps, model.config.n_mels)
+                    for i in rows])
+    context = streaming.encode_causal(model.params, model.config, jnp.asarray(mel),
+                            jnp.asarray([p[-1] for p in plans], jnp.int32),
+                            chunk_frames=stream.chunk_frames, first_chunks=stream.first_chunks)
+    target = Target(lm=decoder, params=context, eos_ids=(model.tokenizer.eot,),
+                    pad_id=model.tokenizer.eot, name=model.name, sha256=model.sha256)
+    for g in generate(target, [list(start)] * len(idx), decode, batch_size=B, row_ids=idx):
+      ids = [int(t) for t in g.output_ids if int(t) != model.tokenizer.eot]
+      out.append(Transcript(index=idx[g.index], text=model.tokenizer.decode(ids).strip(),
+                            tokens=ids, score=float(g.score), rank=int(g.rank)))
+  return out
+
+
 def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
   """The command: reads the WAV files, transcribes them, writes one JSON line per file."""
   if not inputs:
@@ -131,13 +128,15 @@ def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
   if output_path is None:
     raise GenerationError("give --output=FILE.jsonl")
   flat = cli.as_dict(cfg)
+  if flat.get("streaming"):
+    if flat.get("strategy", "greedy") not in ("greedy", "stream_greedy"):
+      raise GenerationError(f"streaming decodes greedily (strategy {flat['strategy']!r} has no "
+                            "streaming version here)")
+    flat["strategy"] = "stream_greedy"
   settings = cli.settings_from_config(flat, "speech")
   if cfg.model not in model_registry.SPEECH_MODELS and not os.path.isdir(cfg.model):
     raise GenerationError(f"unknown speech model {cfg.model!r}: not a registered one "
                           f"({sorted(model_registry.SPEECH_MODELS)}) and no such folder")
-  if cfg.streaming:
-    raise GenerationError("streaming transcription (--config.streaming=True) is not built "
-                          "yet: transcribe offline")
   audios = []
   for path in inputs:
     try:

@@ -123,3 +123,73 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> N
   """Writes float samples in [-1, 1] as 16-bit PCM."""
   pcm = np.clip(np.round(np.asarray(audio, np.float64) * 32767), -32768, 32767)
   wavfile.write(path, sample_rate, pcm.astype(np.int16))
+
+
+# --- streaming ------------------------------------------------------------------------------
+# A causal front end (CarelessWhisper, "Turning Whisper into a Causal Streaming Model", Krichli,
+# Raj, Keshet): mel frame m still covers samples [160 m - 200, 160 m + 200) as in the centred
+# STFT, but it is computed as soon as those samples exist (only the start of the audio is
+# reflect-padded), and the -8 floor uses the running maximum of the frames computed so far,
+# so no frame ever depends on later audio. Frames are computed once and kept.
+SAMPLES_PER_ENCODER_FRAME = 2 * HOP  # 320 samples: 20 ms
+LOOKAHEAD = N_FFT // 2  # samples past a frame's centre its window reads
+
+
+def frames_ready(num_samples: int) -> int:
+  """Mel frames computable from the first `num_samples` samples of a stream."""
+  return max(0, (num_samples - LOOKAHEAD) // HOP + 1)
+
+
+def samples_for_encoder_frames(n: int) -> int:
+  """Samples a causal stream needs before its first `n` encoder frames are final: mel frames
+  0..2n (the convolution stem reads one mel frame past each pair), i.e. n x 20 ms + 12.5 ms."""
+  return SAMPLES_PER_ENCODER_FRAME * n + LOOKAHEAD
+
+
+class StreamingLogMel:
+  """The causal log-mel front end, fed audio as it arrives (host side, numpy).
+
+  `push(samples)` appends samples; `frames(upto)` computes mel frames up to (excluding) `upto`
+  that are not computed yet (all needed samples must have arrived), floors them with the
+  running maximum including themselves, and returns every frame so far, [n_mels, upto].
+  """
+
+  def __init__(self, n_mels: int = 80):
+    self.n_mels = n_mels
+    self.samples = np.zeros(0, np.float64)
+    self.mel = np.zeros((n_mels, 0), np.float32)
+    self.peak = -np.inf
+    self._filters = mel_filters(n_mels)
+
+  def push(self, samples: np.ndarray) -> None:
+    self.samples = np.concatenate([self.samples, np.asarray(samples, np.float64)])
+
+  def frames(self, upto: int) -> np.ndarray:
+    have = self.mel.shape[1]
+    if upto > have:
+      if upto > frames_ready(self.samples.shape[0]):
+        raise ValueError(f"mel frame {upto - 1} needs {HOP * (upto - 1) + LOOKAHEAD} samples, "
+                         f"{self.samples.shape[0]} have arrived")
+      if self.samples.shape[0] <= N_FFT // 2:
+        raise ValueError("a stream needs more than 200 samples before its first frame")
+      # reflect-padded at the start only: frame m reads padded[160 m : 160 m + 400]
+      padded = np.concatenate([self.samples[1: N_FFT // 2 + 1][::-1], self.samples])
+      power = power_frames(padded, np.arange(have, upto) * HOP)
+      log_spec = np.log10(np.maximum(self._filters @ power, 1e-10))
+      self.peak = max(self.peak, float(log_spec.max()))
+      self.mel = np.concatenate([self.mel, normalise(log_spec, self.peak)], axis=1)
+    return self.mel[:, :upto]
+
+
+def streaming_log_mel(audio: np.ndarray, step_frames: "list[int]", n_mels: int = 80
+                      ) -> np.ndarray:
+  """The causal log-mel of a whole recording as a stream computes it: step s makes mel frames
+  up to 2 x step_frames[s] + 1 (the audio, zero-padded as far as the last step needs).
+  [n_mels, 2 x step_frames[-1] + 1] float32."""
+  need = samples_for_encoder_frames(step_frames[-1])
+  audio = np.asarray(audio, np.float64)
+  stream = StreamingLogMel(n_mels)
+  stream.push(np.pad(audio[:need], (0, max(0, need - audio.shape[0]))))
+  for g in step_frames:
+    stream.frames(2 * g + 1)
+  return stream.frames(2 * step_frames[-1] + 1)

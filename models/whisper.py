@@ -97,18 +97,34 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+  """One encoder layer. With a `cache` ((k, v), each [B, H, T, hd], the first `start` slots
+  filled) the new frames attend to the cached ones and to each other (one block of a
+  block-causal encoder, computed incrementally), and their keys and values are written at
+  `start`; returns (x, new cache or None)."""
   config: WhisperConfig
 
   @nn.compact
-  def __call__(self, x: Array, visible: Array) -> Array:
+  def __call__(self, x: Array, visible: Optional[Array], cache=None, start=None):
     cfg = self.config
     attn = Projections(cfg.d_model, name="self_attn")
     h = layer_norm("self_attn_layer_norm", cfg.layer_norm_eps)(x)
     heads = lambda y: split_heads(y, cfg.encoder_heads)
-    out = attend(heads(attn.q_proj(h)), heads(attn.k_proj(h)), heads(attn.v_proj(h)), visible)
+    q, k, v = heads(attn.q_proj(h)), heads(attn.k_proj(h)), heads(attn.v_proj(h))
+    if cache is None:
+      out = attend(q, k, v, visible)
+    else:
+      k_cache, v_cache = cache
+      B, _, n, _ = q.shape
+      T = k_cache.shape[2]
+      seen = jnp.broadcast_to((jnp.arange(T) < start)[None, None, None, :], (B, 1, n, T))
+      out = attend(q, jnp.concatenate([k_cache, k], 2), jnp.concatenate([v_cache, v], 2),
+                   jnp.concatenate([seen, jnp.ones((B, 1, n, n), bool)], -1))
+      at = (0, 0, start, 0)
+      cache = (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at),
+               jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at))
     x = x + attn.out_proj(merge_heads(out))
     h = layer_norm("final_layer_norm", cfg.layer_norm_eps)(x)
-    return x + MLP(cfg.d_model, name="mlp")(h)
+    return x + MLP(cfg.d_model, name="mlp")(h), cache
 
 
 class Encoder(nn.Module):
@@ -132,8 +148,25 @@ class Encoder(nn.Module):
     visible = (jnp.ones((1, 1, T, T), bool) if mask is None
                else jnp.asarray(mask, bool).reshape((-1, 1, T, T)))
     for i in range(cfg.encoder_layers):
-      x = EncoderLayer(cfg, name=f"layers_{i}")(x, visible)
+      x, _ = EncoderLayer(cfg, name=f"layers_{i}")(x, visible)
     return layer_norm("layer_norm", cfg.layer_norm_eps)(x)
+
+
+class EncoderBlock(nn.Module):
+  """The encoder on one new block of frames with a cache of the earlier ones (streaming):
+  x [B, n, D] (the stem's output for frames start .. start + n - 1) -> (states, new caches)."""
+  config: WhisperConfig
+
+  @nn.compact
+  def __call__(self, x: Array, caches, start):
+    cfg = self.config
+    pos = self.param("positions", nn.initializers.zeros, (cfg.audio_positions, cfg.d_model))
+    x = x + jax.lax.dynamic_slice_in_dim(pos, start, x.shape[1]).astype(x.dtype)
+    new = []
+    for i in range(cfg.encoder_layers):
+      x, c = EncoderLayer(cfg, name=f"layers_{i}")(x, None, caches[i], start)
+      new.append(c)
+    return layer_norm("layer_norm", cfg.layer_norm_eps)(x), tuple(new)
 
 
 def block_causal_mask(frames: int, chunk_frames: int, first_chunks: int = 2) -> Array:
@@ -143,6 +176,71 @@ def block_causal_mask(frames: int, chunk_frames: int, first_chunks: int = 2) -> 
   chunk = np.arange(frames) // int(chunk_frames)
   block = np.maximum(chunk, int(first_chunks) - 1)
   return jnp.asarray(chunk[None, :] <= block[:, None])
+
+
+def conv1d(x: Array, conv: dict, stride: int, pad: int) -> Array:
+  """x [B, T, C] through a kernel-3 convolution with Flax's parameter layout
+  (kernel [3, C, C']), zero-padded by `pad` frames on each side."""
+  y = jax.lax.conv_general_dilated(x, conv["kernel"].astype(x.dtype), (stride,), [(pad, pad)],
+                                   dimension_numbers=("NWC", "WIO", "NWC"))
+  return y + conv["bias"].astype(x.dtype)
+
+
+def stem_block(encoder_params: Any, mel: Array, first: bool) -> Array:
+  """The convolution stem for a block of encoder frames, from the mel frames it reads.
+
+  first: mel [B, 2n + 1, n_mels] holds frames 0 .. 2n (frame 2n is the one-frame lookahead of
+  the last output); the zero padding at the start is the full stem's. Otherwise mel holds
+  frames 2s - 2 .. 2(s + n) for output frames s .. s + n - 1, and both convolutions run
+  without padding, so every output equals the full-audio stem's. -> [B, n, D]."""
+  x = jnp.asarray(mel, jnp.float32)
+  gelu = lambda y: nn.gelu(y, approximate=False)
+  if first:
+    n = (x.shape[1] - 1) // 2
+    h = gelu(conv1d(x, encoder_params["conv1"], 1, 1))
+    return gelu(conv1d(h, encoder_params["conv2"], 2, 1))[:, :n]
+  h = gelu(conv1d(x, encoder_params["conv1"], 1, 0))
+  return gelu(conv1d(h, encoder_params["conv2"], 2, 0))
+
+
+def init_encoder_cache(config: WhisperConfig, batch_size: int, frames: int = 0) -> tuple:
+  """Per encoder layer (k, v) [B, H, frames, hd] zeros (default: all audio positions)."""
+  shape = (batch_size, config.encoder_heads, frames or config.audio_positions,
+           config.d_model // config.encoder_heads)
+  return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+               for _ in range(config.encoder_layers))
+
+
+def encode_block(params: Any, config: WhisperConfig, mel: Array, caches: tuple, start,
+                 first: bool) -> tuple[Array, tuple]:
+  """Streaming encoder step: the new encoder frames from `start` on, from their mel window
+  (`stem_block`, mel [B, n_mels, M] in Whisper's layout), attending to the cached frames and
+  to each other. Equal to the block-causal encoder on the whole audio for these frames.
+  -> (states [B, n, D], caches)."""
+  x = stem_block(params["encoder"], jnp.swapaxes(jnp.asarray(mel, jnp.float32), 1, 2), first)
+  return EncoderBlock(config).apply({"params": params["encoder"]}, x, caches, start)
+
+
+def empty_audio(params: Any, config: WhisperConfig, batch_size: int, frames: int = 0
+                ) -> "AudioContext":
+  """An `AudioContext` with room for `frames` encoder frames (default: all) and none filled:
+  the start of a stream, extended by `extend_audio` as blocks are encoded."""
+  F = frames or config.audio_positions
+  shape = (batch_size, config.decoder_heads, F, config.head_dim)
+  z = tuple(jnp.zeros(shape, jnp.float32) for _ in range(config.decoder_layers))
+  return AudioContext(decoder=params["decoder"], cross_k=z, cross_v=z,
+                      frames=jnp.zeros((batch_size,), jnp.int32))
+
+
+def extend_audio(params: Any, config: WhisperConfig, context: "AudioContext", states: Array,
+                 start) -> "AudioContext":
+  """`context` with the cross-attention keys and values of new encoder frames [B, n, D]
+  written from frame `start` on, and every row's valid frames set to start + n."""
+  k, v = cross_kv(params, config, states)
+  put = lambda old, new: jax.lax.dynamic_update_slice(old, new, (0, 0, start, 0))
+  return context.replace(cross_k=tuple(put(o, n) for o, n in zip(context.cross_k, k)),
+                         cross_v=tuple(put(o, n) for o, n in zip(context.cross_v, v)),
+                         frames=jnp.full_like(context.frames, start + states.shape[1]))
 
 
 @flax.struct.dataclass

@@ -61,3 +61,46 @@ def ngram_counts(docs, max_context):
       for i in range(len(d) - c):
         table[c][tuple(d[i:i + c])][d[i + c]] += 1
   return table
+
+
+# ------------------------------------------------------------------- a tiny random Whisper
+
+def tiny_whisper_config():
+  from models import whisper
+  return whisper.WhisperConfig(n_mels=8, d_model=16, encoder_heads=2, decoder_heads=2,
+                               encoder_layers=2, decoder_layers=2, vocab_size=40,
+                               audio_positions=1500, text_positions=64)
+
+
+class TinyWhisperTokens:
+  """The tokenizer surface the speech commands use, for a 40-token vocabulary: end of text
+  35, start sequence (36, 37)."""
+  eot = 35
+
+  def start_sequence(self, language="en", task="transcribe"):
+    return (36, 37)
+
+  def decode(self, ids):
+    return " ".join(str(i) for i in ids)
+
+
+def tiny_whisper(seed: int = 0):
+  """A random 2+2-layer Whisper (`models.speech.SpeechModel`) whose cross-attention output is
+  scaled up, so that different audio gives different text."""
+  from models import speech, whisper
+  config = tiny_whisper_config()
+  params = whisper.full_params(config, jax.random.PRNGKey(seed))
+  for i in range(config.decoder_layers):
+    out = params["decoder"][f"layers_{i}"]["cross_attn"]["out_proj"]
+    out["kernel"] = out["kernel"] * 30.0
+  return speech.SpeechModel(name="tiny-random", config=config, params=params,
+                            tokenizer=TinyWhisperTokens(), suppress=(36, 37, 38, 39),
+                            suppress_at_start=(35,), sha256="0" * 64)
+
+
+def tone(seconds: float, seed: int = 0) -> np.ndarray:
+  """A modulated tone plus noise at 16 kHz, its pitch set by `seed`."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(int(seconds * 16000)) / 16000
+  return (0.3 * np.sin(2 * np.pi * (440 + 900 * seed) * t) * np.sin(2 * np.pi * 1.5 * t)
+          + 0.02 * rng.normal(size=t.shape)).astype(np.float32)

@@ -18,10 +18,9 @@ from decoding.greedy import Greedy
 from decoding.momentum import Momentum
 from decoding.sampling import Sample
 from models import audio, ctranslate2_file, registry, speech, whisper
+from tests import helpers
 
-TINY = whisper.WhisperConfig(n_mels=8, d_model=16, encoder_heads=2, decoder_heads=2,
-                             encoder_layers=2, decoder_layers=2, vocab_size=40,
-                             audio_positions=1500, text_positions=64)
+TINY = helpers.tiny_whisper_config()
 
 
 # --- the CTranslate2 file format ---------------------------------------------------------
@@ -86,11 +85,7 @@ def test_whisper_checkpoints_are_registered_with_pinned_checksums():
 
 # --- the front end -----------------------------------------------------------------------
 
-def _tone(seconds: float, seed: int = 0) -> np.ndarray:
-  rng = np.random.default_rng(seed)
-  t = np.arange(int(seconds * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
-  return (0.3 * np.sin(2 * np.pi * (440 + 900 * seed) * t) * np.sin(2 * np.pi * 1.5 * t)
-          + 0.02 * rng.normal(size=t.shape)).astype(np.float32)
+_tone = helpers.tone
 
 
 def test_log_mel_matches_the_transformers_whisper_feature_extractor():
@@ -134,27 +129,9 @@ def test_read_wav_resamples_mixes_channels_and_names_bad_files(tmp_path):
 
 # --- the model under the registered strategies (tiny random weights) ------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Tokens:
-  """The tokenizer surface `decoding.transcribe` uses, for a 40-token vocabulary."""
-  eot: int = 35
-
-  def start_sequence(self, language="en", task="transcribe"):
-    return (36, 37)
-
-  def decode(self, ids):
-    return " ".join(str(i) for i in ids)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-  params = whisper.full_params(TINY, jax.random.PRNGKey(0))
-  for i in range(TINY.decoder_layers):  # louder cross-attention: the audio changes the text
-    out = params["decoder"][f"layers_{i}"]["cross_attn"]["out_proj"]
-    out["kernel"] = out["kernel"] * 30.0
-  return speech.SpeechModel(name="tiny-random", config=TINY, params=params,
-                            tokenizer=_Tokens(), suppress=(36, 37, 38, 39),
-                            suppress_at_start=(35,), sha256="0" * 64)
+  return helpers.tiny_whisper()
 
 
 def _audios(n: int) -> list[np.ndarray]:
