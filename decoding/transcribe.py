@@ -144,6 +144,9 @@ def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
     except audio_lib.AudioError as e:
       raise GenerationError(str(e)) from None
   model = speech.load_whisper(cfg.model)
+  if (isinstance(settings, streaming.StreamGreedy) and model.streaming is not None
+      and flat.get("chunk_ms") is None and flat.get("first_chunks") is None):
+    settings = settings.replace(**model.streaming)  # the chunking the model was trained for
   results = transcribe(model, audios, settings, language=cfg.language, task=cfg.task,
                        suppress_tokens=cfg.suppress_tokens, batch_size=int(cfg.batch_size),
                        seed=int(cfg.seed), names=list(inputs), progress=len(inputs) > 1)

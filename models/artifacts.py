@@ -69,6 +69,7 @@ PRODUCERS = {
     "vq_tokenizer": "python -m train.vqvae",
     "image_classifier": "python -m train.image_classifier",
     "moe_delta": "python -m train.moe_distill",
+    "speech_adapter": "python -m train.careless_whisper --config=configs/careless_whisper.py",
 }
 
 

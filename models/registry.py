@@ -34,11 +34,11 @@ class Part:
 
 
 KINDS = ("lm", "eagle_head", "self_draft", "gad_drafter", "vq_tokenizer", "image_classifier",
-         "moe_delta", "speech")
+         "moe_delta", "speech", "speech_adapter")
 # the file a packaged model of each kind is (GGUF language models, CTranslate2 speech models)
 PACKAGED_SUFFIX = {"lm": ".gguf", "speech": ".bin"}
 # trained for one target model (an MoE delta: on the dense model it was cut from)
-TARGETED_KINDS = ("eagle_head", "self_draft", "gad_drafter", "moe_delta")
+TARGETED_KINDS = ("eagle_head", "self_draft", "gad_drafter", "moe_delta", "speech_adapter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +178,10 @@ ARTIFACTS = {a.name: a for a in (
              target=_SMOLLM2),
     Artifact("gad-smollm2", "gad_drafter", drafts=True,
              command="python -m train.gad --config=configs/gad_smollm2.py", target=_SMOLLM2),
+    # CarelessWhisper: LoRA adapters that make Whisper a causal streaming model, per chunk size
+    *(Artifact(f"careless-whisper-tiny.en-{ms}ms", "speech_adapter", drafts=True,
+               command="python -m train.careless_whisper --config=configs/careless_whisper.py "
+                       f"--config.chunk_ms={ms}", target="whisper-tiny.en") for ms in (300, 100)),
 )}
 
 # The packaged models (what `python -m models.install` installs): a view of the table.

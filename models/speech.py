@@ -13,11 +13,12 @@ import json
 import os
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from models import checkpoint, ctranslate2_file, registry, whisper
+from models import artifacts, checkpoint, ctranslate2_file, low_rank, registry, whisper
 from models.whisper import WhisperConfig, WhisperDecoder
 
 DEFAULT_SPEECH_MODEL = "whisper-tiny.en"
@@ -79,6 +80,9 @@ class SpeechModel:
   suppress: tuple[int, ...]  # Whisper's suppressed symbols (config.json `suppress_ids`)
   suppress_at_start: tuple[int, ...]  # banned as the first token (blank, end of text)
   sha256: str
+  # a causal streaming model (CarelessWhisper adapters): the chunking it was trained for,
+  # {"chunk_ms", "first_chunks"}; None for Whisper as released
+  streaming: Optional[dict] = None
 
   def decoder(self, prompt_len: int, suppress: bool = True) -> WhisperDecoder:
     """The decoder boundary for a start sequence of `prompt_len` tokens, with Whisper's
@@ -197,7 +201,10 @@ def params_from_ct2(f: ctranslate2_file.ModelFile) -> tuple[WhisperConfig, dict]
 
 
 def load_whisper(name_or_path: str = DEFAULT_SPEECH_MODEL) -> SpeechModel:
-  """A registered Whisper model, or a folder of CTranslate2 Whisper files, ready to run."""
+  """A registered Whisper model, a folder of CTranslate2 Whisper files, or a streaming
+  adapter (`speech_adapter` artifact: registered name or folder) merged into its base."""
+  if registry.kind_of(name_or_path) == ADAPTER_KIND:
+    return _load_adapted(name_or_path)
   path, sha, tok_path, cfg_path = _files(name_or_path)
   digest = checkpoint.sha256_file(path) if sha is not None else None
   if sha is not None and digest != sha.lower():
@@ -216,6 +223,38 @@ def load_whisper(name_or_path: str = DEFAULT_SPEECH_MODEL) -> SpeechModel:
                      suppress=tuple(int(i) for i in meta.get("suppress_ids", ())),
                      suppress_at_start=tuple(int(i) for i in meta.get("suppress_ids_begin", ())),
                      sha256=digest)
+
+
+ADAPTER_KIND = "speech_adapter"
+
+
+def save_adapter(directory: str, base: SpeechModel, adapters: Any, *, rank: int, alpha: float,
+                 chunk_ms: int, first_chunks: int, info: Optional[dict] = None) -> str:
+  """Writes LoRA adapters trained on `base` (`train.careless_whisper`) as an artifact: the
+  adapter tree, its rank and scale, and the chunking the model streams with."""
+  target = {"name": base.name, "sha256": base.sha256.lower(),
+            "architecture": dataclasses.asdict(base.config)}
+  return artifacts.save_artifact(
+      directory, ADAPTER_KIND, adapters, target=target, info=info,
+      config={"rank": int(rank), "alpha": float(alpha), "chunk_ms": int(chunk_ms),
+              "first_chunks": int(first_chunks)})
+
+
+def _load_adapted(name_or_path: str) -> SpeechModel:
+  path, manifest = artifacts.read_manifest(name_or_path, ADAPTER_KIND)
+  base = load_whisper(manifest["target"]["name"])
+  if dataclasses.asdict(base.config) != manifest["target"]["architecture"]:
+    raise artifacts.TargetMismatchError(f"{name_or_path!r} was trained for another Whisper "
+                                        "architecture")
+  manifest, adapters = artifacts.load_artifact(name_or_path, ADAPTER_KIND,
+                                               target_sha256=base.sha256)
+  c = manifest["config"]
+  adapters = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapters)
+  params = low_rank.merge(base.params, adapters, float(c["alpha"]) / int(c["rank"]))
+  return dataclasses.replace(
+      base, name=name_or_path, params=params,
+      sha256=checkpoint.sha256_files([os.path.join(path, manifest["params"]["file"])]),
+      streaming={"chunk_ms": int(c["chunk_ms"]), "first_chunks": int(c["first_chunks"])})
 
 
 def encode_audio(model: SpeechModel, mel: np.ndarray, mask=None) -> Any:

@@ -62,7 +62,9 @@ def test_registry_table_holds_every_artifact_once():
       "vqvae-fmnist": "vq_tokenizer", "classifier-fmnist": "image_classifier",
       "distillspec-smollm2-L4": "self_draft", "gad-smollm2": "gad_drafter",
       "smollm2-135m-moe": "moe_delta", "captioner-fmnist": "lm",
-      "whisper-tiny.en": "speech", "whisper-base": "speech"}
+      "whisper-tiny.en": "speech", "whisper-base": "speech",
+      "careless-whisper-tiny.en-300ms": "speech_adapter",
+      "careless-whisper-tiny.en-100ms": "speech_adapter"}
   assert registry.MODELS == {n: a for n, a in table.items() if a.packaged}  # the packaged part
   assert registry.DEFAULT_MODEL in registry.MODELS
   for a in table.values():
