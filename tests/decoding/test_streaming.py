@@ -161,3 +161,34 @@ def test_transcribe_config_maps_streaming_to_the_streaming_strategy(tmp_path):
   cfg.streaming = False
   with pytest.raises(GenerationError, match="chunk_ms does not apply"):
     transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_transcribe_command_writes_one_line_per_file_offline_and_streaming(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from models.datasets import spoken
+  if not spoken.available():
+    pytest.skip(f"espeak-ng is not installed ({spoken.INSTALL})")
+  utts = [spoken.synthesize(t, voice="en-us", speed=150) for t in
+          ("She had nothing to wish otherwise.", "They joined company and proceeded together.")]
+  paths = []
+  for i, u in enumerate(utts):
+    paths.append(str(tmp_path / f"u{i}.wav"))
+    audio.write_wav(paths[-1], u.audio)
+  base = [sys.executable, "-m", "decoding.transcribe", "--config=configs/transcribe.py",
+          "--input=" + ",".join(paths)]
+  subprocess.run(base + [f"--output={tmp_path / 'off.jsonl'}"], check=True, capture_output=True)
+  off = [json.loads(x) for x in open(tmp_path / "off.jsonl")]
+  assert [r["file"] for r in off] == paths
+  errors, words = map(sum, zip(*(spoken.word_errors(u.text, r["text"]) for u, r in zip(utts, off))))
+  assert errors / words < 0.5  # tiny.en hears most words of espeak-ng's speech
+  subprocess.run(base + [f"--output={tmp_path / 'on.jsonl'}", "--config.streaming=True",
+                         "--config.chunk_ms=300", "--config.max_new_tokens=40",
+                         "--config.chunk_tokens=8"], check=True, capture_output=True)
+  for u, r in zip(utts, (json.loads(x) for x in open(tmp_path / "on.jsonl"))):
+    times = r["emit_seconds"]
+    assert len(times) == len(r["tokens"]) > 0 and times == sorted(times)
+    assert times[-1] <= u.seconds + 0.3 + 0.0125 + 1e-6  # at most the last chunk's arrival

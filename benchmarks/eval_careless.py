@@ -1,0 +1,214 @@
+"""CarelessWhisper evaluation: word error rate, emission latency and real-time factor of
+offline Whisper, naive block-causal streaming Whisper (no fine-tuning) and the fine-tuned
+streaming model (`train.careless_whisper`) at each chunk size, on held-out synthesised speech.
+
+    python -m benchmarks.eval_careless [--utterances 200] [--chunk_ms 300,100]
+
+Utterances: `models.datasets.spoken.utterances(n, seed, split="test")`, sentences of the
+test chapters read by espeak-ng with varied voices, rates and pitches (exact word times).
+Systems (Whisper tiny.en, greedy):
+* offline: Whisper as released on the whole recording (30 s window);
+* naive@ms: Whisper's weights with the causal front end and block-causal encoder, streamed
+  (`decoding.streaming.StreamGreedy`: chunks of ms, stability rule over 2 tokens);
+* careless@ms: the same with the LoRA adapters trained for that chunk size.
+WER: word edit distance after lowercasing and dropping punctuation (`spoken.word_errors`),
+summed over utterances. Latency: for each reference word the streaming output got right
+(edit-distance alignment), the emission time of its last token minus the word's end time.
+Real-time factor: decoding wall time (after a warm-up batch that compiles) over audio time,
+batches of 8 streams in lockstep on this CPU. Per-utterance outputs go to
+`<work_dir>/<system>.jsonl` and a rerun resumes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import report
+from benchmarks.hardware import machine_name
+from decoding import transcribe as transcribe_lib
+from decoding.greedy import Greedy
+from decoding.streaming import StreamGreedy
+from models import audio as audio_lib
+from models import speech
+from models.datasets import spoken
+
+MARKER = "careless_whisper"
+BASE = "whisper-tiny.en"
+
+
+def word_spans(tokenizer, ids: list[int], times: list[float]) -> list[tuple[str, float]]:
+  """The hypothesis' words with the emission time of each word's last token (a token that
+  starts with a space starts a word; punctuation-only tokens join the word before)."""
+  words: list[list] = []
+  for t, e in zip(ids, times):
+    piece = tokenizer.decode([t])
+    if not words or (piece.startswith(" ") and spoken.normalise_text(piece)):
+      words.append([piece, e])
+    else:
+      words[-1][0] += piece
+      words[-1][1] = max(words[-1][1], e)
+  out = []
+  for text, e in words:
+    norm = spoken.normalise_text(text)
+    if norm:
+      out += [(w, e) for w in norm]
+  return out
+
+
+def aligned_latencies(reference: spoken.Utterance, hyp: list[tuple[str, float]]) -> list[float]:
+  """Emission time minus end time of each reference word matched exactly by the alignment."""
+  ref = [(w, word.end) for word in reference.words for w in spoken.normalise_text(word.text)]
+  n, m = len(ref), len(hyp)
+  d = np.zeros((n + 1, m + 1), np.int64)
+  d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
+  for i in range(1, n + 1):
+    for j in range(1, m + 1):
+      d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1,
+                    d[i - 1, j - 1] + (ref[i - 1][0] != hyp[j - 1][0]))
+  i, j, out = n, m, []
+  while i > 0 and j > 0:
+    if ref[i - 1][0] == hyp[j - 1][0] and d[i, j] == d[i - 1, j - 1]:
+      out.append(hyp[j - 1][1] - ref[i - 1][1])
+      i, j = i - 1, j - 1
+    elif d[i, j] == d[i - 1, j - 1] + 1:
+      i, j = i - 1, j - 1
+    elif d[i, j] == d[i - 1, j] + 1:
+      i -= 1
+    else:
+      j -= 1
+  return out[::-1]
+
+
+def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> list[dict]:
+  """Transcribes every utterance not yet in `path` (JSONL, one line per utterance)."""
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          done[r["index"]] = r
+  todo = [i for i in range(len(utts)) if i not in done]
+  first = True
+  for s in range(0, len(todo), batch_size):
+    idx = todo[s: s + batch_size]
+    if first:  # compile on a warm-up batch, not timed
+      transcribe_lib.transcribe(model, [utts[i].audio for i in idx], settings,
+                                batch_size=batch_size)
+      first = False
+    t0 = time.perf_counter()
+    out = transcribe_lib.transcribe(model, [utts[i].audio for i in idx], settings,
+                                    batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    audio_s = sum(utts[i].seconds for i in idx)
+    with open(path, "a") as f:
+      for i, t in zip(idx, out):
+        errors, words = spoken.word_errors(utts[i].text, t.text)
+        rec = dict(index=i, text=t.text, reference=utts[i].text, errors=errors, words=words,
+                   seconds=utts[i].seconds, wall_share=wall * utts[i].seconds / audio_s)
+        if t.emit_seconds is not None:
+          rec["latencies"] = aligned_latencies(
+              utts[i], word_spans(model.tokenizer, t.tokens, t.emit_seconds))
+        f.write(json.dumps(rec) + "\n")
+        done[i] = rec
+    print(f"{name}: {len(done)}/{len(utts)}", flush=True)
+  return [done[i] for i in range(len(utts))]
+
+
+def summarise(rows: list[dict]) -> dict:
+  errors, words = sum(r["errors"] for r in rows), sum(r["words"] for r in rows)
+  out = dict(utterances=len(rows), word_errors=errors, words=words, wer=errors / words,
+             rtf=sum(r["wall_share"] for r in rows) / sum(r["seconds"] for r in rows))
+  lat = np.asarray([x for r in rows for x in r.get("latencies", [])])
+  if "latencies" in rows[0]:
+    out["latency"] = dict(matched_words=int(lat.size), mean=float(lat.mean()) if lat.size else None,
+                          **{f"p{q}": float(np.percentile(lat, q)) if lat.size else None
+                             for q in (10, 50, 90)})
+  return out
+
+
+def render(result: dict) -> str:
+  lines = ["| system | chunk | WER | words matched | latency p50 / p90 (s) | real-time factor |",
+           "|---|---|---|---|---|---|"]
+  for name, s in result["systems"].items():
+    lat = s.get("latency")
+    lat_text = (f"{lat['p50']:.2f} / {lat['p90']:.2f}" if lat and lat["p50"] is not None
+                else "-")
+    matched = str(lat["matched_words"]) if lat else "-"
+    lines.append(f"| {s['label']} | {s['chunk']} | {s['wer']:.3f} ({s['word_errors']}/"
+                 f"{s['words']}) | {matched} | {lat_text} | {s['rtf']:.2f} |")
+  lines += ["", f"{result['utterances']} held-out utterances ({result['audio_seconds']:.0f} s of "
+            f"speech), Whisper tiny.en, greedy; {result['machine']}. Command: "
+            f"`{result['command']}`; results `{result['out']}`, plot `{result['plot']}`."]
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+  import matplotlib  # noqa: PLC0415 (optional: the plot)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, s in result["systems"].items():
+    lat = s.get("latency")
+    if lat and lat["p50"] is not None:
+      ax.scatter(lat["p50"], s["wer"], label=f"{s['label']} {s['chunk']}")
+  offline = result["systems"].get("offline")
+  if offline:
+    ax.axhline(offline["wer"], ls="--", c="gray", label="offline Whisper")
+  ax.set_xlabel("median emission latency (s)")
+  ax.set_ylabel("WER")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--utterances", type=int, default=200)
+  ap.add_argument("--seed", type=int, default=1)
+  ap.add_argument("--chunk_ms", default="300,100")
+  ap.add_argument("--systems", default="offline,naive,careless")
+  ap.add_argument("--batch_size", type=int, default=8)
+  ap.add_argument("--work_dir", default="runs/eval_careless")
+  report.add_output_args(ap, "results/careless_whisper.json")
+  args = ap.parse_args(argv)
+  done = report.render_only(args, render, MARKER)
+  if done is not None:
+    return done
+  os.makedirs(args.work_dir, exist_ok=True)
+  utts = spoken.utterances(args.utterances, seed=args.seed, split="test")
+  chunks = [int(c) for c in args.chunk_ms.split(",")]
+  systems = {}
+  base = speech.load_whisper(BASE)
+  for kind in args.systems.split(","):
+    for ms in ([None] if kind == "offline" else chunks):
+      if kind == "offline":
+        name, model, settings, label = "offline", base, Greedy(max_new_tokens=224), "Whisper offline"
+      elif kind == "naive":
+        name, model, label = f"naive_{ms}ms", base, "block-causal Whisper, not fine-tuned"
+        settings = StreamGreedy(chunk_ms=ms)
+      else:
+        name, label = f"careless_{ms}ms", "CarelessWhisper (LoRA fine-tuned)"
+        model = speech.load_whisper(f"careless-{BASE}-{ms}ms")
+        settings = StreamGreedy(chunk_ms=ms, first_chunks=model.streaming["first_chunks"])
+      rows = run_system(name, model, settings, utts, os.path.join(args.work_dir, name + ".jsonl"),
+                        args.batch_size)
+      systems[name] = dict(label=label, chunk=f"{ms} ms" if ms else "30 s window",
+                           model=model.name, **summarise(rows))
+  plot_path = args.out[:-5] + ".png"
+  result = dict(utterances=len(utts), audio_seconds=float(sum(u.seconds for u in utts)),
+                systems=systems, machine=machine_name(), out=args.out, plot=plot_path,
+                command=" ".join(["python -m benchmarks.eval_careless"] + list(
+                    sys.argv[1:] if argv is None else argv)))
+  plot(result, plot_path)
+  report.save(result, args, render, MARKER)
+  return result
+
+
+if __name__ == "__main__":
+  main()
