@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "transcribe"  # multilingual models: or "translate" (to English)
   # Whisper's decoding rules: no special symbols, no blank or end of text as the first token
   c.suppress_tokens = True
-  # Streaming (CarelessWhisper's causal decoder, strategy stream_greedy): emit stable tokens
-  # as chunks arrive; its fields below
+  # Streaming (CarelessWhisper's causal decoder): strategy greedy streams as stream_greedy,
+  # beam as stream_beam; stable tokens are emitted as chunks arrive. Their fields:
   c.streaming = False
   c.chunk_ms = unset(int)  # 300: audio per chunk, a multiple of 20 ms
   c.first_chunks = unset(int)  # 2: chunks in the first encoder block
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_p = unset(float)
   c.repetition_penalty = unset(float)
   c.no_repeat_ngram_size = unset(int)
-  c.num_beams = unset(int)  # beam: 4
+  c.num_beams = unset(int)  # beam (offline and streaming): 4
   c.length_penalty = unset(float)
   c.early_stopping = config_dict.FieldReference(None, field_type=object)
   c.num_return_sequences = unset(int)

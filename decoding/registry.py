@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from decoding import (adadec, beam_search, best_of_n, captioning, exact_extract, greedy,
                       image_strategies, momentum, sampling, scmoe, self_agreement, soft_thinking,
-                      streaming, superposed)
+                      stream_beam, streaming, superposed)
 from decoding.errors import GenerationError, unknown
 from decoding.speculative import strategy as speculative
 from decoding.strategy import Strategy
@@ -37,6 +37,7 @@ STRATEGIES: dict[str, Strategy] = {
     "guided_caption": captioning.STRATEGY,
     # speech (Whisper, `models.whisper`); greedy, sample and beam above transcribe too
     "stream_greedy": streaming.STRATEGY,
+    "stream_beam": stream_beam.STRATEGY,
 }
 
 _BY_SETTINGS = {s.settings: s for s in STRATEGIES.values()}

@@ -75,6 +75,25 @@ class StreamGreedy(Settings):
   def chunk_frames(self) -> int:
     return self.chunk_ms // FRAME_MS
 
+  # The streaming driver (`stream_transcribe`) runs any streaming strategy through these.
+
+  def init_state(self, batch: int, start: Sequence[int], length: int, eot: int) -> "StreamState":
+    return new_state(batch, start, length, eot)
+
+  def chunk(self, params, decoder, config, mel, enc_caches, context, start, state, active,
+            ends, now, *, first: bool, width: int, eot: int):
+    return chunk_step(params, decoder, config, mel, enc_caches, context, start, state, active,
+                      ends, now, first=first, width=width, look_back=self.look_back,
+                      chunk_tokens=self.chunk_tokens, eot=eot)
+
+  def finish(self, decoder, context, state: "StreamState", eot: int) -> "StreamState":
+    """The final hypothesis of each stream ([B] rows); NaN emission times mean "after the
+    last chunk" (settled tokens)."""
+    if self.settle:
+      state = settle_step(decoder, context, state, jnp.float32(np.nan),
+                          width=state.tokens.shape[1], eot=eot)
+    return state
+
 
 def stable_prefix(prev_logit: Array, logits: Array, tokens: Array, checked: Array) -> Array:
   """The stability rule of streaming decoding, for the last K tokens of each row.
@@ -97,6 +116,16 @@ class StreamState:
   score: Array  # [B, L] float32: at q, the logit token q had when last scored
   emitted: Array  # [B, L] float32: seconds at which token q was written
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def new_state(rows: int, start: Sequence[int], length: int, eot: int) -> StreamState:
+  """`rows` hypotheses holding only the start sequence, in buffers of `length` tokens."""
+  P = len(start)
+  return StreamState(tokens=jnp.asarray(np.tile(np.r_[start, np.full(length - P, eot)],
+                                                (rows, 1)), jnp.int32),
+                     length=jnp.full((rows,), P, jnp.int32),
+                     score=jnp.full((rows, length), -jnp.inf, jnp.float32),
+                     emitted=jnp.full((rows, length), jnp.nan, jnp.float32), prompt_len=P)
 
 
 def _rescore(decoder, context, state: StreamState, width: int, look_back: int):
@@ -199,7 +228,7 @@ def settle_step(decoder, context, state: StreamState, now, *, width: int, eot: i
                  jnp.ones((B,), bool), width, eot, now, width)
 
 
-def plan(settings: StreamGreedy, num_samples: int) -> list[int]:
+def plan(settings, num_samples: int) -> list[int]:
   """Encoder frames covered after each decoded chunk, up to the end of the audio."""
   g = settings.chunk_frames
   total = max(1, math.ceil(num_samples / audio_lib.SAMPLES_PER_ENCODER_FRAME))
@@ -208,7 +237,7 @@ def plan(settings: StreamGreedy, num_samples: int) -> list[int]:
   return steps
 
 
-def stream_transcribe(model, audios: Sequence[np.ndarray], settings: StreamGreedy, *,
+def stream_transcribe(model, audios: Sequence[np.ndarray], settings, *,
                       language: str = "en", task: str = "transcribe",
                       suppress_tokens: bool = True, batch_size: int = 8) -> list:
   """Streams each audio chunk by chunk (rows of a batch in lockstep, each row stopping at the
@@ -237,11 +266,7 @@ def stream_transcribe(model, audios: Sequence[np.ndarray], settings: StreamGreed
     for i in rows:
       mels.append(audio_lib.streaming_log_mel(audios[i], steps, model.config.n_mels))
     mel = np.stack(mels)  # [B, n_mels, 2 * steps[-1] + 1]
-    state = StreamState(tokens=jnp.asarray(np.tile(np.r_[start_seq, np.full(L - P, eot)],
-                                                   (B, 1)), jnp.int32),
-                        length=jnp.full((B,), P, jnp.int32),
-                        score=jnp.full((B, L), -jnp.inf, jnp.float32),
-                        emitted=jnp.full((B, L), jnp.nan, jnp.float32), prompt_len=P)
+    state = settings.init_state(B, start_seq, L, eot)
     enc = whisper.init_encoder_cache(model.config, B)
     context = whisper.empty_audio(model.params, model.config, B)
     begin = 0
@@ -249,23 +274,21 @@ def stream_transcribe(model, audios: Sequence[np.ndarray], settings: StreamGreed
       window = mel[:, :, :2 * G + 1] if s == 0 else mel[:, :, 2 * begin - 2: 2 * G + 1]
       active = jnp.asarray([G <= p[-1] for p in plans])
       now = jnp.float32(audio_lib.samples_for_encoder_frames(G) / audio_lib.SAMPLE_RATE)
-      longest = int(jnp.max(state.length))
+      longest = int(jnp.max(state.length))  # the re-scoring width: a few compiled sizes
       width = min(L, bucket(longest + settings.chunk_tokens, minimum=32))
-      state, enc, context = chunk_step(
+      state, enc, context = settings.chunk(
           model.params, decoder, model.config, jnp.asarray(window), enc, context, begin,
-          state, active, ends, now, first=s == 0, width=width, look_back=settings.look_back,
-          chunk_tokens=settings.chunk_tokens, eot=eot)
+          state, active, ends, now, first=s == 0, width=width, eot=eot)
       begin = G
-    if settings.settle:
-      state = settle_step(decoder, context, state, jnp.float32(np.nan), width=L, eot=eot)
+    state = settings.finish(decoder, context, state, eot)
     tokens, length, emitted = (np.asarray(x) for x in (state.tokens, state.length,
                                                         state.emitted))
     for b, i in enumerate(idx):
       ids = [int(t) for t in tokens[b, P:length[b]]]
       times = [float(t) for t in emitted[b, P:length[b]]]
-      if settings.settle:  # tokens settled after the last chunk: the end of the audio
-        end = audio_lib.samples_for_encoder_frames(plans[b][-1]) / audio_lib.SAMPLE_RATE
-        times = [end if math.isnan(t) else t for t in times]
+      # tokens written after the last chunk (settled): at the end of the audio
+      end = audio_lib.samples_for_encoder_frames(plans[b][-1]) / audio_lib.SAMPLE_RATE
+      times = [end if math.isnan(t) else t for t in times]
       out.append(Transcript(index=i, text=model.tokenizer.decode(ids).strip(), tokens=ids,
                             score=None, emit_seconds=times))
   return out
@@ -281,11 +304,12 @@ def encode_causal(params, config, mel, ends, *, chunk_frames: int, first_chunks:
   return whisper.bind_audio(params, config, states, ends)
 
 
-def _not_a_token_strategy(*args, **kwargs):
-  raise GenerationError("stream_greedy decodes audio streams: use decoding.transcribe with "
-                        "streaming=True (or decoding.streaming.stream_transcribe)")
+def refuse_token_prompts(*args, **kwargs):
+  """The `pipeline` of the streaming strategies, which never take token prompts."""
+  raise GenerationError("streaming strategies decode audio streams: use decoding.transcribe "
+                        "with streaming=True (or decoding.streaming.stream_transcribe)")
 
 
 STRATEGY = Strategy("stream_greedy", StreamGreedy, "CarelessWhisper streaming: a causal "
                     "encoder fed chunk by chunk, stable tokens kept, the rest re-decoded",
-                    modality="speech", pipeline=_not_a_token_strategy)
+                    modality="speech", pipeline=refuse_token_prompts)

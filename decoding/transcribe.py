@@ -128,11 +128,13 @@ def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
   if output_path is None:
     raise GenerationError("give --output=FILE.jsonl")
   flat = cli.as_dict(cfg)
-  if flat.get("streaming"):
-    if flat.get("strategy", "greedy") not in ("greedy", "stream_greedy"):
-      raise GenerationError(f"streaming decodes greedily (strategy {flat['strategy']!r} has no "
-                            "streaming version here)")
-    flat["strategy"] = "stream_greedy"
+  if flat.get("streaming"):  # the streaming version of the chosen strategy
+    name = flat.get("strategy") or "greedy"
+    versions = {"greedy": "stream_greedy", "beam": "stream_beam"}
+    if name not in versions and name not in versions.values():
+      raise GenerationError(f"strategy {name!r} has no streaming version; streaming decodes "
+                            "with greedy or beam")
+    flat["strategy"] = versions.get(name, name)
   settings = cli.settings_from_config(flat, "speech")
   if cfg.model not in model_registry.SPEECH_MODELS and not os.path.isdir(cfg.model):
     raise GenerationError(f"unknown speech model {cfg.model!r}: not a registered one "
@@ -144,7 +146,7 @@ def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
     except audio_lib.AudioError as e:
       raise GenerationError(str(e)) from None
   model = speech.load_whisper(cfg.model)
-  if (isinstance(settings, streaming.StreamGreedy) and model.streaming is not None
+  if (registry.strategy_of(settings).modality == "speech" and model.streaming is not None
       and flat.get("chunk_ms") is None and flat.get("first_chunks") is None):
     settings = settings.replace(**model.streaming)  # the chunking the model was trained for
   results = transcribe(model, audios, settings, language=cfg.language, task=cfg.task,

@@ -158,7 +158,13 @@ def test_transcribe_config_maps_streaming_to_the_streaming_strategy(tmp_path):
   cfg.chunk_ms = 100
   with pytest.raises(GenerationError, match="no such audio file|give --output"):
     transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
-  cfg.streaming = False
+  cfg.strategy, cfg.num_beams = "beam", 3  # streaming beam search
+  with pytest.raises(GenerationError, match="no such audio file"):
+    transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
+  cfg.strategy, cfg.num_beams = "sample", None
+  with pytest.raises(GenerationError, match="no streaming version"):
+    transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
+  cfg.strategy, cfg.streaming = "greedy", False
   with pytest.raises(GenerationError, match="chunk_ms does not apply"):
     transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
 
@@ -192,3 +198,32 @@ def test_transcribe_command_writes_one_line_per_file_offline_and_streaming(tmp_p
     times = r["emit_seconds"]
     assert len(times) == len(r["tokens"]) > 0 and times == sorted(times)
     assert times[-1] <= u.seconds + 0.3 + 0.0125 + 1e-6  # at most the last chunk's arrival
+
+
+def test_beam_stability_rule_keeps_tokens_in_the_new_top_k():
+  from decoding.stream_beam import in_top_k
+  logits = jnp.asarray([[0.1, 0.5, 0.3, 0.9], [2.0, 1.0, 1.0, 0.0]])
+  assert in_top_k(logits, jnp.asarray([2, 1]), 2).tolist() == [False, True]  # ties share a rank
+  assert in_top_k(logits, jnp.asarray([2, 3]), 3).tolist() == [True, False]
+  assert in_top_k(logits, jnp.asarray([3, 0]), 1).tolist() == [True, True]
+
+
+def test_one_beam_on_a_one_block_stream_is_causal_greedy_decoding(tiny):
+  from decoding.stream_beam import StreamBeam
+  wavs = [helpers.tone(0.35, seed=i) for i in range(2)]
+  beam = StreamBeam(chunk_ms=200, num_beams=1, max_new_tokens=20, chunk_tokens=20)
+  greedy = StreamGreedy(chunk_ms=200, max_new_tokens=20, chunk_tokens=20)
+  assert ([t.tokens for t in transcribe_lib.transcribe(tiny, wavs, beam)]
+          == [t.tokens for t in transcribe_lib.causal_transcribe(tiny, wavs, greedy)])
+
+
+def test_streaming_beams_ignore_their_batch_and_emit_in_order(tiny):
+  from decoding.stream_beam import StreamBeam
+  wavs = [helpers.tone(1.0 + 0.6 * i, seed=i) for i in range(3)]
+  s = StreamBeam(chunk_ms=100, num_beams=3, max_new_tokens=24, chunk_tokens=3)
+  together = transcribe_lib.transcribe(tiny, wavs, s, batch_size=4)
+  alone = [transcribe_lib.transcribe(tiny, [w], s)[0] for w in wavs]
+  assert [t.tokens for t in together] == [t.tokens for t in alone]
+  assert len({tuple(t.tokens) for t in together}) > 1
+  for t in together:
+    assert len(t.emit_seconds) == len(t.tokens) and t.emit_seconds == sorted(t.emit_seconds)
