@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding.errors import GenerationError
-from decoding.settings import Settings, check_int, settings
+from decoding.settings import check_int, settings
 from decoding.strategy import Strategy
-from decoding.streaming import FRAME_MS, StreamState, new_state, refuse_token_prompts
+from decoding.streaming import StreamSettings, StreamState, new_state, refuse_token_prompts
 from models import whisper
 
 Array = jax.Array
@@ -35,30 +34,13 @@ NEG = -1e30
 
 
 @settings
-class StreamBeam(Settings):
+class StreamBeam(StreamSettings):
   """Streaming beam search of a causal Whisper (CarelessWhisper's beam inference)."""
-  chunk_ms: int = 300
-  first_chunks: int = 2
   num_beams: int = 4
-  look_back: int = 2
-  chunk_tokens: int = 28
-  max_new_tokens: int = 224
 
   def validate(self) -> None:
     super().validate()
-    check_int("chunk_ms", self.chunk_ms, FRAME_MS)
-    if self.chunk_ms % FRAME_MS:
-      raise GenerationError(f"chunk_ms must be a multiple of {FRAME_MS} ms (one encoder "
-                            f"frame), got {self.chunk_ms}")
-    check_int("first_chunks", self.first_chunks, 1)
     check_int("num_beams", self.num_beams, 1)
-    check_int("look_back", self.look_back, 0)
-    check_int("chunk_tokens", self.chunk_tokens, 1)
-    check_int("max_new_tokens", self.max_new_tokens, 1)
-
-  @property
-  def chunk_frames(self) -> int:
-    return self.chunk_ms // FRAME_MS
 
   def init_state(self, batch: int, start: Sequence[int], length: int, eot: int) -> StreamState:
     # score[:, 0] holds each beam's running score (position 0 is the start token, never

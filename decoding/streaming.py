@@ -50,14 +50,13 @@ FRAME_MS = 20  # one encoder frame
 
 
 @settings
-class StreamGreedy(Settings):
-  """Streaming greedy decoding of a causal Whisper (CarelessWhisper's inference)."""
+class StreamSettings(Settings):
+  """The fields every streaming strategy has."""
   chunk_ms: int = 300  # audio per chunk, a multiple of 20 ms (g = chunk_ms / 20 frames)
   first_chunks: int = 2  # chunks in the first encoder block (the reference's extra_gran_blocks + 1)
   look_back: int = 2  # trailing tokens checked for stability on each chunk
   chunk_tokens: int = 28  # at most this many tokens added per chunk (224 // 8 in the reference)
   max_new_tokens: int = 224
-  settle: bool = False  # after the last chunk: continue to the causal model's greedy output
 
   def validate(self) -> None:
     super().validate()
@@ -69,11 +68,20 @@ class StreamGreedy(Settings):
     check_int("look_back", self.look_back, 0)
     check_int("chunk_tokens", self.chunk_tokens, 1)
     check_int("max_new_tokens", self.max_new_tokens, 1)
-    check_bool("settle", self.settle)
 
   @property
   def chunk_frames(self) -> int:
     return self.chunk_ms // FRAME_MS
+
+
+@settings
+class StreamGreedy(StreamSettings):
+  """Streaming greedy decoding of a causal Whisper (CarelessWhisper's inference)."""
+  settle: bool = False  # after the last chunk: continue to the causal model's greedy output
+
+  def validate(self) -> None:
+    super().validate()
+    check_bool("settle", self.settle)
 
   # The streaming driver (`stream_transcribe`) runs any streaming strategy through these.
 

@@ -142,6 +142,15 @@ def _norm(f: ctranslate2_file.ModelFile, prefix: str) -> dict:
           "bias": f.array(prefix + "/beta").astype(np.float32)}
 
 
+def _layer(f: ctranslate2_file.ModelFile, p: str) -> dict:
+  """The self-attention and MLP blocks every encoder and decoder layer has."""
+  attn = _split_linear(f, p + "/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+  attn["out_proj"] = _linear(f, p + "/self_attention/linear_1")
+  return {"self_attn": attn, "self_attn_layer_norm": _norm(f, p + "/self_attention/layer_norm"),
+          "final_layer_norm": _norm(f, p + "/ffn/layer_norm"),
+          "mlp": {"fc1": _linear(f, p + "/ffn/linear_0"), "fc2": _linear(f, p + "/ffn/linear_1")}}
+
+
 def _layer_count(f: ctranslate2_file.ModelFile, side: str) -> int:
   n = 0
   while f"{side}/layer_{n}/ffn/linear_0/weight" in f.variables:
@@ -168,33 +177,21 @@ def params_from_ct2(f: ctranslate2_file.ModelFile) -> tuple[WhisperConfig, dict]
       text_positions=f.array("decoder/position_encodings/encodings").shape[0])
   conv = lambda p: {"kernel": f.array(p + "/weight").astype(np.float32).transpose(2, 1, 0),
                     "bias": f.array(p + "/bias").astype(np.float32)}
-  qkv = ("q_proj", "k_proj", "v_proj")
   enc = {"conv1": conv("encoder/conv1"), "conv2": conv("encoder/conv2"),
          "positions": f.array("encoder/position_encodings/encodings").astype(np.float32),
          "layer_norm": _norm(f, "encoder/layer_norm")}
   for i in range(config.encoder_layers):
-    p = f"encoder/layer_{i}"
-    attn = _split_linear(f, p + "/self_attention/linear_0", qkv)
-    attn["out_proj"] = _linear(f, p + "/self_attention/linear_1")
-    enc[f"layers_{i}"] = {
-        "self_attn": attn, "self_attn_layer_norm": _norm(f, p + "/self_attention/layer_norm"),
-        "final_layer_norm": _norm(f, p + "/ffn/layer_norm"),
-        "mlp": {"fc1": _linear(f, p + "/ffn/linear_0"), "fc2": _linear(f, p + "/ffn/linear_1")}}
+    enc[f"layers_{i}"] = _layer(f, f"encoder/layer_{i}")
   dec = {"embed_tokens": embed.astype(np.float32),
          "embed_positions": f.array("decoder/position_encodings/encodings").astype(np.float32),
          "layer_norm": _norm(f, "decoder/layer_norm")}
   for i in range(config.decoder_layers):
     p = f"decoder/layer_{i}"
-    attn = _split_linear(f, p + "/self_attention/linear_0", qkv)
-    attn["out_proj"] = _linear(f, p + "/self_attention/linear_1")
     cross = {"q_proj": _linear(f, p + "/attention/linear_0"),
              **_split_linear(f, p + "/attention/linear_1", ("k_proj", "v_proj")),
              "out_proj": _linear(f, p + "/attention/linear_2")}
-    dec[f"layers_{i}"] = {
-        "self_attn": attn, "self_attn_layer_norm": _norm(f, p + "/self_attention/layer_norm"),
-        "cross_attn": cross, "cross_attn_layer_norm": _norm(f, p + "/attention/layer_norm"),
-        "final_layer_norm": _norm(f, p + "/ffn/layer_norm"),
-        "mlp": {"fc1": _linear(f, p + "/ffn/linear_0"), "fc2": _linear(f, p + "/ffn/linear_1")}}
+    dec[f"layers_{i}"] = {**_layer(f, p), "cross_attn": cross,
+                          "cross_attn_layer_norm": _norm(f, p + "/attention/layer_norm")}
   to_jnp = lambda tree: {k: to_jnp(v) if isinstance(v, dict) else jnp.asarray(v)
                          for k, v in tree.items()}
   return config, {"encoder": to_jnp(enc), "decoder": to_jnp(dec)}

@@ -87,7 +87,8 @@ def test_a_strategy_behaves_the_same_whichever_config_file_selected_it(name):
     assert cli_lib.settings_from_config(own) == from_base
 
 
-@pytest.mark.parametrize("modality,config", [("text", "generate"), ("image", "generate_images")])
+@pytest.mark.parametrize("modality,config", [("text", "generate"), ("image", "generate_images"),
+                                             ("speech", "transcribe")])
 def test_config_files_carry_exactly_the_strategies_fields(modality, config):
   """Every field a strategy reads can be set from its command's base config (so any
   --config.NAME the settings accept parses), and the config has no field no strategy reads."""
