@@ -33,7 +33,6 @@ from benchmarks.hardware import machine_name
 from decoding import transcribe as transcribe_lib
 from decoding.greedy import Greedy
 from decoding.streaming import StreamGreedy
-from models import audio as audio_lib
 from models import speech
 from models.datasets import spoken
 

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from decoding.settings import check_int, settings
 from decoding.strategy import Strategy

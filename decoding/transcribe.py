@@ -4,7 +4,9 @@
 Whisper's log-mel window, the encoder once per batch, then any strategy that decodes speech
 (`decoding.registry.names("speech")`: greedy, sampling, beam search, ...) on the decoder,
 bound to the batch's audio (`models.whisper.AudioContext`) behind the same model boundary the
-language models have. Streaming recognition (CarelessWhisper) is `decoding.streaming`.
+language models have. The streaming strategies (CarelessWhisper: `decoding.streaming`,
+`decoding.stream_beam`) run through the same call; `causal_transcribe` decodes their causal
+model offline, on the whole recording.
 
 Command line (one JSON line per file: `text`, `tokens`, and in streaming mode the emission
 time of each token):
@@ -19,7 +21,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ from models import audio as audio_lib
 from models import registry as model_registry
 from models import speech, whisper
 from models.speech import SpeechModel
+
 
 @functools.partial(jax.jit, static_argnums=1)
 def _encode_and_bind(params, config, mel):

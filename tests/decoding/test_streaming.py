@@ -2,7 +2,6 @@
 incremental encoder, the stability rule, and streaming against offline causal decoding."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

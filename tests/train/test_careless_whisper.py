@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import careless_whisper as cw_config
-from models import audio, speech, whisper
+from models import speech, whisper
 from models.datasets import spoken
 from train import careless_whisper as cw
 from train import lora
