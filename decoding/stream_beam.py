@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from decoding.settings import check_int, settings
 from decoding.strategy import Strategy
-from decoding.streaming import StreamSettings, StreamState, new_state, refuse_token_prompts
+from decoding.streaming import (StreamSettings, StreamState, append_token, new_state,
+                                refuse_token_prompts)
 from models import whisper
 
 Array = jax.Array
@@ -149,18 +150,12 @@ def _beam_extend(decoder, context, state: StreamState, cache, logits, active, K,
     moved = jax.tree.map(lambda x: x[rows], st)
     cache = cache.take_rows(rows)
     go_n = jnp.repeat(go, K)
-    pos = jnp.minimum(moved.length, limit - 1)
-    r = jnp.arange(N)
     new_tok, best = new_tok.reshape(N), best.reshape(N)
-    put = lambda arr, v: arr.at[r, pos].set(jnp.where(go_n, v, arr[r, pos]))
-    moved = moved.replace(tokens=put(moved.tokens, new_tok),
-                          emitted=put(moved.emitted, jnp.broadcast_to(now, (N,))),
-                          score=moved.score.at[:, 0].set(jnp.where(go_n, best,
-                                                                   moved.score[:, 0])),
-                          length=moved.length + go_n.astype(jnp.int32))
-    out = decoder(context, new_tok[:, None], pos[:, None], cache.with_lengths(pos))
-    cache = out.cache.with_lengths(moved.length)
-    logits = jnp.where(go_n[:, None], out.logits[:, 0], logits)
+    moved = moved.replace(score=moved.score.at[:, 0].set(jnp.where(go_n, best,
+                                                                   moved.score[:, 0])))
+    moved, cache, new_logits = append_token(decoder, context, moved, cache, new_tok, go_n, now,
+                                            limit)
+    logits = jnp.where(go_n[:, None], new_logits, logits)
     return i + 1, moved, cache, logits, go
 
   _, state, _, _, _ = jax.lax.while_loop(

@@ -149,6 +149,22 @@ def _rescore(decoder, context, state: StreamState, width: int, look_back: int):
   return out.cache.with_lengths(state.length), out.logits
 
 
+def append_token(decoder, context, state: StreamState, cache, tok: Array, going: Array, now,
+                 limit: int):
+  """Writes `tok` [N] at the end of each `going` row (with the emission time `now`) and runs
+  the decoder on it: (state, cache, the next logits [N, V]; rows not going are unchanged
+  but for their logits, which the caller ignores)."""
+  N = tok.shape[0]
+  rows = jnp.arange(N)
+  pos = jnp.minimum(state.length, limit - 1)  # where the token goes (rows not going: unused)
+  put = lambda arr, val: arr.at[rows, pos].set(jnp.where(going, val, arr[rows, pos]))
+  state = state.replace(tokens=put(state.tokens, tok),
+                        emitted=put(state.emitted, jnp.broadcast_to(now, (N,))),
+                        length=state.length + going.astype(jnp.int32))
+  out = decoder(context, tok[:, None], pos[:, None], cache.with_lengths(pos))
+  return state, out.cache.with_lengths(state.length), out.logits[:, 0]
+
+
 def _extend(decoder, context, state: StreamState, cache, logits: Array, active: Array,
             budget: int, eot: int, now: Array, width: int):
   """Greedy extension of every active row until it predicts end of text, `budget` tokens
@@ -165,15 +181,12 @@ def _extend(decoder, context, state: StreamState, cache, logits: Array, active: 
     i, st, cache, logits, going = c
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     going = going & (tok != eot) & (st.length < limit)
-    pos = jnp.minimum(st.length, limit - 1)  # where the token goes (rows not going: unused)
-    put = lambda arr, val: arr.at[rows, pos].set(jnp.where(going, val, arr[rows, pos]))
-    st = st.replace(tokens=put(st.tokens, tok),
-                    score=put(st.score, jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]),
-                    emitted=put(st.emitted, jnp.broadcast_to(now, (B,))),
-                    length=st.length + going.astype(jnp.int32))
-    out = decoder(context, tok[:, None], pos[:, None], cache.with_lengths(pos))
-    cache = out.cache.with_lengths(st.length)
-    logits = jnp.where(going[:, None], out.logits[:, 0], logits)
+    pos = jnp.minimum(st.length, limit - 1)
+    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]
+    score = st.score.at[rows, pos].set(jnp.where(going, chosen, st.score[rows, pos]))
+    st, cache, new_logits = append_token(decoder, context, st.replace(score=score), cache, tok,
+                                         going, now, limit)
+    logits = jnp.where(going[:, None], new_logits, logits)
     return i + 1, st, cache, logits, going
 
   _, state, cache, logits, _ = jax.lax.while_loop(
