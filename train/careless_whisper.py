@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import time
 from typing import Any, Sequence
 
@@ -200,6 +201,23 @@ def validate(config: Any) -> None:
     raise ValueError("lora.rank must be >= 1 and lora.alpha > 0")
 
 
+def _training_speech(config: Any, workdir: str) -> list:
+  """The synthesised training utterances, kept in the workdir so a resumed run does not
+  synthesise them again (minutes of espeak-ng calls)."""
+  path = os.path.join(workdir, "train_speech.pkl")
+  key = (int(config.num_train), int(config.data_seed), "train")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      saved_key, utts = pickle.load(f)
+    if saved_key == key:
+      return utts
+  utts = spoken.utterances(key[0], seed=key[1], split=key[2])
+  with open(path + ".tmp", "wb") as f:
+    pickle.dump((key, utts), f)
+  os.replace(path + ".tmp", path)
+  return utts
+
+
 def artifact_name(config: Any) -> str:
   return f"careless-{config.model}-{config.chunk_ms}ms"
 
@@ -212,7 +230,7 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   t0 = time.time()
   model = speech.load_whisper(config.model)
   g, first = config.chunk_ms // 20, int(config.first_chunks)
-  utts = spoken.utterances(int(config.num_train), seed=int(config.data_seed), split="train")
+  utts = _training_speech(config, workdir)
   ex = prepare(model, utts, g, first)
   start = model.tokenizer.start_sequence()
   data = make_batches(ex, start, model.tokenizer.eot, g, first, int(config.batch_size),
