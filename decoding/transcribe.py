@@ -71,57 +71,62 @@ def transcribe(model: SpeechModel, audios: Sequence[np.ndarray], settings=None, 
   row_ids = list(range(len(audios))) if row_ids is None else [int(r) for r in row_ids]
   if len(row_ids) != len(audios):
     raise GenerationError(f"{len(row_ids)} row ids for {len(audios)} audios")
+  encode = lambda rows: _encode_and_bind(model.params, model.config, jnp.asarray(
+      np.stack([audio_lib.log_mel(audios[i], model.config.n_mels) for i in rows])))
+  return _decode_audio(model, len(audios), encode, settings, language, task, suppress_tokens,
+                       batch_size, seed, row_ids, progress)
+
+
+def _decode_audio(model: SpeechModel, n: int, encode, settings, language: str, task: str,
+                  suppress_tokens: bool, batch_size: int, seed: int, row_ids: Sequence[int],
+                  progress: bool = False) -> list[Transcript]:
+  """Any speech-capable token strategy on the decoder, batch by batch; `encode(rows)` gives
+  the `AudioContext` of a batch's audios (rows: audio indices, padded to a bucket by
+  repeating the first)."""
   start = model.tokenizer.start_sequence(language, task)
   decoder = model.decoder(len(start), suppress=suppress_tokens)
-  R = strategy.rows_per_prompt(settings)
+  R = registry.strategy_of(settings).rows_per_prompt(settings)
+  eot = model.tokenizer.eot
   out: list[Transcript] = []
-  batches = range(0, len(audios), batch_size)
+  batches = range(0, n, batch_size)
   for first in (tqdm(batches, desc="transcribing", unit="batch", file=sys.stderr)
                 if progress else batches):
-    chunk = list(range(first, min(first + batch_size, len(audios))))
+    chunk = list(range(first, min(first + batch_size, n)))
     B = min(batch_size, bucket(len(chunk), minimum=1))
     rows = chunk + [chunk[0]] * (B - len(chunk))  # pad rows repeat the first audio
-    mel = np.stack([audio_lib.log_mel(audios[i], model.config.n_mels) for i in rows])
-    context = _encode_and_bind(model.params, model.config, jnp.asarray(mel))
-    target = Target(lm=decoder, params=context, eos_ids=(model.tokenizer.eot,),
-                    pad_id=model.tokenizer.eot, name=model.name, sha256=model.sha256)
+    target = Target(lm=decoder, params=encode(rows), eos_ids=(eot,), pad_id=eot,
+                    name=model.name, sha256=model.sha256)
     gens = generate(target, [list(start)] * len(chunk), settings, seed=seed,
                     batch_size=B * R, row_ids=[row_ids[i] for i in chunk])
     for g in gens:
-      ids = [int(t) for t in g.output_ids if int(t) != model.tokenizer.eot]
+      ids = [int(t) for t in g.output_ids if int(t) != eot]
       out.append(Transcript(index=chunk[g.index], text=model.tokenizer.decode(ids).strip(),
                             tokens=ids, score=float(g.score), rank=int(g.rank)))
   return out
 
 
-def causal_transcribe(model: SpeechModel, audios: Sequence[np.ndarray], stream: streaming.StreamGreedy,
-                      decode=None, *, language: str = "en", task: str = "transcribe",
-                      suppress_tokens: bool = True, batch_size: int = 8) -> list:
+def causal_transcribe(model: SpeechModel, audios: Sequence[np.ndarray],
+                      stream: streaming.StreamGreedy, decode=None, *, language: str = "en",
+                      task: str = "transcribe", suppress_tokens: bool = True,
+                      batch_size: int = 8) -> list[Transcript]:
   """Offline decoding (any speech strategy, default greedy) of the causal model that
   `stream` runs: the whole recording at once through the same causal front end and
   block-causal encoder. With `stream.settle`, streaming ends with these greedy tokens."""
   decode = Greedy(max_new_tokens=stream.max_new_tokens) if decode is None else decode
-  start = model.tokenizer.start_sequence(language, task)
-  decoder = model.decoder(len(start), suppress=suppress_tokens)
-  out = []
-  for first in range(0, len(audios), batch_size):
-    idx = list(range(first, min(first + batch_size, len(audios))))
-    B = bucket(len(idx), minimum=1)
-    rows = idx + [idx[0]] * (B - len(idx))
+  check_audio(audios)
+
+  def encode(rows):
     plans = [streaming.plan(stream, len(audios[i])) for i in rows]
     steps = max(plans, key=len)
     mel = np.stack([audio_lib.streaming_log_mel(audios[i], steps, model.config.n_mels)
                     for i in rows])
-    context = streaming.encode_causal(model.params, model.config, jnp.asarray(mel),
-                            jnp.asarray([p[-1] for p in plans], jnp.int32),
-                            chunk_frames=stream.chunk_frames, first_chunks=stream.first_chunks)
-    target = Target(lm=decoder, params=context, eos_ids=(model.tokenizer.eot,),
-                    pad_id=model.tokenizer.eot, name=model.name, sha256=model.sha256)
-    for g in generate(target, [list(start)] * len(idx), decode, batch_size=B, row_ids=idx):
-      ids = [int(t) for t in g.output_ids if int(t) != model.tokenizer.eot]
-      out.append(Transcript(index=idx[g.index], text=model.tokenizer.decode(ids).strip(),
-                            tokens=ids, score=float(g.score), rank=int(g.rank)))
-  return out
+    return streaming.encode_causal(model.params, model.config, jnp.asarray(mel),
+                                   jnp.asarray([p[-1] for p in plans], jnp.int32),
+                                   chunk_frames=stream.chunk_frames,
+                                   first_chunks=stream.first_chunks)
+
+  return _decode_audio(model, len(audios), encode, decode, language, task, suppress_tokens,
+                       batch_size, 0, list(range(len(audios))))
 
 
 def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
