@@ -14,9 +14,11 @@ Systems (Whisper tiny.en, greedy):
 WER: word edit distance after lowercasing and dropping punctuation (`spoken.word_errors`),
 summed over utterances. Latency: for each reference word the streaming output got right
 (edit-distance alignment), the emission time of its last token minus the word's end time.
-Real-time factor: decoding wall time (after a warm-up batch that compiles) over audio time,
-batches of 8 streams in lockstep on this CPU. Per-utterance outputs go to
-`<work_dir>/<system>.jsonl` and a rerun resumes them.
+Real-time factor: decoding wall time over audio time of the first `--rtf_utterances` (16),
+median of `--rtf_runs` (3) passes after one that compiles, batches of 8 streams in lockstep,
+timed apart from the transcription pass (run it on an otherwise idle CPU). Per-utterance outputs go to
+`<work_dir>/<system>.jsonl` (default results/rows/careless_whisper, committed with the
+summary) and a rerun resumes them.
 """
 from __future__ import annotations
 
@@ -60,23 +62,28 @@ def word_spans(tokenizer, ids: list[int], times: list[float]) -> list[tuple[str,
 
 
 def aligned_latencies(reference: spoken.Utterance, hyp: list[tuple[str, float]]) -> list[float]:
-  """Emission time minus end time of each reference word matched exactly by the alignment."""
+  """Emission time minus end time of each reference word the alignment matched exactly.
+
+  The alignment is a minimum word-edit-distance one that, among those, matches the most words
+  (ties between a substitution and a deletion plus a later match go to the match)."""
   ref = [(w, word.end) for word in reference.words for w in spoken.normalise_text(word.text)]
   n, m = len(ref), len(hyp)
+  edit = n + m + 1  # an edit outweighs any number of matches: fewest edits first
   d = np.zeros((n + 1, m + 1), np.int64)
-  d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
+  d[:, 0], d[0, :] = edit * np.arange(n + 1), edit * np.arange(m + 1)
   for i in range(1, n + 1):
     for j in range(1, m + 1):
-      d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1,
-                    d[i - 1, j - 1] + (ref[i - 1][0] != hyp[j - 1][0]))
+      diag = -1 if ref[i - 1][0] == hyp[j - 1][0] else edit
+      d[i, j] = min(d[i - 1, j] + edit, d[i, j - 1] + edit, d[i - 1, j - 1] + diag)
   i, j, out = n, m, []
   while i > 0 and j > 0:
-    if ref[i - 1][0] == hyp[j - 1][0] and d[i, j] == d[i - 1, j - 1]:
+    same = ref[i - 1][0] == hyp[j - 1][0]
+    if same and d[i, j] == d[i - 1, j - 1] - 1:
       out.append(hyp[j - 1][1] - ref[i - 1][1])
       i, j = i - 1, j - 1
-    elif d[i, j] == d[i - 1, j - 1] + 1:
+    elif not same and d[i, j] == d[i - 1, j - 1] + edit:
       i, j = i - 1, j - 1
-    elif d[i, j] == d[i - 1, j] + 1:
+    elif d[i, j] == d[i - 1, j] + edit:
       i -= 1
     else:
       j -= 1
@@ -93,23 +100,15 @@ def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> 
           r = json.loads(line)
           done[r["index"]] = r
   todo = [i for i in range(len(utts)) if i not in done]
-  first = True
   for s in range(0, len(todo), batch_size):
     idx = todo[s: s + batch_size]
-    if first:  # compile on a warm-up batch, not timed
-      transcribe_lib.transcribe(model, [utts[i].audio for i in idx], settings,
-                                batch_size=batch_size)
-      first = False
-    t0 = time.perf_counter()
     out = transcribe_lib.transcribe(model, [utts[i].audio for i in idx], settings,
                                     batch_size=batch_size)
-    wall = time.perf_counter() - t0
-    audio_s = sum(utts[i].seconds for i in idx)
     with open(path, "a") as f:
       for i, t in zip(idx, out):
         errors, words = spoken.word_errors(utts[i].text, t.text)
         rec = dict(index=i, text=t.text, reference=utts[i].text, errors=errors, words=words,
-                   seconds=utts[i].seconds, wall_share=wall * utts[i].seconds / audio_s)
+                   seconds=utts[i].seconds, tokens=len(t.tokens))
         if t.emit_seconds is not None:
           rec["latencies"] = aligned_latencies(
               utts[i], word_spans(model.tokenizer, t.tokens, t.emit_seconds))
@@ -119,10 +118,24 @@ def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> 
   return [done[i] for i in range(len(utts))]
 
 
+def real_time_factor(model, settings, utts, batch_size: int, runs: int) -> float:
+  """Median over `runs` of decoding wall time over audio time for `utts`, in batches of
+  `batch_size` streams in lockstep, after one untimed pass that compiles. Timed apart from
+  the transcription pass so that its figure comes from an otherwise idle CPU (the
+  transcripts themselves do not depend on load and can be produced alongside other jobs)."""
+  audio = [u.audio for u in utts]
+  transcribe_lib.transcribe(model, audio, settings, batch_size=batch_size)
+  walls = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    transcribe_lib.transcribe(model, audio, settings, batch_size=batch_size)
+    walls.append(time.perf_counter() - t0)
+  return float(np.median(walls)) / sum(u.seconds for u in utts)
+
+
 def summarise(rows: list[dict]) -> dict:
   errors, words = sum(r["errors"] for r in rows), sum(r["words"] for r in rows)
-  out = dict(utterances=len(rows), word_errors=errors, words=words, wer=errors / words,
-             rtf=sum(r["wall_share"] for r in rows) / sum(r["seconds"] for r in rows))
+  out = dict(utterances=len(rows), word_errors=errors, words=words, wer=errors / words)
   lat = np.asarray([x for r in rows for x in r.get("latencies", [])])
   if "latencies" in rows[0]:
     out["latency"] = dict(matched_words=int(lat.size), mean=float(lat.mean()) if lat.size else None,
@@ -139,10 +152,13 @@ def render(result: dict) -> str:
     lat_text = (f"{lat['p50']:.2f} / {lat['p90']:.2f}" if lat and lat["p50"] is not None
                 else "-")
     matched = str(lat["matched_words"]) if lat else "-"
+    rtf = f"{s['rtf']:.2f}" if "rtf" in s else "-"
     lines.append(f"| {s['label']} | {s['chunk']} | {s['wer']:.3f} ({s['word_errors']}/"
-                 f"{s['words']}) | {matched} | {lat_text} | {s['rtf']:.2f} |")
+                 f"{s['words']}) | {matched} | {lat_text} | {rtf} |")
   lines += ["", f"{result['utterances']} held-out utterances ({result['audio_seconds']:.0f} s of "
-            f"speech), Whisper tiny.en, greedy; {result['machine']}. Command: "
+            f"speech), Whisper tiny.en, greedy; real-time factor: median of "
+            f"{result['rtf_runs']} timed passes over the first {result['rtf_utterances']} "
+            f"utterances in batches of {result['batch_size']}; {result['machine']}. Command: "
             f"`{result['command']}`; results `{result['out']}`, plot `{result['plot']}`."]
   return "\n".join(lines)
 
@@ -173,7 +189,12 @@ def main(argv=None) -> dict:
   ap.add_argument("--chunk_ms", default="300,100")
   ap.add_argument("--systems", default="offline,naive,careless")
   ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--work_dir", default="runs/eval_careless")
+  ap.add_argument("--rtf_utterances", type=int, default=16,
+                  help="utterances of the real-time-factor timing (0: no timing)")
+  ap.add_argument("--rtf_runs", type=int, default=3, help="timed passes (median)")
+  ap.add_argument("--work_dir", default="results/rows/careless_whisper",
+                  help="per-system JSONL, one line per utterance (kept with the results; a "
+                       "rerun resumes)")
   report.add_output_args(ap, "results/careless_whisper.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
@@ -199,9 +220,14 @@ def main(argv=None) -> dict:
                         args.batch_size)
       systems[name] = dict(label=label, chunk=f"{ms} ms" if ms else "30 s window",
                            model=model.name, **summarise(rows))
+      if args.rtf_utterances:
+        systems[name]["rtf"] = real_time_factor(model, settings, utts[:args.rtf_utterances],
+                                                args.batch_size, args.rtf_runs)
   plot_path = args.out[:-5] + ".png"
   result = dict(utterances=len(utts), audio_seconds=float(sum(u.seconds for u in utts)),
                 systems=systems, machine=machine_name(), out=args.out, plot=plot_path,
+                batch_size=args.batch_size, rtf_utterances=args.rtf_utterances,
+                rtf_runs=args.rtf_runs,
                 command=" ".join(["python -m benchmarks.eval_careless"] + list(
                     sys.argv[1:] if argv is None else argv)))
   plot(result, plot_path)

@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
                        "answer here and runs about 4x fewer positions)")
   ap.add_argument("--batch_size", type=int, default=8)
   args, mesh, done = report.parse_and_start(ap, argv, out="results/extractive_qa.json",
-                                            work_dir="runs/eval_extractive", render=render, marker=MARKER)
+                                            work_dir="results/rows/extractive_qa", render=render, marker=MARKER)
   if done is not None:
     return done
   examples = qa.examples(args.passages, seed=args.seed)

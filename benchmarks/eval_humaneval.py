@@ -268,7 +268,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   ap.add_argument("--threshold_file", default="",
                   help=f"threshold JSON (default {THRESHOLD_FILE})")
   ap.add_argument("--batch_size", type=int, default=1, help="problems per batch")
-  ap.add_argument("--work_dir", default="runs/eval_humaneval",
+  ap.add_argument("--work_dir", default="results/rows/humaneval",
                   help="folder of the resumable per-problem JSONL")
   ap.add_argument("--data_dir", default=None, help="tfds data folder (default: the project's)")
   ap.add_argument("--out", default="", help="result JSON (default results/humaneval_<model>.json)")

@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
   args, mesh, done = report.parse_and_start(ap, argv, out="results/soft_thinking.json",
-                                            work_dir="runs/eval_soft_thinking", render=render, marker=MARKER)
+                                            work_dir="results/rows/soft_thinking", render=render, marker=MARKER)
   if done is not None:
     return done
   model = load_model("smollm2-135m-instruct")

@@ -1,7 +1,7 @@
 """SPARE process supervision on the arithmetic word problems, with SmolLM2-135M-Instruct.
 
   python -m benchmarks.eval_spare [--train_problems=64] [--solutions=8] [--eval_problems=64] \
-      [--n=16] [--annotate=48] [--mc_k=4] [--prm_steps=150] [--work_dir=runs/spare]
+      [--n=16] [--annotate=48] [--mc_k=4] [--prm_steps=150] [--work_dir=results/rows/spare]
 
 After "SPARE: Single-Pass Annotation with Reference-Guided Evaluation for Automatic Process
 Supervision and Reward Modelling" (Rizvi, Zhu, Gurevych 2025), at our scale:
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--work_dir", default="runs/spare")
+  ap.add_argument("--work_dir", default="results/rows/spare")
   report.add_output_args(ap, "results/spare_smollm2.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)

@@ -172,16 +172,18 @@ ARTIFACTS = {a.name: a for a in (
     Artifact("eagle-image-fmnist", "eagle_head", checkpoint="checkpoints/eagle-image-fmnist",
              command="python -m train.image_draft_head --config=configs/eagle_image_fmnist.py",
              target="image-ar-fmnist"),
+    # CarelessWhisper: LoRA adapters that make Whisper a causal streaming model, per chunk size
+    # (shipped: about an hour each on 2 CPU cores)
+    *(Artifact(f"careless-whisper-tiny.en-{ms}ms", "speech_adapter",
+               checkpoint=f"checkpoints/careless-whisper-tiny.en-{ms}ms",
+               command="python -m train.careless_whisper --config=configs/careless_whisper.py "
+                       f"--config.chunk_ms={ms}", target="whisper-tiny.en") for ms in (300, 100)),
     # Trained on demand (not in git): the command writes them into the drafts folder.
     Artifact("distillspec-smollm2-L4", "self_draft", drafts=True,
              command="python -m train.distillspec --config=configs/distillspec_smollm2.py",
              target=_SMOLLM2),
     Artifact("gad-smollm2", "gad_drafter", drafts=True,
              command="python -m train.gad --config=configs/gad_smollm2.py", target=_SMOLLM2),
-    # CarelessWhisper: LoRA adapters that make Whisper a causal streaming model, per chunk size
-    *(Artifact(f"careless-whisper-tiny.en-{ms}ms", "speech_adapter", drafts=True,
-               command="python -m train.careless_whisper --config=configs/careless_whisper.py "
-                       f"--config.chunk_ms={ms}", target="whisper-tiny.en") for ms in (300, 100)),
 )}
 
 # The packaged models (what `python -m models.install` installs): a view of the table.

@@ -199,6 +199,11 @@ def validate(config: Any) -> None:
     raise ValueError(f"streaming_fraction must be in (0, 1], got {config.streaming_fraction}")
   if config.lora.rank < 1 or config.lora.alpha <= 0:
     raise ValueError("lora.rank must be >= 1 and lora.alpha > 0")
+  if config.ship and not speech.registry.ARTIFACTS.get(artifact_name(config)):
+    raise ValueError(f"ship=True writes a registered adapter, and {artifact_name(config)!r} is "
+                     "not one (registered: "
+                     f"{sorted(n for n, a in speech.registry.ARTIFACTS.items() if a.kind == speech.ADAPTER_KIND)}"
+                     "); pass --config.ship=False to keep it in the workdir only")
 
 
 def _training_speech(config: Any, workdir: str) -> list:
@@ -224,7 +229,7 @@ def artifact_name(config: Any) -> str:
 
 def run(config: Any, workdir: str, progress: bool = True) -> dict:
   """Fine-tunes `config.model` for `config.chunk_ms` chunks; saves the adapter artifact to
-  `workdir/export` (and, with `config.export_to_drafts`, under its registered name)."""
+  `workdir/export` and, with `config.ship`, to its registered checkpoint folder."""
   validate(config)
   workdir = script.prepare_workdir(config, workdir)
   t0 = time.time()
@@ -246,18 +251,18 @@ def run(config: Any, workdir: str, progress: bool = True) -> dict:
   state = trainer.fit(state, model.params, data, int(config.num_steps), workdir=workdir,
                       checkpoint_every=int(config.checkpoint_every), log_every=10,
                       progress=progress)
-  info = dict(command="python -m train.careless_whisper " + " ".join(
-      f"--config.{k}={v}" for k, v in (("chunk_ms", config.chunk_ms),)),
+  info = dict(command="python -m train.careless_whisper --config=configs/careless_whisper.py "
+              f"--config.chunk_ms={config.chunk_ms}",
       num_train=int(config.num_train), num_steps=int(config.num_steps),
       seconds=time.time() - t0)
   export = speech.save_adapter(os.path.join(workdir, "export"), model, state.params,
                                rank=rank, alpha=alpha, chunk_ms=int(config.chunk_ms),
                                first_chunks=first, info=info)
   paths = [export]
-  if config.export_to_drafts:
-    paths.append(speech.save_adapter(os.path.join(
-        speech.registry.drafts_dir(), artifact_name(config)), model, state.params, rank=rank,
-        alpha=alpha, chunk_ms=int(config.chunk_ms), first_chunks=first, info=info))
+  if config.ship:
+    paths.append(speech.save_adapter(speech.registry.repo_path(
+        speech.registry.ARTIFACTS[artifact_name(config)].checkpoint), model, state.params,
+        rank=rank, alpha=alpha, chunk_ms=int(config.chunk_ms), first_chunks=first, info=info))
   return script.finish_run(dict(artifacts=paths, seconds=time.time() - t0), workdir)
 
 

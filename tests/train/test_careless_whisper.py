@@ -148,6 +148,12 @@ def test_config_validates_before_loading():
   c.streaming_fraction = 0.0
   with pytest.raises(ValueError, match="streaming_fraction"):
     cw.validate(c)
+  c = cw_config.get_config()
+  c.chunk_ms = 200  # no registered adapter to ship it as
+  with pytest.raises(ValueError, match="ship=False"):
+    cw.validate(c)
+  c.ship = False
+  cw.validate(c)
 
 
 def test_adapter_artifact_round_trips_onto_its_base(tmp_path):
