@@ -38,7 +38,6 @@ from decoding.runner import generate
 from decoding.strategy import Target
 from decoding.transcripts import Transcript, check_audio
 from models import audio as audio_lib
-from models import registry as model_registry
 from models import speech, whisper
 from models.speech import SpeechModel
 
@@ -144,9 +143,9 @@ def run(cfg, inputs: Sequence[str], output_path: Optional[str]) -> list[dict]:
                             "with greedy or beam")
     flat["strategy"] = versions.get(name, name)
   settings = cli.settings_from_config(flat, "speech")
-  if cfg.model not in model_registry.SPEECH_MODELS and not os.path.isdir(cfg.model):
+  if cfg.model not in speech.registered_names() and not os.path.isdir(cfg.model):
     raise GenerationError(f"unknown speech model {cfg.model!r}: not a registered one "
-                          f"({sorted(model_registry.SPEECH_MODELS)}) and no such folder")
+                          f"({speech.registered_names()}) and no such folder")
   audios = []
   for path in inputs:
     try:

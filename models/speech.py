@@ -100,10 +100,10 @@ def _files(name_or_path: str) -> tuple[str, Optional[str], str, str]:
             registry.companion_file(spec, "config.json"))
   if registry.kind_of(name_or_path) not in (None, "speech") or name_or_path in registry.MODELS:
     raise ValueError(f"{name_or_path!r} is not a speech model; registered speech models: "
-                     f"{sorted(registry.SPEECH_MODELS)}")
+                     f"{registered_names()}")
   if not os.path.isdir(name_or_path):
     raise ValueError(f"unknown speech model {name_or_path!r}: not a registered name "
-                     f"({sorted(registry.SPEECH_MODELS)}) and no such folder")
+                     f"({registered_names()}) and no such folder")
   files = [os.path.join(name_or_path, f) for f in ("model.bin", "tokenizer.json", "config.json")]
   missing = [f for f in files if not os.path.isfile(f)]
   if missing:
@@ -195,6 +195,11 @@ def params_from_ct2(f: ctranslate2_file.ModelFile) -> tuple[WhisperConfig, dict]
   to_jnp = lambda tree: {k: to_jnp(v) if isinstance(v, dict) else jnp.asarray(v)
                          for k, v in tree.items()}
   return config, {"encoder": to_jnp(enc), "decoder": to_jnp(dec)}
+
+
+def registered_names() -> list[str]:
+  """The registered names `load_whisper` takes: Whisper models and streaming adapters."""
+  return sorted(n for n, a in registry.ARTIFACTS.items() if a.kind in ("speech", ADAPTER_KIND))
 
 
 def load_whisper(name_or_path: str = DEFAULT_SPEECH_MODEL) -> SpeechModel:

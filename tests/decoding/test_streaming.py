@@ -166,6 +166,13 @@ def test_transcribe_config_maps_streaming_to_the_streaming_strategy(tmp_path):
   cfg.strategy, cfg.streaming = "greedy", False
   with pytest.raises(GenerationError, match="chunk_ms does not apply"):
     transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
+  cfg.chunk_ms = None
+  cfg.model = "careless-whisper-tiny.en-3000ms"  # misspelt: refused with the registered names
+  with pytest.raises(GenerationError, match=r"unknown speech model.*careless-whisper-tiny.en-300ms"):
+    transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
+  cfg.model = "careless-whisper-tiny.en-300ms"  # a shipped adapter is a model name
+  with pytest.raises(GenerationError, match="no such audio file"):
+    transcribe_lib.run(cfg, [str(tmp_path / "missing.wav")], str(tmp_path / "o.jsonl"))
 
 
 @pytest.mark.slow
@@ -190,13 +197,18 @@ def test_transcribe_command_writes_one_line_per_file_offline_and_streaming(tmp_p
   assert [r["file"] for r in off] == paths
   errors, words = map(sum, zip(*(spoken.word_errors(u.text, r["text"]) for u, r in zip(utts, off))))
   assert errors / words < 0.5  # tiny.en hears most words of espeak-ng's speech
+  # streaming with the shipped CarelessWhisper adapter (its chunk size, 300 ms, is the default)
   subprocess.run(base + [f"--output={tmp_path / 'on.jsonl'}", "--config.streaming=True",
-                         "--config.chunk_ms=300", "--config.max_new_tokens=40",
-                         "--config.chunk_tokens=8"], check=True, capture_output=True)
-  for u, r in zip(utts, (json.loads(x) for x in open(tmp_path / "on.jsonl"))):
+                         "--config.model=careless-whisper-tiny.en-300ms",
+                         "--config.max_new_tokens=40"], check=True, capture_output=True)
+  on = [json.loads(x) for x in open(tmp_path / "on.jsonl")]
+  for u, r in zip(utts, on):
     times = r["emit_seconds"]
-    assert len(times) == len(r["tokens"]) > 0 and times == sorted(times)
+    assert 0 < len(times) == len(r["tokens"]) < 40  # the fine-tuned model ends by itself
+    assert times == sorted(times)
     assert times[-1] <= u.seconds + 0.3 + 0.0125 + 1e-6  # at most the last chunk's arrival
+  errors, words = map(sum, zip(*(spoken.word_errors(u.text, r["text"]) for u, r in zip(utts, on))))
+  assert errors / words < 0.5
 
 
 def test_beam_stability_rule_keeps_tokens_in_the_new_top_k():
