@@ -3,6 +3,7 @@ offline Whisper, naive block-causal streaming Whisper (no fine-tuning) and the f
 streaming model (`train.careless_whisper`) at each chunk size, on held-out synthesised speech.
 
     python -m benchmarks.eval_careless [--utterances 200] [--chunk_ms 300,100]
+        [--systems offline,naive,careless]  (or single systems: naive_300ms,careless_100ms)
 
 Utterances: `models.datasets.spoken.utterances(n, seed, split="test")`, sentences of the
 test chapters read by espeak-ng with varied voices, rates and pitches (exact word times).
@@ -25,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -88,6 +91,30 @@ def aligned_latencies(reference: spoken.Utterance, hyp: list[tuple[str, float]])
     else:
       j -= 1
   return out[::-1]
+
+
+KINDS = ("offline", "naive", "careless")
+
+
+def system_plan(systems: str, chunk_ms: str) -> list[tuple[str, Optional[int]]]:
+  """(kind, chunk ms) of each system to run, in order: a kind runs at every chunk size of
+  `chunk_ms` (offline at none); a name such as `naive_300ms` runs that one system."""
+  chunks = [int(c) for c in chunk_ms.split(",")]
+  if any(c < 20 or c % 20 for c in chunks):
+    raise ValueError(f"--chunk_ms takes positive multiples of 20, got {chunk_ms!r}")
+  plan = []
+  for item in systems.split(","):
+    m = re.fullmatch(r"(naive|careless)_(\d+)ms", item)
+    if item == "offline":
+      plan.append(("offline", None))
+    elif item in KINDS:
+      plan += [(item, c) for c in chunks]
+    elif m and int(m[2]) >= 20 and int(m[2]) % 20 == 0:
+      plan.append((m[1], int(m[2])))
+    else:
+      raise ValueError(f"unknown system {item!r}: give {', '.join(KINDS)} or a name such as "
+                       "naive_300ms / careless_100ms")
+  return list(dict.fromkeys(plan))
 
 
 def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> list[dict]:
@@ -155,10 +182,11 @@ def render(result: dict) -> str:
     rtf = f"{s['rtf']:.2f}" if "rtf" in s else "-"
     lines.append(f"| {s['label']} | {s['chunk']} | {s['wer']:.3f} ({s['word_errors']}/"
                  f"{s['words']}) | {matched} | {lat_text} | {rtf} |")
+  timing = (f"real-time factor: median of {result['rtf_runs']} timed passes over the first "
+            f"{result['rtf_utterances']} utterances in batches of {result['batch_size']}"
+            if result["rtf_utterances"] else "real-time factor not timed in this run")
   lines += ["", f"{result['utterances']} held-out utterances ({result['audio_seconds']:.0f} s of "
-            f"speech), Whisper tiny.en, greedy; real-time factor: median of "
-            f"{result['rtf_runs']} timed passes over the first {result['rtf_utterances']} "
-            f"utterances in batches of {result['batch_size']}; {result['machine']}. Command: "
+            f"speech), Whisper tiny.en, greedy; {timing}; {result['machine']}. Command: "
             f"`{result['command']}`; results `{result['out']}`, plot `{result['plot']}`."]
   return "\n".join(lines)
 
@@ -200,29 +228,31 @@ def main(argv=None) -> dict:
   done = report.render_only(args, render, MARKER)
   if done is not None:
     return done
+  try:
+    plan = system_plan(args.systems, args.chunk_ms)
+  except ValueError as e:
+    ap.error(str(e))
   os.makedirs(args.work_dir, exist_ok=True)
   utts = spoken.utterances(args.utterances, seed=args.seed, split="test")
-  chunks = [int(c) for c in args.chunk_ms.split(",")]
   systems = {}
   base = speech.load_whisper(BASE)
-  for kind in args.systems.split(","):
-    for ms in ([None] if kind == "offline" else chunks):
-      if kind == "offline":
-        name, model, settings, label = "offline", base, Greedy(max_new_tokens=224), "Whisper offline"
-      elif kind == "naive":
-        name, model, label = f"naive_{ms}ms", base, "block-causal Whisper, not fine-tuned"
-        settings = StreamGreedy(chunk_ms=ms)
-      else:
-        name, label = f"careless_{ms}ms", "CarelessWhisper (LoRA fine-tuned)"
-        model = speech.load_whisper(f"careless-{BASE}-{ms}ms")
-        settings = StreamGreedy(chunk_ms=ms, first_chunks=model.streaming["first_chunks"])
-      rows = run_system(name, model, settings, utts, os.path.join(args.work_dir, name + ".jsonl"),
-                        args.batch_size)
-      systems[name] = dict(label=label, chunk=f"{ms} ms" if ms else "30 s window",
-                           model=model.name, **summarise(rows))
-      if args.rtf_utterances:
-        systems[name]["rtf"] = real_time_factor(model, settings, utts[:args.rtf_utterances],
-                                                args.batch_size, args.rtf_runs)
+  for kind, ms in plan:
+    if kind == "offline":
+      name, model, settings, label = "offline", base, Greedy(max_new_tokens=224), "Whisper offline"
+    elif kind == "naive":
+      name, model, label = f"naive_{ms}ms", base, "block-causal Whisper, not fine-tuned"
+      settings = StreamGreedy(chunk_ms=ms)
+    else:
+      name, label = f"careless_{ms}ms", "CarelessWhisper (LoRA fine-tuned)"
+      model = speech.load_whisper(f"careless-{BASE}-{ms}ms")
+      settings = StreamGreedy(chunk_ms=ms, first_chunks=model.streaming["first_chunks"])
+    rows = run_system(name, model, settings, utts, os.path.join(args.work_dir, name + ".jsonl"),
+                      args.batch_size)
+    systems[name] = dict(label=label, chunk=f"{ms} ms" if ms else "30 s window",
+                         model=model.name, **summarise(rows))
+    if args.rtf_utterances:
+      systems[name]["rtf"] = real_time_factor(model, settings, utts[:args.rtf_utterances],
+                                              args.batch_size, args.rtf_runs)
   plot_path = args.out[:-5] + ".png"
   result = dict(utterances=len(utts), audio_seconds=float(sum(u.seconds for u in utts)),
                 systems=systems, machine=machine_name(), out=args.out, plot=plot_path,

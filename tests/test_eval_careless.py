@@ -1,6 +1,7 @@
 """The CarelessWhisper evaluation's scoring: word emission times from token emission times,
 latency of the words the alignment matched, and the summary table (no model needed)."""
 import numpy as np
+import pytest
 
 from benchmarks import eval_careless as ev
 from models.datasets import spoken
@@ -53,3 +54,13 @@ def test_summary_sums_word_errors_over_utterances_and_renders_missing_timing_as_
   table = ev.render(result)
   assert "| Whisper offline | 30 s window | 0.250 (2/8) | - | - | 0.05 |" in table
   assert "| CarelessWhisper | 300 ms | 0.100 (1/10) | 3 | 0.20 / 0.28 | - |" in table
+
+
+def test_system_plan_expands_kinds_over_chunk_sizes_and_refuses_unknown_systems():
+  assert ev.system_plan("offline,naive,careless", "300,100") == [
+      ("offline", None), ("naive", 300), ("naive", 100), ("careless", 300), ("careless", 100)]
+  assert ev.system_plan("naive_300ms,careless,offline", "100") == [
+      ("naive", 300), ("careless", 100), ("offline", None)]
+  for bad, chunks in (("greedy", "300"), ("naive_250ms", "300"), ("careless", "250")):
+    with pytest.raises(ValueError):
+      ev.system_plan(bad, chunks)
