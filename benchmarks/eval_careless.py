@@ -11,14 +11,17 @@ Systems (Whisper tiny.en, greedy):
 * offline: Whisper as released on the whole recording (30 s window);
 * naive@ms: Whisper's weights with the causal front end and block-causal encoder, streamed
   (`decoding.streaming.StreamGreedy`: chunks of ms, stability rule over 2 tokens);
-* careless@ms: the same with the LoRA adapters trained for that chunk size.
+* careless@ms: the same with the LoRA adapters trained for that chunk size;
+* causal@ms: that fine-tuned causal model decoding the whole recording at once (what a
+  settled stream ends with), which separates what streaming costs from what fine-tuning on
+  this synthetic speech gains.
 WER: word edit distance after lowercasing and dropping punctuation (`spoken.word_errors`),
 summed over utterances. Latency: for each reference word the streaming output got right
 (edit-distance alignment), the emission time of its last token minus the word's end time.
 Real-time factor: decoding wall time over audio time of the first `--rtf_utterances` (16),
 median of `--rtf_runs` (3) passes after one that compiles, batches of 8 streams in lockstep,
-timed apart from the transcription pass (run it on an otherwise idle CPU). Per-utterance outputs go to
-`<work_dir>/<system>.jsonl` (default results/rows/careless_whisper, committed with the
+timed apart from the transcription pass (run it on an otherwise idle CPU). Per-utterance
+outputs go to `<work_dir>/<system>.jsonl` (default results/rows/careless_whisper, committed with the
 summary) and a rerun resumes them.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -93,7 +96,13 @@ def aligned_latencies(reference: spoken.Utterance, hyp: list[tuple[str, float]])
   return out[::-1]
 
 
-KINDS = ("offline", "naive", "careless")
+KINDS = ("offline", "naive", "careless", "causal")
+
+
+LABELS = {"offline": "Whisper offline",
+          "naive": "block-causal Whisper, not fine-tuned",
+          "careless": "CarelessWhisper (LoRA fine-tuned), streaming",
+          "causal": "CarelessWhisper, offline (no streaming)"}
 
 
 def system_plan(systems: str, chunk_ms: str) -> list[tuple[str, Optional[int]]]:
@@ -117,8 +126,10 @@ def system_plan(systems: str, chunk_ms: str) -> list[tuple[str, Optional[int]]]:
   return list(dict.fromkeys(plan))
 
 
-def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> list[dict]:
-  """Transcribes every utterance not yet in `path` (JSONL, one line per utterance)."""
+def run_system(name: str, decode: Callable[[list], list], tokenizer, utts, path: str,
+               batch_size: int) -> list[dict]:
+  """Transcribes (`decode`: audios -> transcripts) every utterance not yet in `path` (JSONL,
+  one line per utterance)."""
   done = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -129,8 +140,7 @@ def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> 
   todo = [i for i in range(len(utts)) if i not in done]
   for s in range(0, len(todo), batch_size):
     idx = todo[s: s + batch_size]
-    out = transcribe_lib.transcribe(model, [utts[i].audio for i in idx], settings,
-                                    batch_size=batch_size)
+    out = decode([utts[i].audio for i in idx])
     with open(path, "a") as f:
       for i, t in zip(idx, out):
         errors, words = spoken.word_errors(utts[i].text, t.text)
@@ -138,24 +148,24 @@ def run_system(name: str, model, settings, utts, path: str, batch_size: int) -> 
                    seconds=utts[i].seconds, tokens=len(t.tokens))
         if t.emit_seconds is not None:
           rec["latencies"] = aligned_latencies(
-              utts[i], word_spans(model.tokenizer, t.tokens, t.emit_seconds))
+              utts[i], word_spans(tokenizer, t.tokens, t.emit_seconds))
         f.write(json.dumps(rec) + "\n")
         done[i] = rec
     print(f"{name}: {len(done)}/{len(utts)}", flush=True)
   return [done[i] for i in range(len(utts))]
 
 
-def real_time_factor(model, settings, utts, batch_size: int, runs: int) -> float:
+def real_time_factor(decode: Callable[[list], list], utts, runs: int) -> float:
   """Median over `runs` of decoding wall time over audio time for `utts`, in batches of
   `batch_size` streams in lockstep, after one untimed pass that compiles. Timed apart from
   the transcription pass so that its figure comes from an otherwise idle CPU (the
   transcripts themselves do not depend on load and can be produced alongside other jobs)."""
   audio = [u.audio for u in utts]
-  transcribe_lib.transcribe(model, audio, settings, batch_size=batch_size)
+  decode(audio)
   walls = []
   for _ in range(runs):
     t0 = time.perf_counter()
-    transcribe_lib.transcribe(model, audio, settings, batch_size=batch_size)
+    decode(audio)
     walls.append(time.perf_counter() - t0)
   return float(np.median(walls)) / sum(u.seconds for u in utts)
 
@@ -200,11 +210,12 @@ def plot(result: dict, path: str) -> None:
     lat = s.get("latency")
     if lat and lat["p50"] is not None:
       ax.scatter(lat["p50"], s["wer"], label=f"{s['label']} {s['chunk']}")
-  offline = result["systems"].get("offline")
-  if offline:
-    ax.axhline(offline["wer"], ls="--", c="gray", label="offline Whisper")
+  for style, (name, s) in zip(("--", ":", "-."), ((n, s) for n, s in result["systems"].items()
+                                                  if not s.get("latency"))):
+    ax.axhline(s["wer"], ls=style, c="gray", label=f"{s['label']} ({s['chunk']})")
   ax.set_xlabel("median emission latency (s)")
-  ax.set_ylabel("WER")
+  ax.set_ylabel("WER (log scale)")
+  ax.set_yscale("log")  # the non-fine-tuned streams repeat themselves: WER far above 1
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -215,7 +226,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--utterances", type=int, default=200)
   ap.add_argument("--seed", type=int, default=1)
   ap.add_argument("--chunk_ms", default="300,100")
-  ap.add_argument("--systems", default="offline,naive,careless")
+  ap.add_argument("--systems", default="offline,naive,careless,causal")
   ap.add_argument("--batch_size", type=int, default=8)
   ap.add_argument("--rtf_utterances", type=int, default=16,
                   help="utterances of the real-time-factor timing (0: no timing)")
@@ -237,22 +248,27 @@ def main(argv=None) -> dict:
   systems = {}
   base = speech.load_whisper(BASE)
   for kind, ms in plan:
+    name = "offline" if kind == "offline" else f"{kind}_{ms}ms"
+    model = base if kind in ("offline", "naive") else speech.load_whisper(
+        f"careless-{BASE}-{ms}ms")
+    stream = StreamGreedy(chunk_ms=ms, first_chunks=(model.streaming or {}).get(
+        "first_chunks", 2)) if ms else None
+    bs = args.batch_size
     if kind == "offline":
-      name, model, settings, label = "offline", base, Greedy(max_new_tokens=224), "Whisper offline"
-    elif kind == "naive":
-      name, model, label = f"naive_{ms}ms", base, "block-causal Whisper, not fine-tuned"
-      settings = StreamGreedy(chunk_ms=ms)
+      decode = lambda a, m=model: transcribe_lib.transcribe(
+          m, a, Greedy(max_new_tokens=224), batch_size=bs)
+    elif kind == "causal":  # the whole recording at once through the causal model
+      decode = lambda a, m=model, st=stream: transcribe_lib.causal_transcribe(
+          m, a, st, batch_size=bs)
     else:
-      name, label = f"careless_{ms}ms", "CarelessWhisper (LoRA fine-tuned)"
-      model = speech.load_whisper(f"careless-{BASE}-{ms}ms")
-      settings = StreamGreedy(chunk_ms=ms, first_chunks=model.streaming["first_chunks"])
-    rows = run_system(name, model, settings, utts, os.path.join(args.work_dir, name + ".jsonl"),
-                      args.batch_size)
-    systems[name] = dict(label=label, chunk=f"{ms} ms" if ms else "30 s window",
-                         model=model.name, **summarise(rows))
+      decode = lambda a, m=model, st=stream: transcribe_lib.transcribe(m, a, st, batch_size=bs)
+    rows = run_system(name, decode, model.tokenizer, utts,
+                      os.path.join(args.work_dir, name + ".jsonl"), bs)
+    chunk = {"offline": "30 s window", "causal": f"{ms} ms blocks, whole recording"}.get(
+        kind, f"{ms} ms")
+    systems[name] = dict(label=LABELS[kind], chunk=chunk, model=model.name, **summarise(rows))
     if args.rtf_utterances:
-      systems[name]["rtf"] = real_time_factor(model, settings, utts[:args.rtf_utterances],
-                                              args.batch_size, args.rtf_runs)
+      systems[name]["rtf"] = real_time_factor(decode, utts[:args.rtf_utterances], args.rtf_runs)
   plot_path = args.out[:-5] + ".png"
   result = dict(utterances=len(utts), audio_seconds=float(sum(u.seconds for u in utts)),
                 systems=systems, machine=machine_name(), out=args.out, plot=plot_path,
