@@ -113,7 +113,7 @@ def system_plan(systems: str, chunk_ms: str) -> list[tuple[str, Optional[int]]]:
     raise ValueError(f"--chunk_ms takes positive multiples of 20, got {chunk_ms!r}")
   plan = []
   for item in systems.split(","):
-    m = re.fullmatch(r"(naive|careless)_(\d+)ms", item)
+    m = re.fullmatch(r"(naive|careless|causal)_(\d+)ms", item)
     if item == "offline":
       plan.append(("offline", None))
     elif item in KINDS:

@@ -59,8 +59,8 @@ def test_summary_sums_word_errors_over_utterances_and_renders_missing_timing_as_
 def test_system_plan_expands_kinds_over_chunk_sizes_and_refuses_unknown_systems():
   assert ev.system_plan("offline,naive,careless", "300,100") == [
       ("offline", None), ("naive", 300), ("naive", 100), ("careless", 300), ("careless", 100)]
-  assert ev.system_plan("naive_300ms,careless,offline", "100") == [
-      ("naive", 300), ("careless", 100), ("offline", None)]
+  assert ev.system_plan("naive_300ms,careless,offline,causal_300ms", "100") == [
+      ("naive", 300), ("careless", 100), ("offline", None), ("causal", 300)]
   for bad, chunks in (("greedy", "300"), ("naive_250ms", "300"), ("careless", "250")):
     with pytest.raises(ValueError):
       ev.system_plan(bad, chunks)
