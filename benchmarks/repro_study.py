@@ -205,6 +205,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--max_hours", type=float, default=0.0,
                   help="start no new configuration after this long (0: run them all); the "
                        "report then covers the configurations done, and a rerun goes on")
+  ap.add_argument("--no_run", action="store_true",
+                  help="start no configuration: write the report (and --readme table) from the "
+                       "outputs already in <out>.runs.jsonl")
   report.add_output_args(ap, "results/repro_smollm2.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
@@ -251,7 +254,7 @@ def main(argv=None) -> dict:
       key = config_key(mode, b, d, invariant)
       if key in done_runs:
         continue
-      if args.max_hours and time.time() - t0 > args.max_hours * 3600:
+      if args.no_run or (args.max_hours and time.time() - t0 > args.max_hours * 3600):
         break
       model = model_of(mode)
       tok = model.tokenizer
