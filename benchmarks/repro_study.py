@@ -28,7 +28,9 @@ Per recipe, against the reference configuration (batch 1, one device):
     every position of the reference outputs (teacher-forced, batch 1, one device);
   * parameter bytes per parameter.
 Every configuration's outputs are appended to <out>.runs.jsonl as soon as it finishes, and a
-rerun skips the configurations already there (the study takes hours on two CPU cores). Writes
+rerun skips the configurations already there (the study takes hours on two CPU cores). Within
+a configuration, each chunk of 16 prompts is saved under --rows_dir as it finishes, and a
+rerun resumes from them. Writes
 <out>.json, a PNG of the divergence rates and the README table between its markers.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -61,27 +64,75 @@ from models.lm import load_model  # noqa: E402
 
 MARKER = "repro_study"
 MODEL = "smollm2-135m-instruct"
+CHUNK = 16
 
 
 def config_key(mode: str, batch: int, devices: int, invariant: bool) -> str:
   return f"{mode}{'+bi' if invariant else ''}/b{batch}/d{devices}"
 
 
-def run_config(model, prompts, mode, batch, devices, invariant, max_new, eos, pad) -> dict:
-  """Greedy outputs of every prompt in one configuration."""
+def chunk_size(batch: int) -> int:
+  """Prompts per saved chunk: the multiple of `batch` nearest above CHUNK, so that chunks
+  hold whole batches and the batches are those of one call over every prompt."""
+  return batch * -(-CHUNK // batch)
+
+
+def parts_path(rows_dir: str, key: str) -> str:
+  return os.path.join(rows_dir, key.replace("/", "_") + ".jsonl")
+
+
+def run_config(model, prompts, mode, batch, devices, invariant, max_new, eos, pad,
+               parts: Optional[str] = None) -> dict:
+  """Greedy outputs of every prompt in one configuration.
+
+  The prompts run in chunks of whole batches. Every chunk is padded to the shapes of the
+  whole list (`prompt_slots`), so its outputs are those of one call over all prompts. With
+  `parts`, each chunk is appended to that JSONL file as it finishes, and a rerun decodes only
+  the chunks not there (a batch-1 configuration on 8 simulated devices takes hours); the
+  file is removed once the configuration is whole. `seconds` sums the chunks' decoding
+  times.
+  """
   lm, params, shard = model.lm, model.params, None
   if devices > 1:
     mesh = sharding.make_mesh(1, devices)
     params = sharding.shard_params(model.params, mesh, column_only=invariant)
     lm = dataclasses.replace(model.lm, mesh=mesh)
     shard = lambda a: sharding.shard_batch(a, mesh)
-  t = time.time()
-  out = generate(Target(lm, params, eos_ids=eos, pad_id=pad), prompts,
-                 Greedy(max_new_tokens=max_new), batch_size=batch, shard=shard)
-  return dict(key=config_key(mode, batch, devices, invariant), mode=mode, batch=batch,
-              devices=devices, batch_invariant=invariant, seconds=time.time() - t,
-              outputs=[g.output_ids for g in out],
-              top1_logprobs=[[float(x) for x in g.token_logprobs] for g in out])
+  key = config_key(mode, batch, devices, invariant)
+  stamp = dict(key=key, prompts=len(prompts), max_new_tokens=max_new)
+  done = {}
+  if parts and os.path.exists(parts):
+    with open(parts) as f:
+      for line in f:
+        if line.strip():
+          part = json.loads(line)
+          if part["stamp"] != stamp:
+            raise SystemExit(f"{parts} holds chunks of another run ({part['stamp']}, this is "
+                             f"{stamp}): delete it to start this configuration over")
+          done[part["start"]] = part
+  target = Target(lm, params, eos_ids=eos, pad_id=pad)
+  longest = max(len(p) for p in prompts)
+  n = chunk_size(batch)
+  for start in range(0, len(prompts), n):
+    if start in done:
+      continue
+    t = time.time()
+    out = generate(target, prompts[start:start + n], Greedy(max_new_tokens=max_new),
+                   batch_size=batch, shard=shard, prompt_slots=longest,
+                   row_ids=range(start, min(start + n, len(prompts))))
+    done[start] = dict(stamp=stamp, start=start, seconds=time.time() - t,
+                       outputs=[g.output_ids for g in out],
+                       top1_logprobs=[[float(x) for x in g.token_logprobs] for g in out])
+    if parts:
+      os.makedirs(os.path.dirname(parts) or ".", exist_ok=True)
+      with open(parts, "a") as f:
+        f.write(json.dumps(done[start]) + "\n")
+  chunks = [done[s] for s in sorted(done)]
+  row = dict(key=key, mode=mode, batch=batch, devices=devices, batch_invariant=invariant,
+             seconds=sum(c["seconds"] for c in chunks),
+             outputs=[o for c in chunks for o in c["outputs"]],
+             top1_logprobs=[x for c in chunks for x in c["top1_logprobs"]])
+  return row
 
 
 def logit_gaps(model, prompt: list[int], output: list[int]) -> np.ndarray:
@@ -208,6 +259,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--no_run", action="store_true",
                   help="start no configuration: write the report (and --readme table) from the "
                        "outputs already in <out>.runs.jsonl")
+  ap.add_argument("--rows_dir", default="results/rows/repro_smollm2",
+                  help="folder of the chunks of unfinished configurations (a rerun resumes them)")
   report.add_output_args(ap, "results/repro_smollm2.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
@@ -258,10 +311,12 @@ def main(argv=None) -> dict:
         break
       model = model_of(mode)
       tok = model.tokenizer
+      parts = parts_path(args.rows_dir, key)
       r = run_config(model, prompts[mode], mode, b, d, invariant, args.max_new_tokens,
-                     (tok.eos_id,), tok.pad_id)
+                     (tok.eos_id,), tok.pad_id, parts)
       with open(runs_path, "a") as f:
         f.write(json.dumps(r) + "\n")
+      os.remove(parts)
       done_runs[key] = r
       print(f"{key}: {r['seconds']:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
   recipes = {}

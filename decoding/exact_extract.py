@@ -409,6 +409,9 @@ def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
 
 def _pipeline(s: ExactExtract, target: Target, inputs, generate: Callable) -> list[Generation]:
   options = getattr(generate, "options", {})  # the request's (`decoding.runner.Stage`)
+  if options.get("prompt_slots"):
+    raise GenerationError("exact_extract pads each group of passages to its own length: "
+                          "prompt_slots is not supported")
   return exact_extract(s, target, inputs, generate, options.get("batch_size", 8),
                        options.get("share_prefix", False))
 

@@ -12,15 +12,17 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def plan_lengths(max_new_tokens: int, longest_prompt: int, max_positions: int,
-                 explicit: int = 0) -> tuple[int, int]:
+                 explicit: int = 0, prompt_slots: int = 0) -> tuple[int, int]:
   """(padded prompt length P, cache length) for a batch; errors if the request cannot fit.
 
   The padded prefill writes P slots per row before they are trimmed to the true
   lengths, so the cache holds at least P + max_new_tokens slots. `explicit` > 0 is the
-  requested cache length (max_cache_len).
+  requested cache length (max_cache_len). `prompt_slots` > 0 pads prompts to at least that
+  many slots before bucketing, so that the chunks of one long prompt list all get the list's
+  shapes.
   """
   n = int(max_new_tokens)
-  P = bucket(longest_prompt)
+  P = bucket(max(longest_prompt, prompt_slots))
   needed = longest_prompt + n
   if explicit and needed > explicit:
     raise GenerationError(

@@ -77,7 +77,7 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
              row_ids: Optional[Sequence[int]] = None,
              shard: Optional[Callable[[Any], Any]] = None,
              resources: Optional[Resources] = None,
-             share_prefix: bool = False) -> list[Generation]:
+             share_prefix: bool = False, prompt_slots: int = 0) -> list[Generation]:
   """Runs the strategy of `settings` on token-id prompts. Validation happens first.
 
   model: a `decoding.strategy.Target` or a loaded model (`models.lm.LoadedModel`).
@@ -93,6 +93,10 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
   that cache to every row (`decoding.prefill.shared_prefix_len`): a k-shot evaluation's
   worked examples cost one row's prefill per batch instead of one per prompt. The same
   function is computed, not bit for bit the same floats, so it is off by default.
+  prompt_slots: pad every prompt to the bucket of max(longest prompt, prompt_slots) rather
+  than of the longest prompt given. A caller that runs a long prompt list in chunks (to
+  save progress) passes the whole list's longest prompt, so every chunk has the shapes,
+  and therefore the floats, of one call over the whole list.
   """
   target = model if isinstance(model, Target) else Target.of(model)
   strategy = registry.strategy_of(settings)
@@ -105,6 +109,7 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
     prompts = strategy.check_inputs(prompts)
   check_int("batch_size", batch_size, 1)
   check_int("max_cache_len", max_cache_len, 0)
+  check_int("prompt_slots", prompt_slots, 0)
   if not is_int(seed):
     raise GenerationError(f"seed must be an integer, got {seed!r}")
   row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
@@ -118,12 +123,13 @@ def generate(model, prompts: Sequence[Sequence[int]], settings, *, seed: int = 0
                           f"(share_prefix=True); these can: {', '.join(able)}")
   resources = Resources() if resources is None else resources
   options = dict(seed=seed, batch_size=batch_size, max_cache_len=max_cache_len,
-                 row_ids=row_ids, shard=shard, resources=resources, share_prefix=share_prefix)
+                 row_ids=row_ids, shard=shard, resources=resources, share_prefix=share_prefix,
+                 prompt_slots=prompt_slots)
   if strategy.pipeline is not None:
     return strategy.pipeline(settings, target, prompts, Stage(target, options))
   longest = max(len(p) for p in prompts)
   P, cache_len = plan_lengths(settings.max_new_tokens, longest, target.lm.max_positions,
-                              max_cache_len)
+                              max_cache_len, prompt_slots)
   run = strategy.prepare(settings, target, resources)
   # Sampling strategies decode R rows (samples) per prompt from one prefill.
   R = strategy.rows_per_prompt(settings)

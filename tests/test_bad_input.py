@@ -78,6 +78,12 @@ def test_generate_rejects(no_compile, kw, prompts, match):
     run_config(LM, TABLE, prompts, cfg(**kw), [1], 0)
 
 
+@pytest.mark.parametrize("slots", [-1, 2.5, "32"])
+def test_generate_rejects_bad_prompt_slots(no_compile, slots):
+  with pytest.raises(GenerationError, match="prompt_slots must be an integer >= 0"):
+    run_config(LM, TABLE, [[1, 2]], cfg(max_new_tokens=8), [1], 0, prompt_slots=slots)
+
+
 def test_unknown_model_rejected_before_loading(monkeypatch):
   monkeypatch.setattr(cli, "load", lambda c: (_ for _ in ()).throw(AssertionError("loaded")))
   with pytest.raises(GenerationError, match="unknown model"):

@@ -177,6 +177,25 @@ def test_bucketed_shapes_do_not_recompile(tiny):
   assert token_loop.decode._cache_size() == before
 
 
+def test_prompt_slots_give_chunks_the_whole_lists_shapes_and_outputs(tiny):
+  """A prompt list run in chunks with prompt_slots = the list's longest prompt compiles no
+  new shape and gives bit for bit the outputs of one call; without it, the chunk of short
+  prompts is padded to a smaller bucket."""
+  lm, params = tiny
+  prompts = [[5] * 20, [6, 7], [8, 9, 10], [11]]  # buckets 32, then 16
+  c = cfg(max_new_tokens=5, batch_size=2)
+  whole = run_config(lm, params, prompts, c, [], PAD)
+  compiled = token_loop.decode._cache_size()
+  chunks = [run_config(lm, params, prompts[i:i + 2], c, [], PAD, row_ids=[i, i + 1],
+                       prompt_slots=20) for i in (0, 2)]
+  assert token_loop.decode._cache_size() == compiled
+  for g, h in zip(whole, chunks[0] + chunks[1]):
+    assert g.output_ids == h.output_ids
+    np.testing.assert_array_equal(g.token_logprobs, h.token_logprobs)
+  run_config(lm, params, prompts[2:], c, [], PAD)
+  assert token_loop.decode._cache_size() == compiled + 1
+
+
 def test_chunked_prefill_equals_one_pass(tiny):
   """A long prompt block prefilled in chunks gives the same logits and cache as one pass."""
   lm, params = tiny

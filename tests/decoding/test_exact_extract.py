@@ -245,6 +245,8 @@ def test_bad_settings_and_requests_are_errors():
     generate(target, [Query((3,), (), (4,))], ExactExtract())
   with pytest.raises(GenerationError, match="needs the model's tokenizer"):
     generate(target, [{"passage": "p", "question": "q"}], ExactExtract())
+  with pytest.raises(GenerationError, match="prompt_slots is not supported"):
+    generate(target, [Query((3,), (4, 5), (6,))], ExactExtract(), prompt_slots=32)
 
 
 def test_the_config_file_and_the_base_config_give_the_default_settings():
