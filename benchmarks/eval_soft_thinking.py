@@ -17,13 +17,15 @@ vanilla, Dirichlet and Gumbel soft thinking, N samples per problem, answers = th
 in the output. SmolLM2 has no thinking tokens, so the prompt asks it to finish with "The
 answer is" and the number, and " answer is" is the end-of-thinking marker (forced after the
 thinking budget). Every generation run goes through the evaluation harness
-(`decoding.eval_runner`, resumable JSONL under --work_dir). Writes results/soft_thinking.json
+(`decoding.eval_runner`, resumable JSONL under --work_dir; the probe's summary is kept
+there too, as probe.json). Writes results/soft_thinking.json
 and the table between the `soft_thinking` markers in README.md.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -117,6 +119,24 @@ def run_probe(target, prompts, settings: SoftThinking, steps: int, batch_size: i
   return out
 
 
+def cached_probe(path: str, key: dict, compute) -> dict:
+  """The probe's summary from `path` when it was written for the same `key` (model checksum,
+  problems, steps, seed, batch and settings), else `compute()` saved there: the probe is the
+  longest single stage, so a resumed run does not repeat it."""
+  key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("key") == key:
+      return saved["probe"]
+  out = compute()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"key": key, "probe": out}, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return out
+
+
 def method_settings(name: str, args) -> object:
   warpers = dict(temperature=0.6, top_k=30, top_p=0.95)
   if name == "sample":
@@ -176,8 +196,12 @@ def main(argv=None) -> dict:
   t0 = time.time()
 
   defaults = SoftThinking()
-  probe_out = run_probe(target, prompts[:args.probe_problems], defaults, args.probe_steps,
-                        args.batch_size)
+  probe_key = dict(model=model.sha256, probe_problems=args.probe_problems,
+                   probe_steps=args.probe_steps, seed=args.seed, batch_size=args.batch_size,
+                   settings=defaults.to_flat())
+  probe_out = cached_probe(os.path.join(args.work_dir, "probe.json"), probe_key,
+                           lambda: run_probe(target, prompts[:args.probe_problems], defaults,
+                                             args.probe_steps, args.batch_size))
   print(f"probe done ({time.time() - t0:.0f}s): {probe_out}", flush=True)
 
   rows = [Row(i, ids, {"prompt": p.prompt, "answer": p.answer})
