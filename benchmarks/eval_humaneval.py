@@ -252,7 +252,13 @@ def render(result: dict) -> str:
     look = "" if m["lookahead_share"] is None else f"{100 * m['lookahead_share']:.1f}%"
     md.append(f"| {name} | {m['pass@1']:.3f} | {m['passed']}/{m['problems']} | "
               f"{m['mean_new_tokens']:.0f} | {speed} | {look} |")
-  md += ["", f"`{result['command']}` ({result['seconds'] / 60:.0f} min on {result['machine']})."]
+  took = f"{result['seconds'] / 60:.0f} min on {result['machine']}"
+  if result.get("resumed_rows"):
+    decode_h = sum(m["decode_s"] for m in result["methods"].values()) / 3600
+    took = (f"this invocation: {took}; it resumed {result['resumed_rows']} of "
+            f"{result['problems']} problems decoded by earlier invocations of the same command; "
+            f"decode time over all problems and methods: {decode_h:.1f} h")
+  md += ["", f"`{result['command']}` ({took})."]
   return "\n".join(md)
 
 
@@ -314,6 +320,7 @@ def run(args, command: str) -> dict:
                "stop_sequences": list(STOP_SEQUENCES), "timeout_s": TIMEOUT_S}
   output = os.path.join(args.work_dir, f"humaneval_{model_stem(args.model)}.jsonl")
   batch_fn = make_batch_fn(target, dict(enumerate(tasks)), settings, args, Resources())
+  resumed = eval_runner.rows_done(output)
   records = eval_runner.run_rows(rows, batch_fn, output, batch_size=args.batch_size,
                                  signature=signature, desc="humaneval")
   return {
@@ -324,7 +331,7 @@ def run(args, command: str) -> dict:
       "settings": signature["settings"], "methods": summarize(records, args.methods),
       "per_task": {r["task_id"]: {m: r["methods"][m]["status"] for m in args.methods}
                    for r in records},
-      "records": output, "seconds": time.time() - t0, "machine": machine_name(),
+      "records": output, "resumed_rows": resumed, "seconds": time.time() - t0, "machine": machine_name(),
       "backend": jax.default_backend(), "command": command,
   }
 

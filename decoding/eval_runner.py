@@ -243,6 +243,11 @@ def _read(output: str, parts: bool = False) -> dict[int, str]:
   return found
 
 
+def rows_done(output: str) -> int:
+  """How many rows `output` and its part files already hold (what a rerun would skip)."""
+  return len(_read(output, parts=True))
+
+
 def _write_atomic(path: str, text: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:

@@ -140,7 +140,7 @@ def test_cutting_rescues_a_completion_that_runs_on(tasks):
 @pytest.mark.data
 def test_two_problems_on_a_tiny_model(tmp_path, monkeypatch):
   """The whole command, greedy and beam, on a random byte-level model: the JSON, the table
-  between its markers, and a rerun that resumes without generating again."""
+  between its markers, and a rerun that resumes without generating again and says so."""
   cfg = tiny_config(vocab_size=256, max_position_embeddings=1024)
   model = types.SimpleNamespace(lm=TransformerLM(cfg), tokenizer=ByteTokenizer(), name="tiny",
                                 params=init_params(cfg, jax.random.PRNGKey(0)), sha256=None)
@@ -167,6 +167,9 @@ def test_two_problems_on_a_tiny_model(tmp_path, monkeypatch):
   monkeypatch.setattr(ee, "generate", lambda *a, **k: pytest.fail("generated again"))
   again = ee.main(argv)
   assert again["methods"]["greedy"]["new_tokens"] == saved["methods"]["greedy"]["new_tokens"]
+  assert saved["resumed_rows"] == 0 and again["resumed_rows"] == 2
+  assert "this invocation" not in text
+  assert "it resumed 2 of 2 problems decoded by earlier invocations" in readme.read_text()
 
 
 @pytest.mark.data
