@@ -331,7 +331,8 @@ def run(args, command: str) -> dict:
       "settings": signature["settings"], "methods": summarize(records, args.methods),
       "per_task": {r["task_id"]: {m: r["methods"][m]["status"] for m in args.methods}
                    for r in records},
-      "records": output, "resumed_rows": resumed, "seconds": time.time() - t0, "machine": machine_name(),
+      "records": output, "resumed_rows": resumed, "seconds": time.time() - t0,
+      "machine": machine_name(),
       "backend": jax.default_backend(), "command": command,
   }
 

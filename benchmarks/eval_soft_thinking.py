@@ -121,8 +121,8 @@ def run_probe(target, prompts, settings: SoftThinking, steps: int, batch_size: i
 
 def cached_probe(path: str, key: dict, compute) -> dict:
   """The probe's summary from `path` when it was written for the same `key` (model checksum,
-  problems, steps, seed, batch and settings), else `compute()` saved there: the probe is the
-  longest single stage, so a resumed run does not repeat it."""
+  problems, steps, seed, batch and settings), else `compute()` saved there, so a resumed run
+  does not repeat the probe (minutes of model calls on CPU)."""
   key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
   if os.path.exists(path):
     with open(path) as f:
