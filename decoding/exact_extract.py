@@ -312,7 +312,6 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
   shared = shared_prefix_len([q.prompt_ids for q in group]) if share_prefix else 0
   first_logp, cache = prefill_prompts(lm, params, jnp.asarray(prompts), jnp.asarray(plen),
                                       cache_len=cache_len, shared=shared)
-  # one row per (query, start): the tokens from the start, and how many of them may be spans
   # one row per (query, start): the tokens from the start, and how many of them may be spans.
   # Rows go longest first, and each chunk's pass is only as long as its longest row needs
   # (a power of two): late starts have short suffixes, so this about halves the positions
