@@ -119,22 +119,22 @@ def run_probe(target, prompts, settings: SoftThinking, steps: int, batch_size: i
   return out
 
 
-def cached_probe(path: str, key: dict, compute) -> dict:
-  """The probe's summary from `path` when it was written for the same `key` (model checksum,
-  problems, steps, seed, batch and settings), else `compute()` saved there, so a resumed run
-  does not repeat the probe (minutes of model calls on CPU)."""
+def cached_probe(path: str, key: dict, compute) -> tuple[dict, bool]:
+  """(the probe's summary, whether it was read back): from `path` when it was written for the
+  same `key` (model checksum, problems, steps, seed, batch and settings), else `compute()`
+  saved there, so a resumed run does not repeat the probe (minutes of model calls on CPU)."""
   key = json.loads(json.dumps(key))  # as it reads back: tuples become lists
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     if saved.get("key") == key:
-      return saved["probe"]
+      return saved["probe"], True
   out = compute()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump({"key": key, "probe": out}, f, indent=1)
   os.replace(path + ".tmp", path)
-  return out
+  return out, False
 
 
 def method_settings(name: str, args) -> object:
@@ -167,8 +167,23 @@ def render(result: dict) -> str:
                      ("top1_top2", "top-1 token vs top-2 token")):
     md.append(f"| {label} | {pr[key]['mean']:.4f} | {pr[key]['median']:.4f} |")
   md += ["", f"Mean weight of the top-1 component: {pr['top1_weight']['mean']:.3f}.", "",
-         f"`{result['command']}` ({result['seconds'] / 60:.0f} min on {result['machine']})."]
+         f"`{result['command']}` ({took(result)})."]
   return "\n".join(md)
+
+
+def took(result: dict) -> str:
+  """The invocation's wall time, and what it read back from earlier invocations (rows of a
+  resumed run and the cached probe took their time in those)."""
+  out = f"{result['seconds'] / 60:.0f} min on {result['machine']}"
+  resumed = result.get("resumed_rows") or {}
+  done = sum(resumed.values())
+  if not done and not result.get("probe_resumed"):
+    return out
+  total = result["problems"] * len(result["methods"])
+  parts = [f"{done} of {total} method-problem rows"] if done else []
+  parts += ["the probe"] if result.get("probe_resumed") else []
+  return (f"this invocation: {out}; it read back {' and '.join(parts)} from earlier "
+          "invocations of the same command")
 
 
 def main(argv=None) -> dict:
@@ -183,7 +198,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch_size", type=int, default=16)
   args, mesh, done = report.parse_and_start(ap, argv, out="results/soft_thinking.json",
-                                            work_dir="results/rows/soft_thinking", render=render, marker=MARKER)
+                                            work_dir="results/rows/soft_thinking", render=render,
+                                            marker=MARKER)
   if done is not None:
     return done
   model = load_model("smollm2-135m-instruct")
@@ -199,19 +215,21 @@ def main(argv=None) -> dict:
   probe_key = dict(model=model.sha256, probe_problems=args.probe_problems,
                    probe_steps=args.probe_steps, seed=args.seed, batch_size=args.batch_size,
                    settings=defaults.to_flat())
-  probe_out = cached_probe(os.path.join(args.work_dir, "probe.json"), probe_key,
-                           lambda: run_probe(target, prompts[:args.probe_problems], defaults,
-                                             args.probe_steps, args.batch_size))
+  probe_out, probe_resumed = cached_probe(
+      os.path.join(args.work_dir, "probe.json"), probe_key,
+      lambda: run_probe(target, prompts[:args.probe_problems], defaults, args.probe_steps,
+                        args.batch_size))
   print(f"probe done ({time.time() - t0:.0f}s): {probe_out}", flush=True)
 
   rows = [Row(i, ids, {"prompt": p.prompt, "answer": p.answer})
           for i, (ids, p) in enumerate(zip(prompts[:args.problems], probs))]
   run = dict(seed=args.seed, batch_size=args.batch_size, mesh=mesh, resources=Resources())
-  methods = {}
+  methods, resumed = {}, {}
   for name in args.methods.split(","):
     settings = method_settings(name, args)
-    records = eval_runner.evaluate(target, rows, settings,
-                                   os.path.join(args.work_dir, f"{name}.jsonl"), **run)
+    output = os.path.join(args.work_dir, f"{name}.jsonl")
+    resumed[name] = eval_runner.rows_done(output)
+    records = eval_runner.evaluate(target, rows, settings, output, **run)
     ok, think = [], []
     for r, p in zip(records, probs):
       outs = [Generation.from_json(o) for o in r["outputs"]]
@@ -227,7 +245,8 @@ def main(argv=None) -> dict:
                 max_think_tokens=args.max_think_tokens, probe_problems=args.probe_problems,
                 probe_steps=args.probe_steps, prompt_suffix=INSTRUCTION, think_end=THINK_END,
                 settings={n: method_settings(n, args).to_flat() for n in methods},
-                probe=probe_out, methods=methods, seconds=time.time() - t0, machine=machine_name(),
+                probe=probe_out, methods=methods, resumed_rows=resumed,
+                probe_resumed=probe_resumed, seconds=time.time() - t0, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_soft_thinking"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)
