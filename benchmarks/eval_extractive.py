@@ -90,6 +90,7 @@ def run_model(name: str, examples: list[qa.Example], shots: list[int], args, mes
                for e in examples]
     fields = lambda e: {"question": e.question, "answer": e.answer}
     greedy_rows = [Row(i, p, fields(e)) for i, (p, e) in enumerate(zip(prompts, examples))]
+    resumed = {d: eval_runner.rows_done(path(f"{k}shot_{d}")) for d in ("greedy", "exact_extract")}
     share = k > 0  # the k examples open every prompt: prefilled once per batch
     records = eval_runner.evaluate(target, greedy_rows, greedy_settings, path(f"{k}shot_greedy"),
                                    batch_size=args.batch_size, mesh=mesh, resources=resources,
@@ -114,7 +115,7 @@ def run_model(name: str, examples: list[qa.Example], shots: list[int], args, mes
                                                   for g, e in zip(greedy, examples)])),
               "first": {"question": examples[0].question, "answer": examples[0].answer,
                         "greedy": greedy[0], "exact_extract": extracted[0]},
-              "seconds": time.time() - t0}
+              "resumed_rows": resumed, "seconds": time.time() - t0}
     print(f"{name} k={k} ({time.time() - t0:.0f}s): greedy {out[k]['greedy']}, exact-extract "
           f"{out[k]['exact_extract']}, greedy in passage {out[k]['greedy_in_passage']:.2f}",
           flush=True)
@@ -136,8 +137,18 @@ def render(result: dict) -> str:
       md.append(f"| {name} | {k} | {m['greedy']['em']:.3f} | {m['greedy']['f1']:.3f} | "
                 f"{m['exact_extract']['em']:.3f} | {m['exact_extract']['f1']:.3f} | "
                 f"{m['greedy_in_passage']:.2f} |")
-  md += ["", f"`{result['command']}` ({result['seconds'] / 60:.0f} min on {result['machine']})."]
+  md += ["", f"`{result['command']}` ({took(result)})."]
   return "\n".join(md)
+
+
+def took(result: dict) -> str:
+  """The invocation's wall time, and how many decoder-question rows it read back from earlier
+  invocations (a full run takes several CPU sessions and resumes its rows)."""
+  runs = [m for by_k in result["models"].values() for m in by_k.values()]
+  done = sum(sum(m.get("resumed_rows", {}).values()) for m in runs)
+  total = 2 * result["questions"] * len(runs)
+  read_back = [f"{done} of {total} decoder-question rows"] if done else []
+  return report.invocation_time(result["seconds"], result["machine"], read_back)
 
 
 def main(argv=None) -> dict:
@@ -154,7 +165,8 @@ def main(argv=None) -> dict:
                        "answer here and runs about 4x fewer positions)")
   ap.add_argument("--batch_size", type=int, default=8)
   args, mesh, done = report.parse_and_start(ap, argv, out="results/extractive_qa.json",
-                                            work_dir="results/rows/extractive_qa", render=render, marker=MARKER)
+                                            work_dir="results/rows/extractive_qa", render=render,
+                                            marker=MARKER)
   if done is not None:
     return done
   examples = qa.examples(args.passages, seed=args.seed)

@@ -174,16 +174,11 @@ def render(result: dict) -> str:
 def took(result: dict) -> str:
   """The invocation's wall time, and what it read back from earlier invocations (rows of a
   resumed run and the cached probe took their time in those)."""
-  out = f"{result['seconds'] / 60:.0f} min on {result['machine']}"
-  resumed = result.get("resumed_rows") or {}
-  done = sum(resumed.values())
-  if not done and not result.get("probe_resumed"):
-    return out
+  done = sum((result.get("resumed_rows") or {}).values())
   total = result["problems"] * len(result["methods"])
-  parts = [f"{done} of {total} method-problem rows"] if done else []
-  parts += ["the probe"] if result.get("probe_resumed") else []
-  return (f"this invocation: {out}; it read back {' and '.join(parts)} from earlier "
-          "invocations of the same command")
+  read_back = [f"{done} of {total} method-problem rows"] if done else []
+  read_back += ["the probe"] if result.get("probe_resumed") else []
+  return report.invocation_time(result["seconds"], result["machine"], read_back)
 
 
 def main(argv=None) -> dict:

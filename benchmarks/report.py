@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 
@@ -63,6 +63,16 @@ def parse_and_start(ap: argparse.ArgumentParser, argv, *, out: str, work_dir: st
   if done is not None:
     return args, None, done
   return args, start_harness(args), None
+
+
+def invocation_time(seconds: float, machine: str, read_back: Sequence[str] = ()) -> str:
+  """'N min on MACHINE' for a results table; when the invocation resumed earlier work
+  (`read_back`, e.g. "40 of 300 rows"), it says so, since that work's time is not in N."""
+  out = f"{seconds / 60:.0f} min on {machine}"
+  if not read_back:
+    return out
+  return (f"this invocation: {out}; it read back {' and '.join(read_back)} from earlier "
+          "invocations of the same command")
 
 
 def save(result: dict, args, render: Callable[[dict], str], marker: str) -> None:
