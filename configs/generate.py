@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.start_chunk = unset(int)  # 16 start positions per compiled pass
   c.window_tokens = unset(int)  # 0: as many passage tokens as the context allows
   c.window_stride = unset(int)  # 0: window_tokens // 2
+  c.prune_starts = unset(bool)  # True: skip starts that cannot reach the top_spans (exact)
 
   # speculative (decoding/speculative/): lossless in greedy mode (the tokens of
   # strategy="greedy") and, with do_sample=True, in sampling mode. The drafter's own fields

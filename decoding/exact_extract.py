@@ -35,10 +35,18 @@ one); each window is its own query, with the passage replaced by the window in t
 and the best span over all windows wins by NLL (a span seen in several windows keeps its
 lowest score). The reference code uses 512-word windows with stride 120.
 
+Pruning (`prune_starts`, on by default; our addition, exact): every term of NLL(i, j) is a
+non-negative NLL, so NLL(i, j) >= l(i, i), which the prefill already gives for every start.
+Starts are scored best bound first (round-robin over the queries of a batch), and a start
+whose bound exceeds its query's `top_spans`-th best score found so far is skipped: none of
+its spans can enter the result, which is therefore identical to scoring every start. (With
+`length_normalize` the bound is l(i, i) / (longest span from i + 1).) On the extractive-QA
+prompts most passage tokens are unlikely first answer tokens, so most starts are skipped.
+
 Shapes are bucketed (prompts and each pass's length to powers of two, `start_chunk` starts
 per pass), so new passages reuse the compiled passes; the host loops over chunks of starts
-only, longest suffixes first, each pass as long as its chunk needs. Spans are ranked on the
-host from the [starts, L] NLL matrices (tiny next to the passes).
+only, each pass as long as its chunk's longest suffix needs. Spans are ranked on the host
+from the [starts, L] NLL matrices (tiny next to the passes).
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ from decoding.strategy import Strategy, Target
 Array = jax.Array
 
 REQUEST_FIELDS = ("passage", "question", "examples")
+PRUNE_MARGIN = 1e-3  # nats: a start is skipped only when its bound beats the cut by more
 EXAMPLE_FIELDS = ("passage", "question", "answer")
 
 
@@ -76,6 +85,7 @@ class ExactExtract(Settings):
   start_chunk: int = 16  # start positions per compiled pass (memory: chunk x L x V logits)
   window_tokens: int = 0  # passage tokens per window; 0: as many as the context allows
   window_stride: int = 0  # tokens between window starts; 0: window_tokens // 2
+  prune_starts: bool = True  # skip starts that cannot reach the top_spans (exact); off: all
 
   def validate(self) -> None:
     super().validate()
@@ -85,6 +95,7 @@ class ExactExtract(Settings):
     check_int("start_chunk", self.start_chunk, 1)
     check_int("window_tokens", self.window_tokens, 0)
     check_int("window_stride", self.window_stride, 0)
+    check_bool("prune_starts", self.prune_starts)
     if self.window_tokens and self.window_stride > self.window_tokens:
       raise GenerationError(f"window_stride={self.window_stride} exceeds window_tokens="
                             f"{self.window_tokens}: windows would skip passage tokens")
@@ -267,11 +278,13 @@ def windows(q: Query, s: ExactExtract, max_positions: int) -> list[Query]:
 
 
 def search(target: Target, queries: Sequence[Query], s: ExactExtract,
-           batch_size: int = 8, share_prefix: bool = False) -> list[list[Span]]:
+           batch_size: int = 8, share_prefix: bool = False,
+           counts: Optional[dict[int, list[int]]] = None) -> list[list[Span]]:
   """Every example's spans ranked best first (at most `s.top_spans`); `queries` may hold
   several windows per example (`Query.example`, offsets into the example's passage).
   Returns one list per distinct example index, in order of first appearance.
-  share_prefix: prefill the prompt prefix common to a group once (in-context examples)."""
+  share_prefix: prefill the prompt prefix common to a group once (in-context examples).
+  counts: if given, filled with {example: [starts scored, starts]} (what pruning saved)."""
   lm, params = target.lm, target.params
   if not target.eos_ids:
     raise GenerationError("exact_extract scores stopping after a span: the model needs an EOS id")
@@ -284,7 +297,12 @@ def search(target: Target, queries: Sequence[Query], s: ExactExtract,
   found: dict[int, dict[tuple[int, int], Span]] = {e: {} for e in order}
   for g in range(0, len(queries), batch_size):
     group = list(queries[g:g + batch_size])
-    for k, spans in enumerate(_search_group(lm, params, group, s, stop_id, share_prefix)):
+    spans_of, scored = _search_group(lm, params, group, s, stop_id, share_prefix)
+    for k, spans in enumerate(spans_of):
+      if counts is not None:
+        c = counts.setdefault(group[k].example, [0, 0])
+        c[0] += scored[k]
+        c[1] += len(group[k].passage)
       best = found[group[k].example]
       for sp in spans:
         sp.window = g + k
@@ -296,8 +314,9 @@ def search(target: Target, queries: Sequence[Query], s: ExactExtract,
 
 
 def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
-                  share_prefix: bool = False) -> list[list[Span]]:
-  """One prefill of the group's prompts, then the chunked passes over all their starts."""
+                  share_prefix: bool = False) -> tuple[list[list[Span]], list[int]]:
+  """One prefill of the group's prompts, then the chunked passes over their starts (those
+  pruning keeps). Returns each query's best spans and how many of its starts were scored."""
   Q = bucket(len(group), minimum=1)
   lens = [len(q.passage) for q in group]
   span_max = [min(s.max_span_tokens, n) if s.max_span_tokens else n for n in lens]
@@ -312,18 +331,36 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
   shared = shared_prefix_len([q.prompt_ids for q in group]) if share_prefix else 0
   first_logp, cache = prefill_prompts(lm, params, jnp.asarray(prompts), jnp.asarray(plen),
                                       cache_len=cache_len, shared=shared)
-  # one row per (query, start): the tokens from the start, and how many of them may be spans.
-  # Rows go longest first, and each chunk's pass is only as long as its longest row needs
-  # (a power of two): late starts have short suffixes, so this about halves the positions
-  # run, for a handful of compiled lengths.
+  # one row per (query, start): the tokens from the start, and how many of them may be spans
   starts = [(k, i) for k, n in enumerate(lens) for i in range(n)]
+  query_of = np.array([k for k, _ in starts], np.int32)
   span_len = np.array([min(span_max[k], lens[k] - i) for k, i in starts], np.int32)
-  order = np.argsort(-span_len, kind="stable")
+  # a lower bound on the score of every span from each start: l(i, i) (see the module notes)
+  first = -np.asarray(jax.device_get(first_logp), np.float64)[
+      query_of, [group[k].passage[i] for k, i in starts]]
+  bound = first / (span_len + 1) if s.length_normalize else first
+  if s.prune_starts:  # best bound first, round-robin over the queries (early thresholds)
+    rank = np.empty(len(starts), np.int64)
+    for k in range(len(group)):
+      rows = np.flatnonzero(query_of == k)
+      rank[rows[np.argsort(bound[rows], kind="stable")]] = np.arange(len(rows))
+    pending = np.lexsort((bound, rank))
+  else:  # longest suffixes first: late starts then share short passes
+    pending = np.argsort(-span_len, kind="stable")
   S = min(s.start_chunk, bucket(len(starts), minimum=1))
   nll = np.full((len(starts), L), np.inf, np.float32)
   tok, stop = np.zeros_like(nll), np.zeros_like(nll)
-  for c in range(0, len(starts), S):
-    chunk = order[c:c + S]
+  threshold = np.full(len(group), np.inf)  # each query's top_spans-th best score so far
+  found: list[list[np.ndarray]] = [[] for _ in group]
+  scored = [0] * len(group)
+  length = np.arange(1, L + 1)[None]
+  while len(pending):
+    if s.prune_starts:  # a span tying the threshold could still enter the result; the margin
+      # covers rounding in the device's log-sum-exp (the terms are >= 0 up to that)
+      pending = pending[bound[pending] <= threshold[query_of[pending]] + PRUNE_MARGIN]
+      if not len(pending):
+        break
+    chunk, pending = pending[:S], pending[S:]
     Lc = min(L, bucket(int(span_len[chunk].max()), minimum=4))
     query = np.zeros((S,), np.int32)
     tokens = np.zeros((S, Lc), np.int32)
@@ -336,10 +373,17 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
                                       jnp.asarray(tokens), jnp.asarray(lens_c), stop_id))
     for arr, dest in zip(out, (nll, tok, stop)):
       dest[chunk, :Lc] = np.asarray(arr)[:len(chunk)]
+    score = nll[chunk] / (length + 1) if s.length_normalize else nll[chunk]
+    for k in np.unique(query_of[chunk]):
+      mine = score[query_of[chunk] == k]
+      found[k].append(mine[np.isfinite(mine)])
+      scored[k] += int(np.sum(query_of[chunk] == k))
+      every = np.concatenate(found[k])
+      if len(every) >= s.top_spans:
+        threshold[k] = np.partition(every, s.top_spans - 1)[s.top_spans - 1]
   result: list[list[Span]] = [[] for _ in group]
-  length = np.arange(1, L + 1)[None]
   for k, q in enumerate(group):
-    rows = np.array([r for r, (kk, _) in enumerate(starts) if kk == k])
+    rows = np.flatnonzero(query_of == k)
     score = nll[rows] / (length + 1) if s.length_normalize else nll[rows]  # [n, L]
     flat = np.argsort(score, axis=None, kind="stable")
     flat = flat[np.isfinite(score.reshape(-1)[flat])][:s.top_spans]
@@ -349,7 +393,7 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
       lp = [-float(x) for x in tok[r, :t + 1]] + [-float(stop[r, t])]
       result[k].append(Span(q.offset + i, q.offset + i + t + 1, float(nll[r, t]),
                             float(score[i, t]), lp))
-  return result
+  return result, scored
 
 
 # ---------------------------------------------------------------------------- strategy
@@ -378,13 +422,15 @@ def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
   """The best span of each input (a request dict or a `Query`) as a `Generation`:
   output_ids = the span's tokens then the stop token, token_logprobs their log-probs (so
   `nll` is the span's NLL), extras text (the span decoded, stripped), span [start, end)
-  (token offsets into the passage tokenization, end exclusive), nll, and top_spans (the best
-  `top_spans` spans as {"text", "span", "nll"}, best first)."""
+  (token offsets into the passage tokenization, end exclusive), nll, top_spans (the best
+  `top_spans` spans as {"text", "span", "nll"}, best first), and starts_scored / starts (the
+  start positions scored after pruning, of all, summed over windows)."""
   check_inputs(inputs)
   if not target.eos_ids:
     raise GenerationError("exact_extract scores stopping after a span: the model needs an EOS id")
   queries, passages = to_queries(target, inputs, s)
-  by_example = search(target, queries, s, batch_size, share_prefix)
+  counts: dict[int, list[int]] = {}
+  by_example = search(target, queries, s, batch_size, share_prefix, counts)
   tok = target.tokenizer
   stop = target.eos_ids[0]
   out = []
@@ -399,7 +445,8 @@ def exact_extract(s: ExactExtract, target: Target, inputs: Sequence[Any],
                    score=-best.nll, finished=True, index=e)
     g.extras = dict(text=text(best), span=[best.start, best.end], nll=best.nll,
                     top_spans=[dict(text=text(sp), span=[sp.start, sp.end], nll=sp.nll)
-                               for sp in spans])
+                               for sp in spans],
+                    starts_scored=counts[e][0], starts=counts[e][1])
     if s.length_normalize:
       g.extras["normalized_nll"] = best.score
     out.append(g)

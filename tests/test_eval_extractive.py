@@ -4,7 +4,7 @@ from benchmarks.eval_extractive import greedy_answer, render
 
 def _run(em: float, resumed: dict | None = None) -> dict:
   m = {"greedy": {"em": em, "f1": em}, "exact_extract": {"em": 1.0, "f1": 1.0},
-       "greedy_in_passage": 0.5, "seconds": 60.0}
+       "greedy_in_passage": 0.5, "starts_scored": 0.25, "seconds": 60.0}
   return {**m, "resumed_rows": resumed} if resumed is not None else m
 
 
@@ -16,8 +16,8 @@ def _result(**runs) -> dict:
 
 def test_table_has_one_row_per_model_and_k_with_its_scores():
   md = render(_result(**{"0": _run(0.25), "4": _run(0.5)}))
-  assert "| m | 0 | 0.250 | 0.250 | 1.000 | 1.000 | 0.50 |" in md
-  assert "| m | 4 | 0.500 | 0.500 | 1.000 | 1.000 | 0.50 |" in md
+  assert "| m | 0 | 0.250 | 0.250 | 1.000 | 1.000 | 0.50 | 0.25 |" in md
+  assert "| m | 4 | 0.500 | 0.500 | 1.000 | 1.000 | 0.50 | 0.25 |" in md
   assert "(10 min on CPU)." in md
 
 

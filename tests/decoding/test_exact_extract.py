@@ -126,6 +126,35 @@ def test_ragged_batch_gives_each_example_its_own_result():
                                [t["nll"] for t in alone.extras["top_spans"]], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("top", [1, 3])
+def test_pruning_skips_starts_and_returns_the_same_spans_as_scoring_every_start(normalize, top):
+  target = tiny()
+  rng = np.random.RandomState(5)
+  queries = [random_query(rng, n, example=e) for e, n in enumerate((30, 4, 25, 17, 1))]
+  kw = dict(top_spans=top, length_normalize=normalize, start_chunk=4, max_span_tokens=6)
+  pruned = exact_extract(ExactExtract(**kw), target, queries, batch_size=3)
+  every = exact_extract(ExactExtract(prune_starts=False, **kw), target, queries, batch_size=3)
+  for p, e in zip(pruned, every):
+    assert [t["span"] for t in p.extras["top_spans"]] == [t["span"] for t in e.extras["top_spans"]]
+    np.testing.assert_allclose([t["nll"] for t in p.extras["top_spans"]],
+                               [t["nll"] for t in e.extras["top_spans"]], rtol=1e-5, atol=1e-5)
+    assert e.extras["starts_scored"] == e.extras["starts"]
+  assert [g.extras["starts"] for g in pruned] == [30, 4, 25, 17, 1]
+  if not normalize:  # the normalized bound (divided by the longest span + 1) is much weaker
+    assert sum(g.extras["starts_scored"] for g in pruned) < sum(g.extras["starts"] for g in pruned)
+
+
+def test_pruned_argmin_matches_brute_force():
+  target = tiny()
+  for seed in range(4):
+    q = random_query(np.random.RandomState(100 + seed), 14)
+    best = search(target, [q], ExactExtract(top_spans=1, start_chunk=2))[0][0]
+    brute = brute_force(target, q)
+    assert (best.start, best.end) == min(brute, key=brute.get)
+    assert best.nll == pytest.approx(min(brute.values()), rel=1e-4, abs=1e-4)
+
+
 def test_windows_give_the_brute_force_best_span_over_windows():
   target = tiny()
   q = random_query(np.random.RandomState(5), 14)
