@@ -113,4 +113,5 @@ def test_the_table_on_a_tiny_model(tmp_path, monkeypatch, capsys):
   assert "Exact-extract (zero-shot, no token stream, so no tokens/s): 1 generated passage of" \
       in text
   assert "--extract-passages 1`" in text
+  assert "of the start positions; scoring every start took" in text
   assert text.count("| greedy |") == 1
