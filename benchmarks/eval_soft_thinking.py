@@ -16,7 +16,9 @@ row's EOS are not counted.
 vanilla, Dirichlet and Gumbel soft thinking, N samples per problem, answers = the last number
 in the output. SmolLM2 has no thinking tokens, so the prompt asks it to finish with "The
 answer is" and the number, and " answer is" is the end-of-thinking marker (forced after the
-thinking budget). Every generation run goes through the evaluation harness
+thinking budget). Each soft variant is compared with discrete sampling on the same problems
+by paired tests (sign-flip permutation for pass@1, McNemar's exact test for pass@N).
+Every generation run goes through the evaluation harness
 (`decoding.eval_runner`, resumable JSONL under --work_dir; the probe's summary is kept
 there too, as probe.json). Writes results/soft_thinking.json
 and the table between the `soft_thinking` markers in README.md.
@@ -36,6 +38,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.hardware import machine_name
+from benchmarks.significance import EXACT_MAX, mcnemar_exact, sign_flip
 from decoding import eval_runner, processors
 from decoding.answers import last_number
 from decoding.eval_runner import Row
@@ -52,6 +55,24 @@ MARKER = "soft_thinking"
 INSTRUCTION = " Think step by step, then finish with 'The answer is' and the number."
 THINK_END = " answer is"
 METHODS = ("sample", "vanilla", "dirichlet", "gumbel")
+BASELINE = "sample"
+ROUNDS = 100_000  # sign-flip permutations for the pass@1 p-values
+
+
+def paired_tests(solved: dict[str, np.ndarray]) -> dict:
+  """solved: method -> bool [problems, samples]. Each method against discrete sampling on the
+  same problems: pass@1 by the paired sign-flip permutation test on per-problem pass@1,
+  pass@N by McNemar's exact test on per-problem pass@N (benchmarks/significance.py)."""
+  if BASELINE not in solved:
+    return {}
+  base = solved[BASELINE]
+  out = {}
+  for name, ok in solved.items():
+    if name == BASELINE:
+      continue
+    out[name] = {"pass@1": sign_flip(ok.mean(axis=1), base.mean(axis=1), rounds=ROUNDS),
+                 "pass@n": mcnemar_exact(ok.any(axis=1), base.any(axis=1))}
+  return out
 
 
 def js_divergence(p: jax.Array, q: jax.Array) -> jax.Array:
@@ -159,6 +180,19 @@ def render(result: dict) -> str:
   for name, row in result["methods"].items():
     steps = "" if row.get("think_tokens") is None else f"{row['think_tokens']:.1f}"
     md.append(f"| {name} | {row['pass@1']:.3f} | {row['pass@n']:.3f} | {steps} |")
+  if result.get("paired"):
+    n = result["samples"]
+    md += ["", f"Paired over the {result['problems']} problems, against `{BASELINE}`: pass@1 by "
+           f"a sign-flip permutation test on per-problem pass@1 ({flips(result['paired'])}), "
+           f"pass@{n} by McNemar's exact test (problems only this method / only "
+           f"`{BASELINE}` solved in {n} samples); two-sided p-values, not corrected for the "
+           "three comparisons (`benchmarks/significance.py`).", "",
+           f"| decoding | pass@1 difference | p | pass@{n}: only this / only {BASELINE} | p |",
+           "|---|---|---|---|---|"]
+    for name, t in result["paired"].items():
+      one, any_ = t["pass@1"], t["pass@n"]
+      md.append(f"| {name} | {one['mean_diff']:+.3f} | {one['p']:.3f} | "
+                f"{any_['only_a']} / {any_['only_b']} | {any_['p']:.4f} |")
   md += ["", f"Probe ({pr['positions']} vanilla soft-thinking positions on "
          f"{result['probe_problems']} problems): Jensen-Shannon divergence (nats) of the "
          "next-step distribution", "", "| inputs compared | mean | median |", "|---|---|---|"]
@@ -169,6 +203,17 @@ def render(result: dict) -> str:
   md += ["", f"Mean weight of the top-1 component: {pr['top1_weight']['mean']:.3f}.", "",
          f"`{result['command']}` ({took(result)})."]
   return "\n".join(md)
+
+
+def flips(paired: dict) -> str:
+  """How the permutation p-values were computed: enumerated or sampled."""
+  rounds = {t["pass@1"]["rounds"] for t in paired.values()}
+  if rounds == {0}:
+    return "every sign assignment enumerated"
+  if 0 in rounds:
+    return (f"every sign assignment enumerated where at most {EXACT_MAX} problems differ, "
+            f"else {max(rounds)} random ones")
+  return f"{max(rounds)} random sign assignments"
 
 
 def took(result: dict) -> str:
@@ -219,7 +264,7 @@ def main(argv=None) -> dict:
   rows = [Row(i, ids, {"prompt": p.prompt, "answer": p.answer})
           for i, (ids, p) in enumerate(zip(prompts[:args.problems], probs))]
   run = dict(seed=args.seed, batch_size=args.batch_size, mesh=mesh, resources=Resources())
-  methods, resumed = {}, {}
+  methods, resumed, solved = {}, {}, {}
   for name in args.methods.split(","):
     settings = method_settings(name, args)
     output = os.path.join(args.work_dir, f"{name}.jsonl")
@@ -230,7 +275,7 @@ def main(argv=None) -> dict:
       outs = [Generation.from_json(o) for o in r["outputs"]]
       ok.append([arithmetic.is_correct(last_number(o.extras["text"]), p) for o in outs])
       think += [o.extras.get("think_tokens", np.nan) for o in outs]
-    ok = np.asarray(ok, bool)
+    ok = solved[name] = np.asarray(ok, bool)
     methods[name] = {"pass@1": float(ok.mean()), "pass@n": float(ok.any(axis=1).mean()),
                      "think_tokens": None if name == "sample" else float(np.mean(think))}
     print(f"{name} done ({time.time() - t0:.0f}s): {methods[name]}", flush=True)
@@ -240,7 +285,8 @@ def main(argv=None) -> dict:
                 max_think_tokens=args.max_think_tokens, probe_problems=args.probe_problems,
                 probe_steps=args.probe_steps, prompt_suffix=INSTRUCTION, think_end=THINK_END,
                 settings={n: method_settings(n, args).to_flat() for n in methods},
-                probe=probe_out, methods=methods, resumed_rows=resumed,
+                probe=probe_out, methods=methods, paired=paired_tests(solved),
+                resumed_rows=resumed,
                 probe_resumed=probe_resumed, seconds=time.time() - t0, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_soft_thinking"] + list(
                     sys.argv[1:] if argv is None else argv)))
