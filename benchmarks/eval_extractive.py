@@ -13,7 +13,8 @@ passage span of lowest NLL (`decoding.exact_extract`; spans of any length unless
 `models/datasets/extractive_qa.py` (invented people, distractors of the same type, paraphrased
 questions; --passages passages of 3 questions, seed --seed); the in-context examples from
 passages drawn with another seed, the same k for every question. Reported: SQuAD EM and F1
-of each decoder at each k and the share of greedy answers that are passage substrings.
+of each decoder at each k, the share of greedy answers that are passage substrings, and a
+paired comparison over questions (McNemar's exact test on exact match).
 
 Cost: exact-extract runs one pass of up to L tokens per start position, at most n passes
 per question of n passage tokens (n is about 100 here; L is the passage's rest, or
@@ -41,6 +42,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.hardware import machine_name
+from benchmarks.significance import mcnemar_exact
 from decoding import eval_runner
 from decoding.eval_runner import Row
 from decoding.exact_extract import ExactExtract, build_query
@@ -66,9 +68,14 @@ def greedy_answer(text: str) -> str:
   return text.strip().split("\n")[0].strip()
 
 
+def exact_matches(predictions: list[str], examples: list[qa.Example]) -> np.ndarray:
+  """bool [questions]: SQuAD exact match of each prediction."""
+  return np.array([bool(qa.exact_match(p, e.answer)) for p, e in zip(predictions, examples)])
+
+
 def scores(predictions: list[str], examples: list[qa.Example]) -> dict:
   pairs = list(zip(predictions, examples))
-  return {"em": float(np.mean([qa.exact_match(p, e.answer) for p, e in pairs])),
+  return {"em": float(np.mean(exact_matches(predictions, examples))),
           "f1": float(np.mean([qa.f1(p, e.answer) for p, e in pairs]))}
 
 
@@ -119,6 +126,9 @@ def run_model(name: str, examples: list[qa.Example], shots: list[int], args, mes
                                                   for g, e in zip(greedy, examples)])),
               "first": {"question": examples[0].question, "answer": examples[0].answer,
                         "greedy": greedy[0], "exact_extract": extracted[0]},
+              # Paired over questions: McNemar's exact test on exact match.
+              "em_paired": mcnemar_exact(exact_matches(extracted, examples),
+                                         exact_matches(greedy, examples)),
               "starts_scored": scored, "resumed_rows": resumed, "seconds": time.time() - t0}
     print(f"{name} k={k} ({time.time() - t0:.0f}s): greedy {out[k]['greedy']}, exact-extract "
           f"{out[k]['exact_extract']}, greedy in passage {out[k]['greedy_in_passage']:.2f}",
@@ -134,15 +144,20 @@ def render(result: dict) -> str:
         f"k in-context examples, greedy up to {result['max_new_tokens']} tokens, exact-extract "
         f"spans of {spans}. SQuAD EM / F1; the last column is the share of greedy answers that "
         "are substrings of the passage; starts scored is the share of start positions "
-        "exact-extract ran after its (exact) pruning.", "",
+        "exact-extract ran after its (exact) pruning; EM only EE / only greedy counts the "
+        "questions only exact-extract / only greedy answered exactly, with McNemar's exact "
+        "two-sided p over those questions (`benchmarks/significance.py`).", "",
         "| model | k | greedy EM | greedy F1 | exact-extract EM | exact-extract F1 | greedy in "
-        "passage | starts scored |", "|---|---|---|---|---|---|---|---|"]
+        "passage | starts scored | EM only EE / only greedy | p |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
   for name, by_k in result["models"].items():
     for k, m in by_k.items():
       scored = f"{m['starts_scored']:.2f}" if m.get("starts_scored") is not None else ""
+      t = m.get("em_paired")
+      paired = f"{t['only_a']} / {t['only_b']} | {t['p']:.2g}" if t else " | "
       md.append(f"| {name} | {k} | {m['greedy']['em']:.3f} | {m['greedy']['f1']:.3f} | "
                 f"{m['exact_extract']['em']:.3f} | {m['exact_extract']['f1']:.3f} | "
-                f"{m['greedy_in_passage']:.2f} | {scored} |")
+                f"{m['greedy_in_passage']:.2f} | {scored} | {paired} |")
   md += ["", f"`{result['command']}` ({took(result)})."]
   return "\n".join(md)
 
