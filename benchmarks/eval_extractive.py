@@ -142,7 +142,7 @@ def render(result: dict) -> str:
   md = [f"{result['questions']} generated extractive questions over {result['passages']} passages "
         f"(`models/datasets/extractive_qa.py`, seed {result['seed']}), fp32, no chat template, "
         f"k in-context examples, greedy up to {result['max_new_tokens']} tokens, exact-extract "
-        f"spans of {spans}. SQuAD EM / F1; the last column is the share of greedy answers that "
+        f"spans of {spans}. SQuAD EM / F1; greedy in passage is the share of greedy answers that "
         "are substrings of the passage; starts scored is the share of start positions "
         "exact-extract ran after its (exact) pruning; EM only EE / only greedy counts the "
         "questions only exact-extract / only greedy answered exactly, with McNemar's exact "
