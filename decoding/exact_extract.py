@@ -37,11 +37,13 @@ lowest score). The reference code uses 512-word windows with stride 120.
 
 Pruning (`prune_starts`, on by default; our addition, exact): every term of NLL(i, j) is a
 non-negative NLL, so NLL(i, j) >= l(i, i), which the prefill already gives for every start.
-Starts are scored best bound first (round-robin over the queries of a batch), and a start
-whose bound exceeds its query's `top_spans`-th best score found so far is skipped: none of
-its spans can enter the result, which is therefore identical to scoring every start. (With
-`length_normalize` the bound is l(i, i) / (longest span from i + 1).) On the extractive-QA
-prompts most passage tokens are unlikely first answer tokens, so most starts are skipped.
+A start whose bound exceeds its query's `top_spans`-th best score found so far is skipped:
+none of its spans can enter the result, which is therefore identical to scoring every start.
+(With `length_normalize` the bound is l(i, i) / (longest span from i + 1).) The first pass
+scores each query's best-bound starts (round-robin over the queries of a batch) to set the
+cuts early; the rest go longest pass first and best bound first within a pass length, so
+that a pass is not as long as the longest suffix mixed into it. On the extractive-QA prompts
+most passage tokens are unlikely first answer tokens, so most starts are skipped.
 
 Shapes are bucketed (prompts and each pass's length to powers of two, `start_chunk` starts
 per pass), so new passages reuse the compiled passes; the host loops over chunks of starts
@@ -348,20 +350,29 @@ def _search_group(lm, params, group: list[Query], s: ExactExtract, stop_id,
   else:  # longest suffixes first: late starts then share short passes
     pending = np.argsort(-span_len, kind="stable")
   S = min(s.start_chunk, bucket(len(starts), minimum=1))
+  pass_len = np.array([min(L, bucket(int(n), minimum=4)) for n in span_len], np.int64)
   nll = np.full((len(starts), L), np.inf, np.float32)
   tok, stop = np.zeros_like(nll), np.zeros_like(nll)
   threshold = np.full(len(group), np.inf)  # each query's top_spans-th best score so far
   found: list[list[np.ndarray]] = [[] for _ in group]
   scored = [0] * len(group)
   length = np.arange(1, L + 1)[None]
+  regrouped = not s.prune_starts
   while len(pending):
+    if not regrouped and any(scored):
+      # The first pass (each query's best bounds) has set the cuts; from here on the order
+      # only decides how soon they tighten, so group the remaining starts by pass length
+      # (longest bucket first, best bound first within it): mixing lengths would make every
+      # pass as long as its longest start.
+      pending = pending[np.lexsort((bound[pending], -pass_len[pending]))]
+      regrouped = True
     if s.prune_starts:  # a span tying the threshold could still enter the result; the margin
       # covers rounding in the device's log-sum-exp (the terms are >= 0 up to that)
       pending = pending[bound[pending] <= threshold[query_of[pending]] + PRUNE_MARGIN]
       if not len(pending):
         break
     chunk, pending = pending[:S], pending[S:]
-    Lc = min(L, bucket(int(span_len[chunk].max()), minimum=4))
+    Lc = int(pass_len[chunk].max())
     query = np.zeros((S,), np.int32)
     tokens = np.zeros((S, Lc), np.int32)
     lens_c = np.zeros((S,), np.int32)

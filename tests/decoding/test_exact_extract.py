@@ -145,6 +145,23 @@ def test_pruning_skips_starts_and_returns_the_same_spans_as_scoring_every_start(
     assert sum(g.extras["starts_scored"] for g in pruned) < sum(g.extras["starts"] for g in pruned)
 
 
+def test_pruned_passes_after_the_first_run_longest_first(monkeypatch):
+  """After the first pass (best bounds) the kept starts are grouped by pass length, so no pass
+  is stretched to the length of one long suffix mixed into short ones."""
+  from decoding import exact_extract as ee
+  lengths, real = [], ee.score_starts
+  monkeypatch.setattr(ee, "score_starts", lambda lm, params, cache, first, query, tokens, *a:
+                      lengths.append(tokens.shape[1]) or real(lm, params, cache, first, query,
+                                                              tokens, *a))
+  q = random_query(np.random.RandomState(9), 40)
+  s = ExactExtract(top_spans=3, start_chunk=4)
+  spans = search(tiny(), [q], s)[0]
+  assert len(lengths) > 1 and lengths[1:] == sorted(lengths[1:], reverse=True)
+  assert max(lengths) == 64 and min(lengths) < 64  # suffixes of 1 to 40 tokens
+  every = search(tiny(), [q], s.replace(prune_starts=False))[0]
+  assert [(x.start, x.end) for x in spans] == [(x.start, x.end) for x in every]
+
+
 def test_pruned_argmin_matches_brute_force():
   target = tiny()
   for seed in range(4):
