@@ -272,33 +272,35 @@ def main(argv=None) -> dict:
   # ---- reward models
   fmt = process_reward.TagFormat.for_tokenizer(tok)
 
-  def reward_scores():
-    right = [k for k, (i, s) in enumerate(flat) if s["right"]]
-    wrong = [k for k, (i, s) in enumerate(flat) if not s["right"]]
-    m = min(len(right), len(wrong)) or max(len(right), len(wrong))
-    keep = right[:m] + wrong[:m]  # balanced by outcome
-    seqs = [tagged(tok, train_prompts[flat[k][0]], flat[k][1]["steps"], fmt) for k in keep]
-    targets = [ps.step_targets(rule[k], flat[k][1]["right"]) for k in keep]
-    seqs += [tagged(tok, train_prompts[i], reference_steps(p), fmt) for i, p in enumerate(train)]
-    targets += [[1] * len(reference_steps(p)) for p in train]
-    orm_seqs = [tagged(tok, train_prompts[flat[k][0]], flat[k][1]["steps"], fmt, True)
-                for k in keep]
-    orm_targets = [[int(flat[k][1]["right"])] for k in keep]
-    held_flat = [(i, s) for i, sols in enumerate(held_sols) for s in sols]
-    out = {"prm_train_solutions": len(seqs), "balanced": m}
-    for name, (sq, tg, only) in {"prm": (seqs, targets, False),
-                                 "orm": (orm_seqs, orm_targets, True)}.items():
-      length = max(len(t) for t, _ in sq)
-      rows = prm.prm_rows(sq, tg, tok.pad_id or 0, length=-(-length // 64) * 64)
-      params = prm.train_prm(model.config, model.params, rows, fmt, steps=args.prm_steps,
-                             batch_size=8, learning_rate=2e-4, lora_rank=16, seed=args.seed)
-      scored = process_reward.step_scores(
-          model.lm, params, [tagged(tok, held_prompts[i], s["steps"] or [s["text"]], fmt, only)
-                             for i, s in held_flat], fmt, tok.pad_id or 0, batch_size=8)
-      out[name] = scored
-    return out
+  right = [k for k, (i, s) in enumerate(flat) if s["right"]]
+  wrong = [k for k, (i, s) in enumerate(flat) if not s["right"]]
+  m = min(len(right), len(wrong)) or max(len(right), len(wrong))
+  keep = right[:m] + wrong[:m]  # balanced by outcome
+  seqs = [tagged(tok, train_prompts[flat[k][0]], flat[k][1]["steps"], fmt) for k in keep]
+  targets = [ps.step_targets(rule[k], flat[k][1]["right"]) for k in keep]
+  seqs += [tagged(tok, train_prompts[i], reference_steps(p), fmt) for i, p in enumerate(train)]
+  targets += [[1] * len(reference_steps(p)) for p in train]
+  orm_seqs = [tagged(tok, train_prompts[flat[k][0]], flat[k][1]["steps"], fmt, True)
+              for k in keep]
+  orm_targets = [[int(flat[k][1]["right"])] for k in keep]
+  held_flat = [(i, s) for i, sols in enumerate(held_sols) for s in sols]
 
-  scores = cached(path("reward_scores.json"), reward_scores)
+  def reward_scores(sq, tg, only: bool) -> list[list[float]]:
+    """Trains one reward model (PRM: a tag per step; ORM, `only`: one tag at the end) and
+    scores every held-out solution with it."""
+    length = max(len(t) for t, _ in sq)
+    rows = prm.prm_rows(sq, tg, tok.pad_id or 0, length=-(-length // 64) * 64)
+    params = prm.train_prm(model.config, model.params, rows, fmt, steps=args.prm_steps,
+                           batch_size=8, learning_rate=2e-4, lora_rank=16, seed=args.seed)
+    return process_reward.step_scores(
+        model.lm, params, [tagged(tok, held_prompts[i], s["steps"] or [s["text"]], fmt, only)
+                           for i, s in held_flat], fmt, tok.pad_id or 0, batch_size=8)
+
+  # each reward model is its own cached stage (each takes tens of minutes on two CPU cores)
+  scores = {"prm": cached(path("prm_scores.json"), lambda: reward_scores(seqs, targets, False)),
+            "orm": cached(path("orm_scores.json"), lambda: reward_scores(orm_seqs, orm_targets,
+                                                                          True)),
+            "prm_train_solutions": len(seqs)}
   k = 0
   for sols in held_sols:
     for s in sols:
