@@ -84,13 +84,20 @@ def problem_sets(n_train: int, n_eval: int, seed: int):
   return train, held
 
 
-def cached(path: str, make):
+def cached(path: str, make, log: dict):
+  """Reads the stage's output from `path`, or computes and writes it; `log` records, per
+  stage, the seconds it took here or None when an earlier run's cache was reused (the run
+  then reports only the time of the stages it computed)."""
+  stage = os.path.splitext(os.path.basename(path))[0]
   if os.path.exists(path):
+    log[stage] = None
     with open(path) as f:
       return json.load(f)
+  t0 = time.time()
   value = make()
   with open(path, "w") as f:
     json.dump(value, f)
+  log[stage] = time.time() - t0
   return value
 
 
@@ -182,7 +189,14 @@ def render(result: dict) -> str:
   for n, row in result["best_of_n"].items():
     md.append(f"| {n} | {row['random']:.3f} | " + " | ".join(f"{row[s]:.3f}" for s in SELECTORS)
               + f" | {row['oracle']:.3f} |")
-  md += ["", f"`{result['command']}` ({result['seconds'] / 60:.0f} min on {result['machine']})."]
+  stages = result.get("stage_seconds", {})
+  reused = [k for k, v in stages.items() if v is None]
+  when = f"{result['seconds'] / 60:.0f} min on {result['machine']}"
+  if reused:  # a resumed run: its time covers only the stages it computed
+    when += (", computing " + (", ".join(f"{k} {v / 60:.0f} min" for k, v in stages.items()
+                                         if v is not None) or "no stage")
+             + "; reused from earlier runs' cache: " + ", ".join(reused))
+  md += ["", f"`{result['command']}` ({when})."]
   return "\n".join(md)
 
 
@@ -219,6 +233,7 @@ def main(argv=None) -> dict:
   train_prompts, held_prompts = [encode(p) for p in train], [encode(p) for p in held]
   path = lambda name: os.path.join(args.work_dir, name)
   policy = None
+  stages: dict[str, float | None] = {}  # stage -> seconds computed here, None if cached
 
   def policy_target():
     nonlocal policy
@@ -228,9 +243,9 @@ def main(argv=None) -> dict:
     return policy
 
   train_sols = cached(path("train_solutions.json"), lambda: sample_solutions(
-      policy_target(), train_prompts, train, args.solutions, args, args.seed))
+      policy_target(), train_prompts, train, args.solutions, args, args.seed), stages)
   held_sols = cached(path("held_solutions.json"), lambda: sample_solutions(
-      policy_target(), held_prompts, held, args.n, args, args.seed + 1))
+      policy_target(), held_prompts, held, args.n, args, args.seed + 1), stages)
 
   # ---- annotation
   flat = [(i, s) for i, sols in enumerate(train_sols) for s in sols if s["steps"]]
@@ -261,8 +276,8 @@ def main(argv=None) -> dict:
       tokens += r.generated_tokens + r.context_tokens
     return {"labels": labels, "tokens": tokens}
 
-  llm = cached(path("llm_grades.json"), llm_grades)
-  mc = cached(path("mc_grades.json"), mc_grades)
+  llm = cached(path("llm_grades.json"), llm_grades, stages)
+  mc = cached(path("mc_grades.json"), mc_grades, stages)
   sub_gold = [gold[k] for k in sub]
   annotation = {"rule": label_accuracy(rule, gold),
                 "rule_subset": label_accuracy([rule[k] for k in sub], sub_gold),
@@ -297,9 +312,10 @@ def main(argv=None) -> dict:
                            for i, s in held_flat], fmt, tok.pad_id or 0, batch_size=8)
 
   # each reward model is its own cached stage (each takes tens of minutes on two CPU cores)
-  scores = {"prm": cached(path("prm_scores.json"), lambda: reward_scores(seqs, targets, False)),
+  scores = {"prm": cached(path("prm_scores.json"), lambda: reward_scores(seqs, targets, False),
+                        stages),
             "orm": cached(path("orm_scores.json"), lambda: reward_scores(orm_seqs, orm_targets,
-                                                                          True)),
+                                                                          True), stages),
             "prm_train_solutions": len(seqs)}
   k = 0
   for sols in held_sols:
@@ -329,7 +345,7 @@ def main(argv=None) -> dict:
                 prm_train_solutions=scores["prm_train_solutions"],
                 prm_auroc=auroc(step_s, step_l), prm_auroc_steps=len(step_l),
                 orm_auroc=auroc([s["orm"] for sols in held_sols for s in sols], outcomes),
-                best_of_n=best, seconds=time.time() - t0, machine=machine_name(),
+                best_of_n=best, seconds=time.time() - t0, stage_seconds=stages, machine=machine_name(),
                 command=" ".join(["python -m benchmarks.eval_spare"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)

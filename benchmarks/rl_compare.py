@@ -1,7 +1,7 @@
 """GRPO vs DAPO vs DCPO on SmolLM2-135M-Instruct and the arithmetic word problems.
 
   python -m benchmarks.rl_compare [--objectives=grpo,dapo,dcpo] [--seeds=0,1,2] \
-      [--iterations=40] [--max_hours=0] [--work_dir=runs/rl]
+      [--iterations=24] [--max_hours=0] [--work_dir=runs/rl]
 
 Runs `train.rl` (config `configs/rl_smollm2.py`) once per objective and seed, seeds in the
 outer loop so a study stopped early (--max_hours: start no new run after that long) still
@@ -42,7 +42,20 @@ def read_run(workdir: str) -> dict:
     with open(path) as f:
       recs = [json.loads(line) for line in f if line.strip()]
   return {split: [r for r in recs if r["split"] == split]
-          for split in ("train", "eval", "eval_base")}
+          for split in ("train", "eval", "eval_base", "warmup_done")}
+
+
+def run_hours(runs: dict) -> dict:
+  """Hours the runs themselves spent (summed over objectives and seeds, whatever the
+  invocations that ran them): RL iterations (rollouts and updates), the supervised warm-ups,
+  and the held-out evaluations."""
+  total = {"iterations": 0.0, "warmup": 0.0, "evaluation": 0.0}
+  for by_seed in runs.values():
+    for r in by_seed.values():
+      total["iterations"] += r["train"][-1]["wall_seconds"] if r["train"] else 0.0
+      total["warmup"] += sum(x["seconds"] for x in r["warmup_done"])
+      total["evaluation"] += sum(x.get("eval_seconds", 0.0) for x in r["eval"])
+  return {k: v / 3600 for k, v in total.items()}
 
 
 def summarise(runs: dict[int, dict], iterations: int) -> dict:
@@ -96,8 +109,10 @@ def render(result: dict) -> str:
               f"{f(s['dual_clip_ratio'])} | {s['responses_per_iteration']['mean']:.1f} | "
               f"{s['seconds_per_iteration']['mean']:.0f} |")
   md += ["", f"![curves]({result['plot']})", "",
-         f"`{result['command']}` ({result['seconds'] / 3600:.1f} h this invocation, on "
-         f"{result['machine']})."]
+         f"`{result['command']}` on {result['machine']}: the runs took "
+         + ", ".join(f"{v:.1f} h {k}" for k, v in result.get("run_hours", {}).items())
+         + f" (this invocation {result['seconds'] / 3600:.1f} h; an interrupted run resumes "
+         "from its last checkpoint, so times may span several invocations)."]
   return "\n".join(md)
 
 
@@ -127,7 +142,7 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser()
   ap.add_argument("--objectives", default="grpo,dapo,dcpo")
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--iterations", type=int, default=40)
+  ap.add_argument("--iterations", type=int, default=24)
   ap.add_argument("--work_dir", default="runs/rl")
   ap.add_argument("--max_hours", type=float, default=0.0,
                   help="start no new run after this long (0: run them all); rerun to go on")
@@ -169,6 +184,7 @@ def main(argv=None) -> dict:
                 curves={name: {seed: run for seed, run in by_seed.items()}
                         for name, by_seed in runs.items()},
                 plot=plot_path, machine=machine_name(), seconds=time.time() - t0,
+                run_hours=run_hours(runs),
                 command=" ".join(["python -m benchmarks.rl_compare"] + list(
                     sys.argv[1:] if argv is None else argv)))
   report.save(result, args, render, MARKER)

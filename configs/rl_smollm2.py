@@ -6,8 +6,9 @@
 The papers train 1.5B-14B models with G = 16 responses per prompt and 512 prompts per batch
 on GPUs. Scaled to a 2-core CPU: 4 problems per iteration x G = 8 responses of up to 128
 tokens, one pass over them in minibatches of 8 (4 optimizer updates per iteration), a pool
-of 32 training problems so that each comes back every 8 iterations (DCPO's running
-statistics need repeat visits, as the papers' multi-epoch runs give them),
+of 32 training problems so that each comes back every 8 iterations, 3 times in the 24
+iterations (DCPO's running statistics need repeat visits, as the papers' multi-epoch runs
+give them),
 LoRA rank 16 on every projection at lr 2e-5 (AdamW, weight decay 0.1 as in the DCPO runs,
 gradient clipping 1.0), 64 held-out problems for greedy accuracy every 5 iterations.
 Sampled at temperature 1, SmolLM2 answers about 3% of the problems and runs past 128 tokens
@@ -28,7 +29,7 @@ def get_config():
   c.rl = ml_collections.ConfigDict()
   c.rl.objective = "dcpo"  # grpo | dapo | dcpo
   c.rl.objective_overrides = ml_collections.ConfigDict()  # PolicyObjective fields
-  c.rl.iterations = 40
+  c.rl.iterations = 24  # each pool problem comes back 3 times (DCPO's statistics need repeats)
   c.rl.prompts_per_iteration = 4
   c.rl.group_size = 8
   c.rl.max_new_tokens = 128

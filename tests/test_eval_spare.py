@@ -48,3 +48,14 @@ def test_tagged_puts_one_tag_per_numbered_step_or_one_for_the_outcome():
   assert tags == [8, 16]
   tokens, tags = eval_spare.tagged(tok, [9], ["a", "bc"], fmt, outcome_only=True)
   assert tags == [len(tokens) - 1] and tokens.count(1) == 1
+
+
+def test_cached_stage_records_its_seconds_and_a_reused_stage_records_none(tmp_path):
+  log, calls = {}, []
+  make = lambda: calls.append(1) or {"x": 1}
+  path = str(tmp_path / "stage_a.json")
+  assert eval_spare.cached(path, make, log) == {"x": 1}
+  assert log["stage_a"] >= 0 and calls == [1]
+  log2 = {}
+  assert eval_spare.cached(path, make, log2) == {"x": 1}
+  assert log2 == {"stage_a": None} and calls == [1]  # read back, not recomputed

@@ -39,7 +39,8 @@ def test_read_run_splits_the_metrics_file(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
   got = rl_compare.read_run(str(tmp_path))
   assert [len(got[k]) for k in ("train", "eval", "eval_base")] == [1, 0, 1]
-  assert rl_compare.read_run(str(tmp_path / "none")) == {"train": [], "eval": [], "eval_base": []}
+  assert rl_compare.read_run(str(tmp_path / "none")) == {"train": [], "eval": [], "eval_base": [],
+                                                          "warmup_done": []}
 
 
 def test_render_lists_every_objective():
@@ -51,3 +52,12 @@ def test_render_lists_every_objective():
   md = rl_compare.render(result)
   assert "| dcpo | 1 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |" in md
   assert "| grpo | none finished |" in md
+
+
+def test_run_hours_sum_iterations_warmups_and_evaluations_over_runs():
+  a = run([0.1, 0.2], 0.0, 0.1, 0.2)  # 20 s of iterations
+  a["warmup_done"] = [{"split": "warmup_done", "seconds": 360.0}]
+  a["eval"][0]["eval_seconds"] = 1800.0
+  b = dict(run([], 0.0, 0.0, 0.0), train=[], warmup_done=[])  # not started yet
+  got = rl_compare.run_hours({"dcpo": {0: a}, "grpo": {0: b, 1: a}})
+  assert got == pytest.approx({"iterations": 40 / 3600, "warmup": 0.2, "evaluation": 1.0})
