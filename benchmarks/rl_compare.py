@@ -98,6 +98,7 @@ def render(result: dict) -> str:
         "utilisation | clip ratio | dual-clip ratio | responses / it | s / it |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   f = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"
+  f4 = lambda m: f"{m['mean']:.4f} ± {m['std']:.4f}"  # clipping rates are small: keep them visible
   for name, s in result["objectives"].items():
     if not s["seeds_done"]:
       md.append(f"| {name} | none finished | | | | | | | | | | |")
@@ -105,8 +106,8 @@ def render(result: dict) -> str:
     md.append(f"| {name} | {len(s['seeds_done'])} | {f(s['accuracy_base'])} | "
               f"{f(s['accuracy_start'])} | "
               f"{f(s['accuracy_end'])} | {f(s['reward_first_quarter'])} | "
-              f"{f(s['reward_last_quarter'])} | {f(s['utilisation'])} | {f(s['clip_ratio'])} | "
-              f"{f(s['dual_clip_ratio'])} | {s['responses_per_iteration']['mean']:.1f} | "
+              f"{f(s['reward_last_quarter'])} | {f(s['utilisation'])} | {f4(s['clip_ratio'])} | "
+              f"{f4(s['dual_clip_ratio'])} | {s['responses_per_iteration']['mean']:.1f} | "
               f"{s['seconds_per_iteration']['mean']:.0f} |")
   md += ["", f"![curves]({result['plot']})", "",
          f"`{result['command']}` on {result['machine']}: the runs took "
