@@ -1,18 +1,18 @@
 """GRPO vs DAPO vs DCPO on SmolLM2-135M-Instruct and the arithmetic word problems.
 
   python -m benchmarks.rl_compare [--objectives=grpo,dapo,dcpo] [--seeds=0,1,2] \
-      [--iterations=24] [--max_hours=0] [--work_dir=runs/rl]
+      [--iterations=24] [--max_hours=0] [--work_dir=runs/rl] [--report_only]
 
 Runs `train.rl` (config `configs/rl_smollm2.py`) once per objective and seed, seeds in the
 outer loop so a study stopped early (--max_hours: start no new run after that long) still
 compares the objectives on the same seeds; each run resumes from its own folder under
---work_dir, so rerunning the command continues where it stopped. Then, per objective, over
-the seeds: held-out greedy accuracy at the start and at the end, the mean training reward of
-the first and last quarter of the iterations, response utilisation (share of sampled
-responses with a non-zero advantage), token clipping ratio, dual-clip ratio, responses
-sampled per iteration, and wall time per iteration; the curves go to a PNG. Writes
-results/rl_smollm2.json and the README table between `<!-- rl_compare:start -->` and
-`<!-- rl_compare:end -->`.
+--work_dir, so rerunning the command continues where it stopped (--report_only starts no run
+and only summarises the finished ones). Then, per objective, over the seeds: held-out greedy
+accuracy at the start and at the end, the mean training reward of the first and last quarter
+of the iterations, response utilisation (share of sampled responses with a non-zero
+advantage), token clipping ratio, dual-clip ratio, responses sampled per iteration, and
+wall time per iteration; the curves go to a PNG. Writes results/rl_smollm2.json and the
+README table between `<!-- rl_compare:start -->` and `<!-- rl_compare:end -->`.
 """
 from __future__ import annotations
 
@@ -147,6 +147,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--work_dir", default="runs/rl")
   ap.add_argument("--max_hours", type=float, default=0.0,
                   help="start no new run after this long (0: run them all); rerun to go on")
+  ap.add_argument("--report_only", action="store_true",
+                  help="summarise the runs that finished (JSON, plot, table) and start none")
   report.add_output_args(ap, "results/rl_smollm2.json")
   args = ap.parse_args(argv)
   done = report.render_only(args, render, MARKER)
@@ -166,7 +168,7 @@ def main(argv=None) -> dict:
   t0 = time.time()
   for (name, seed), c in configs.items():
     workdir = os.path.join(args.work_dir, f"{name}_seed{seed}")
-    if len(read_run(workdir)["train"]) >= args.iterations:
+    if args.report_only or len(read_run(workdir)["train"]) >= args.iterations:
       continue
     if args.max_hours and time.time() - t0 > args.max_hours * 3600:
       break

@@ -61,3 +61,28 @@ def test_run_hours_sum_iterations_warmups_and_evaluations_over_runs():
   b = dict(run([], 0.0, 0.0, 0.0), train=[], warmup_done=[])  # not started yet
   got = rl_compare.run_hours({"dcpo": {0: a}, "grpo": {0: b, 1: a}})
   assert got == pytest.approx({"iterations": 40 / 3600, "warmup": 0.2, "evaluation": 1.0})
+
+
+def test_report_only_summarises_finished_runs_and_trains_none(tmp_path, monkeypatch):
+  def write(name, records):
+    d = tmp_path / "runs" / name
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+  def records(r):
+    return r["eval_base"] + r["eval"] + r["train"]
+
+  write("grpo_seed0", records(run([0.1, 0.3], 0.05, 0.2, 0.4)))
+  write("dcpo_seed0", records(run([0.1], 0.05, 0.2, 0.2)))  # unfinished: must stay so
+  monkeypatch.setattr(rl_compare.rl, "run", lambda *a: pytest.fail("report_only trained"))
+  out = tmp_path / "r.json"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"<!-- {rl_compare.MARKER}:start -->\n<!-- {rl_compare.MARKER}:end -->\n")
+  got = rl_compare.main(["--report_only", "--objectives=grpo,dcpo", "--seeds=0",
+                         "--iterations=2", f"--work_dir={tmp_path / 'runs'}", f"--out={out}",
+                         f"--readme={readme}"])
+  assert got["objectives"]["grpo"]["seeds_done"] == [0]
+  assert got["objectives"]["grpo"]["accuracy_end"]["mean"] == pytest.approx(0.4)
+  assert got["objectives"]["dcpo"] == {"seeds_done": []}
+  assert json.loads(out.read_text())["command"].endswith("--readme=" + str(readme))
+  assert "| dcpo | none finished |" in readme.read_text()
